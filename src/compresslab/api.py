@@ -1,0 +1,63 @@
+"""The Python API: compress and evaluate an in-memory model, no Hydra involved.
+
+    from compresslab import compress, evaluate
+    from compresslab.pruner.magnitude import Magnitude
+    from compresslab.quantizer.rtn import RTN
+
+    report = compress(model, tok, pruner=Magnitude(0.5, "2:4"), quantizer=RTN(bits=4, group_size=64))
+    print(report.metrics["sparsity"], evaluate(model, tok))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .engine import SequentialEngine
+from .metrics import compression_summary, peak_rss_gb
+
+
+@dataclass
+class CompressionReport:
+    metrics: dict[str, float]  # sparsity, avg_bits, time/compress_s, memory/peak_rss_gb, ...
+    layers: list[dict[str, Any]] = field(default_factory=list)  # one row per compressed Linear
+    recovery: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _calibration_ids(calibration, tokenizer) -> torch.Tensor | None:
+    if calibration is None or isinstance(calibration, torch.Tensor):
+        return calibration
+    if callable(calibration):  # e.g. data.calibration.CalibrationData
+        if tokenizer is None:
+            raise ValueError("calibration data needs the tokenizer: compress(model, tokenizer, ...)")
+        return calibration(tokenizer)
+    raise TypeError(f"calibration must be None, an (N, T) LongTensor or a CalibrationData, got {type(calibration)}")
+
+
+def compress(model, tokenizer=None, *, pruner=None, quantizer=None, lowrank=None, recovery=None,
+             calibration: torch.Tensor | Callable | None = None,
+             engine: SequentialEngine | None = None) -> CompressionReport:
+    """Compress `model` in place: prune, then quantize, then low-rank, block by block; then recover."""
+    engine = engine or SequentialEngine()
+    ids = _calibration_ids(calibration, tokenizer)
+    result = engine.run(model, ids, [pruner, quantizer, lowrank], recovery)
+    summary, layers = compression_summary(model)
+    metrics = {**summary, "time/compress_s": result["time/compress_s"], "memory/peak_rss_gb": peak_rss_gb()}
+    return CompressionReport(metrics, layers, result["recovery"])
+
+
+def evaluate(model, tokenizer, evals: Callable | Iterable[Callable] | None = None, prefix: str = "") -> dict[str, float]:
+    """Run evaluators (default: wikitext2 perplexity) and merge their metrics, keys prefixed by `prefix`."""
+    if evals is None:
+        from .eval.ppl import Perplexity
+
+        evals = [Perplexity()]
+    elif callable(evals):
+        evals = [evals]
+    model.eval()
+    out: dict[str, float] = {}
+    for ev in evals:
+        out.update({prefix + k: v for k, v in ev(model, tokenizer).items()})
+    return out

@@ -1,0 +1,236 @@
+"""The ONE sequential layer loop.
+
+Calibration activations stream block by block: block i's compressed outputs are block i+1's
+inputs. Only the current block is on the compute device; each group's statistics are freed as
+soon as its Linears are compressed.
+
+Two ways through a block:
+
+- one pass (``chunk_size=None``, the whole calibration batch in one forward): a forward
+  pre-hook on each Linear group compresses the group right before its first use. The single
+  forward is at once calibration, true-sequential order and propagation.
+- sequential (``chunk_size=k``, when memory is short): per group, stream the chunks up to the
+  group (the hook stops the forward there) to accumulate statistics, compress, and finally run
+  the compressed block once over all chunks to propagate.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .models.adapters import Adapter, adapter_for
+from .stats import LayerStats
+from .utils import resolve_device, to_device
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward early."""
+
+
+def _block_out(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _fit_kwargs(kwargs: dict, batch: int, captured_batch: int) -> dict:
+    """Block kwargs captured for a batch of `captured_batch`, sliced for a smaller last chunk."""
+    if batch == captured_batch:
+        return kwargs
+
+    def fit(v):
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == captured_batch and captured_batch > 1:
+            return v[:batch]
+        if isinstance(v, tuple):
+            return tuple(fit(t) for t in v)
+        return v
+
+    return {k: fit(v) for k, v in kwargs.items()}
+
+
+class SequentialEngine:
+    """Runs compression stages over every target Linear of a model, block by block.
+
+    Args:
+        device: compute device ('auto': cuda when available, else cpu).
+        chunk_size: calibration samples per forward; None runs all of them at once (one pass).
+        progress: show a tqdm bar over blocks.
+    """
+
+    def __init__(self, device: str = "auto", chunk_size: int | None = None, progress: bool = True):
+        if chunk_size is not None and chunk_size < 1:
+            from .errors import ConfigError
+
+            raise ConfigError(f"engine.chunk_size must be >= 1 or null, got {chunk_size}")
+        self.device = resolve_device(device)
+        self.chunk_size = chunk_size
+        self.progress = progress
+
+    # -- public -------------------------------------------------------------------------------
+    def check(self, model_or_meta: nn.Module, stages: Sequence) -> None:
+        """Let every stage validate every target Linear (works on a meta-device model)."""
+        adapter = adapter_for(model_or_meta)
+        for name, lin in adapter.named_linears(model_or_meta):
+            for stage in stages:
+                stage.check(name, lin)
+
+    @torch.no_grad()
+    def run(self, model: nn.Module, calibration: torch.Tensor | None, stages: Sequence, recovery=None,
+            keep_outputs: bool = False) -> dict[str, Any]:
+        """Compress `model` in place. Returns {'time/compress_s', 'recovery': [...], 'outputs'?}."""
+        t0 = time.perf_counter()
+        adapter = adapter_for(model)
+        stages = [s for s in stages if s is not None]
+        self.check(model, stages)
+        needs = frozenset().union(*(s.needs for s in stages)) if stages else frozenset()
+        uses_data = bool(needs) or recovery is not None or keep_outputs
+        blocks = adapter.block_list(model)
+        result: dict[str, Any] = {"recovery": []}
+
+        if not uses_data:  # pure weight methods (magnitude, RTN): no forward at all
+            for i, block in enumerate(tqdm(blocks, desc="compress", disable=not self.progress)):
+                home = next(block.parameters()).device
+                block.to(self.device)
+                for group in adapter.linear_groups(block):
+                    self._compress_group(adapter, i, group, stages, None)
+                block.to(home)
+        else:
+            if calibration is None:
+                raise ValueError("these stages need calibration data; pass calibration=(N, T) token ids")
+            hidden, kwargs = self._capture(model, adapter, calibration)
+            for i, block in enumerate(tqdm(blocks, desc="compress", disable=not self.progress)):
+                home = next(block.parameters()).device
+                block.to(self.device)
+                dense = copy.deepcopy(block) if recovery is not None else None
+                groups = adapter.linear_groups(block)
+                if self.chunk_size is None:
+                    out = self._one_pass(adapter, i, block, groups, stages, needs, hidden, kwargs)
+                else:
+                    self._sequential(adapter, i, block, groups, stages, needs, hidden, kwargs)
+                    out = None
+                if recovery is not None:
+                    result["recovery"].append({"block": i, **(recovery.recover(dense, block, hidden, kwargs) or {})})
+                    out = None  # the recovered block must propagate
+                    del dense
+                hidden = self._propagate(block, hidden, kwargs) if out is None else out
+                block.to(home)
+            if keep_outputs:
+                result["outputs"] = hidden
+            del hidden
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        result["time/compress_s"] = time.perf_counter() - t0
+        return result
+
+    # -- steps --------------------------------------------------------------------------------
+    def _chunks(self, n: int) -> list[slice]:
+        size = n if self.chunk_size is None else self.chunk_size
+        return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+    def _capture(self, model: nn.Module, adapter: Adapter, ids: torch.Tensor):
+        """Hidden states entering block 0 for all samples, (N, T, C) on the device, plus the block kwargs."""
+        blocks = adapter.block_list(model)
+        first = blocks[0]
+        pre = adapter.input_modules(model)
+        homes = [next(m.parameters(), torch.empty(0)).device for m in pre]
+        for m in pre:
+            m.to(self.device)
+        captured: dict[str, Any] = {}
+        hidden_parts = []
+
+        def grab(module, args, kwargs):
+            hidden_parts.append(args[0] if args else kwargs["hidden_states"])
+            if not captured:
+                kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                kw["use_cache"] = False
+                kw.pop("past_key_values", None)
+                kw.pop("layer_past", None)
+                captured.update(kw)
+            raise _Stop
+
+        handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            for sl in self._chunks(ids.shape[0]):
+                try:
+                    model(input_ids=ids[sl].to(self.device), use_cache=False)
+                except _Stop:
+                    pass
+        finally:
+            handle.remove()
+            for m, home in zip(pre, homes):
+                m.to(home)
+        hidden = torch.cat(hidden_parts) if len(hidden_parts) > 1 else hidden_parts[0]  # (N, T, C)
+        kwargs = to_device(captured, self.device)
+        kwargs["_batch"] = hidden_parts[0].shape[0]
+        return hidden, kwargs
+
+    def _forward(self, block, x, kwargs):
+        kw = {k: v for k, v in kwargs.items() if k != "_batch"}
+        return _block_out(block(x, **_fit_kwargs(kw, x.shape[0], kwargs["_batch"])))
+
+    def _propagate(self, block, hidden, kwargs):
+        out = torch.empty_like(hidden)
+        for sl in self._chunks(hidden.shape[0]):
+            out[sl] = self._forward(block, hidden[sl], kwargs)
+        return out
+
+    def _compress_group(self, adapter, i, group, stages, stats):
+        for name, lin in group:
+            for stage in stages:
+                stage.compress(f"{adapter.blocks}.{i}.{name}", lin, stats)
+
+    def _one_pass(self, adapter, i, block, groups, stages, needs, hidden, kwargs):
+        handles = []
+        for group in groups:
+            state = {"done": False}
+
+            def hook(_mod, args, group=group, state=state):
+                if state["done"]:
+                    return
+                state["done"] = True
+                x = args[0]  # (N, T, d_in), already the output of this block's compressed groups
+                stats = LayerStats(needs, x.shape[-1], x.device) if needs else None
+                if stats is not None:
+                    stats.add_batch(x)
+                self._compress_group(adapter, i, group, stages, stats)
+                if stats is not None:
+                    stats.free()
+
+            handles += [lin.register_forward_pre_hook(hook) for _, lin in group]
+        try:
+            out = self._forward(block, hidden, kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        return out
+
+    def _sequential(self, adapter, i, block, groups, stages, needs, hidden, kwargs):
+        for group in groups:
+            lin0 = group[0][1]
+            stats = LayerStats(needs, lin0.in_features, hidden.device) if needs else None
+
+            def observe(_mod, args, stats=stats):
+                if stats is not None:
+                    stats.add_batch(args[0])
+                raise _Stop  # nothing after this group is needed yet
+
+            if stats is not None:
+                handle = lin0.register_forward_pre_hook(observe)
+                try:
+                    for sl in self._chunks(hidden.shape[0]):
+                        try:
+                            self._forward(block, hidden[sl], kwargs)
+                        except _Stop:
+                            pass
+                finally:
+                    handle.remove()
+            self._compress_group(adapter, i, group, stages, stats)
+            if stats is not None:
+                stats.free()

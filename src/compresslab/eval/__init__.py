@@ -1,0 +1,1 @@
+"""Evaluators (`eval=...`): callables `(model, tokenizer) -> {"ppl/wikitext2": ...}`."""

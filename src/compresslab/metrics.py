@@ -1,0 +1,106 @@
+"""What a run reports: sparsity, storage bits, memory, environment, and the atomic metrics.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models.adapters import adapter_for
+from .pruner.masks import parse_pattern
+from .stages import layer_state
+
+DENSE_BITS = 16  # an uncompressed weight is stored as fp16/bf16
+
+
+def layer_storage_bits(layer: nn.Linear) -> int:
+    """Bits to store this Linear's weight in the packed format.
+
+    Quantized values take `bits` (else 16), plus fp16 scales and `bits`-wide zeros per group.
+    N:M sparse weights store only the N kept values of each M plus ceil(log2 M) bits of position
+    each (2:4 -> 2 bits); unstructured sparsity is stored dense (its zeros are not compacted).
+    """
+    numel = layer.weight.numel()
+    state = layer_state(layer)
+    quant = state.quant if state else None
+    value_bits = quant.bits if quant is not None else DENSE_BITS
+    overhead = quant.storage_bits() - numel * quant.bits if quant is not None else 0
+    nm = parse_pattern(state.pattern) if state and state.pattern else None
+    if nm is not None:
+        n, m = nm
+        values = numel * n // m * (value_bits + math.ceil(math.log2(m)))
+    else:
+        values = numel * value_bits
+    return values + overhead
+
+
+def compression_summary(model: nn.Module) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """({'sparsity', 'avg_bits', 'params/compressed'}, per-layer rows) over every target Linear."""
+    zeros = numel = bits = 0
+    rows = []
+    for name, lin in adapter_for(model).named_linears(model):
+        w = lin.weight
+        z = int((w == 0).sum())
+        b = layer_storage_bits(lin)
+        state = layer_state(lin)
+        rows.append({
+            "name": name, "shape": list(w.shape), "sparsity": z / w.numel(), "avg_bits": b / w.numel(),
+            "pattern": state.pattern if state else None,
+            "bits": state.quant.bits if state and state.quant is not None else None,
+            "group_size": state.quant.group_size if state and state.quant is not None else None,
+        })
+        zeros, numel, bits = zeros + z, numel + w.numel(), bits + b
+    return {"sparsity": zeros / numel, "avg_bits": bits / numel, "params/compressed": float(numel)}, rows
+
+
+def peak_rss_gb() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _git_sha() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict[str, Any]:
+    import transformers
+
+    from . import __version__
+
+    env = {
+        "compresslab": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "git_sha": _git_sha(), "host": platform.node(),
+        "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
+    }
+    return env
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Write JSON via a temp file and rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

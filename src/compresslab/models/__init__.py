@@ -1,0 +1,1 @@
+"""Model families (where blocks and Linears live) and model loaders."""

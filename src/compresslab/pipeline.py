@@ -1,0 +1,102 @@
+"""Pipeline: the object that conf/config.yaml composes. It owns the stages, the engine and the evaluators."""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .api import compress, evaluate
+from .engine import SequentialEngine
+from .errors import ConfigError
+from .metrics import environment, peak_rss_gb, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+STAGES = ("pruner", "quantizer", "lowrank")
+
+
+class Pipeline:
+    def __init__(self, model, data=None, pruner=None, quantizer=None, lowrank=None, recovery=None,
+                 eval=None, logger=None, engine: SequentialEngine | None = None, seed: int = 0):
+        self.model_loader, self.data = model, data
+        self.pruner, self.quantizer, self.lowrank, self.recovery = pruner, quantizer, lowrank, recovery
+        self.evaluator, self.logger = eval, logger
+        self.engine = engine or SequentialEngine(device=str(getattr(model, "device", "auto")))
+        self.seed = seed
+
+    @property
+    def stages(self):
+        return [s for s in (self.pruner, self.quantizer, self.lowrank) if s is not None]
+
+    @property
+    def uses_calibration(self) -> bool:
+        return any(s.needs for s in self.stages) or self.recovery is not None
+
+    def validate(self) -> None:
+        """Catch bad input before any weights are loaded: data files, and every stage on every layer's shape."""
+        if self.uses_calibration:
+            if self.data is None:
+                raise ConfigError("these stages need calibration data; set data=calibration")
+            self.data.check()
+        if self.evaluator is not None and hasattr(self.evaluator, "check"):
+            self.evaluator.check()
+        if not self.stages:
+            return
+        try:
+            from transformers import AutoModelForCausalLM
+
+            with torch.device("meta"):
+                meta = AutoModelForCausalLM.from_config(self.model_loader.config())
+        except ConfigError:
+            raise
+        except Exception as e:  # the engine checks again after loading
+            log.warning("could not build %s on the meta device for early checks (%s)", self.model_loader, e)
+            return
+        self.engine.check(meta, self.stages)
+
+    def run(self, output_dir: str | Path | None = None, config: dict | None = None) -> dict[str, Any]:
+        """Validate, load, (dense eval), compress, eval; write metrics.json (atomically, also on failure)."""
+        metrics: dict[str, Any] = {}
+        record: dict[str, Any] = {"status": "failed", "error": None, "config": config, "metrics": metrics}
+        t_start = time.perf_counter()
+        try:
+            if self.logger is not None:
+                self.logger.start(config or {}, str(output_dir) if output_dir else None)
+            torch.manual_seed(self.seed)
+            self.validate()
+            model, tok = self.model_loader.load()
+            metrics["time/load_s"] = time.perf_counter() - t_start
+            evals = [self.evaluator] if self.evaluator is not None else []
+            if evals and getattr(self.evaluator, "dense_baseline", False):
+                t0 = time.perf_counter()
+                metrics.update(evaluate(model, tok, evals, prefix="dense/"))
+                metrics["time/dense_eval_s"] = time.perf_counter() - t0
+            calib = self.data(tok) if self.uses_calibration else None
+            report = compress(model, tok, pruner=self.pruner, quantizer=self.quantizer, lowrank=self.lowrank,
+                              recovery=self.recovery, calibration=calib, engine=self.engine)
+            metrics.update(report.metrics)
+            record["layers"], record["recovery"] = report.layers, report.recovery
+            if evals:
+                t0 = time.perf_counter()
+                metrics.update(evaluate(model, tok, evals))
+                metrics["time/eval_s"] = time.perf_counter() - t0
+            record["status"] = "ok"
+            return record
+        except BaseException as e:
+            record["error"] = f"{type(e).__name__}: {e}"
+            record["traceback"] = traceback.format_exc()
+            raise
+        finally:
+            metrics["memory/peak_rss_gb"] = peak_rss_gb()
+            metrics["time/total_s"] = time.perf_counter() - t_start
+            record["env"] = environment()
+            if output_dir is not None:
+                write_json_atomic(Path(output_dir) / "metrics.json", record)
+            if self.logger is not None:
+                self.logger.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+                self.logger.finish(ok=record["status"] == "ok")

@@ -1,0 +1,1 @@
+"""Pruners (`pruner=...`): score functions and mask selection."""

@@ -1,0 +1,54 @@
+"""Mask selection from scores: row-wise unstructured or N:M, shared by every pruner."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..errors import ConfigError
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """'unstructured' -> None; 'N:M' -> (N, M): keep N of every M consecutive input weights."""
+    if pattern in (None, "unstructured"):
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
+    if not m or not 0 < int(m.group(1)) < int(m.group(2)):
+        raise ConfigError(f"pruner.pattern={pattern!r} is not valid; use 'unstructured' or 'N:M' with 0 < N < M, e.g. '2:4'")
+    return int(m.group(1)), int(m.group(2))
+
+
+def check_sparsity(sparsity: float, nm: tuple[int, int] | None) -> None:
+    if not 0.0 <= sparsity < 1.0:
+        raise ConfigError(f"pruner.sparsity={sparsity} is out of range; use 0 <= sparsity < 1")
+    if nm is not None and abs(sparsity - (1 - nm[0] / nm[1])) > 1e-9:
+        raise ConfigError(f"pruner.sparsity={sparsity} conflicts with pruner.pattern={nm[0]}:{nm[1]}, which "
+                          f"prunes {1 - nm[0] / nm[1]:g}; set pruner.sparsity={1 - nm[0] / nm[1]:g}")
+
+
+def check_width(name: str, in_features: int, nm: tuple[int, int] | None) -> None:
+    if nm is not None and in_features % nm[1]:
+        raise ConfigError(f"pattern {nm[0]}:{nm[1]} needs the input width to be a multiple of {nm[1]}, but "
+                          f"{name} has {in_features}; use pruner.pattern=unstructured or skip this layer")
+
+
+def keep_mask(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None) -> torch.Tensor:
+    """Boolean keep-mask (out, in) that drops the lowest scores.
+
+    Unstructured: exactly floor(in·sparsity) weights per output row (the row-wise comparison of
+    SparseGPT and Wanda). N:M: the N highest of every M consecutive input columns per row.
+    """
+    out, inp = scores.shape
+    if nm is not None:
+        n, m = nm
+        groups = scores.reshape(out, inp // m, m)  # (out, in/M, M)
+        idx = groups.topk(n, dim=-1).indices
+        mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True)
+        return mask.reshape(out, inp)
+    k = int(inp * sparsity)
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    if k > 0:
+        idx = scores.topk(k, dim=1, largest=False).indices
+        mask.scatter_(1, idx, False)
+    return mask

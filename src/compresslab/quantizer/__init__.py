@@ -1,0 +1,1 @@
+"""Weight quantizers (`quantizer=...`) and the one quantized-weight format they all produce."""

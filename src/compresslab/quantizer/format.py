@@ -1,0 +1,57 @@
+"""The one quantized-weight format: integer codes, scales, zeros, group size, bits.
+
+Layout: scales and zeros have shape (R, C) with R in {1, out} and C = in / group_size, so
+per-group (R=out, C=in/g), per-row (R=out, C=1), per-column (R=1, C=in, g=1) and per-tensor
+(R=C=1) all share one code path. Dequantization is W = s · (q − z).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+SCALE_BITS = 16  # scales are stored as fp16/bf16
+
+
+@dataclass
+class QuantizedWeight:
+    codes: torch.Tensor | None  # (out, in) uint8, or None when dropped (they follow from W, s, z)
+    scales: torch.Tensor  # (R, C) float
+    zeros: torch.Tensor  # (R, C) float holding integers in [0, 2^bits - 1]
+    bits: int
+    group_size: int  # input columns per group (in_features for one group per row)
+    symmetric: bool  # symmetric zeros are the constant 2^(bits-1) and are not stored
+    shape: tuple[int, int]
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def expand(self, t: torch.Tensor) -> torch.Tensor:
+        """(R, C) group parameters -> broadcastable to (out, in)."""
+        return t.repeat_interleave(self.group_size, dim=1)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.codes is None:
+            raise ValueError("codes were dropped; use encode(W) first")
+        s, z = self.expand(self.scales.float()), self.expand(self.zeros.float())
+        return (s * (self.codes.float() - z)).to(dtype)  # (out, in)
+
+    def encode(self, W: torch.Tensor) -> "QuantizedWeight":
+        """Codes of a weight that lies on this grid (e.g. after the codes were dropped)."""
+        s, z = self.expand(self.scales.float()), self.expand(self.zeros.float())
+        codes = torch.clamp(torch.round(W.float() / s) + z, 0, self.maxq).to(torch.uint8)
+        return replace(self, codes=codes)
+
+    def without_codes(self) -> "QuantizedWeight":
+        return replace(self, codes=None)
+
+    def storage_bits(self) -> int:
+        """Bits to store codes + scales (fp16) + zeros (bits wide; none when symmetric)."""
+        out, inp = self.shape
+        zero_bits = 0 if self.symmetric else self.bits
+        return out * inp * self.bits + self.scales.numel() * (SCALE_BITS + zero_bits)
+
+    def avg_bits(self) -> float:
+        return self.storage_bits() / (self.shape[0] * self.shape[1])

