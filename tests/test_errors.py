@@ -17,7 +17,7 @@ class NoLoad(TinyModel):
 
 
 def test_nm_on_indivisible_width_fails_before_load():
-    p = Pipeline(model=NoLoad(hidden_size=66, num_heads=2, num_kv_heads=1, intermediate_size=130, device="cpu"),
+    p = Pipeline(model=NoLoad(hidden_size=66, num_heads=3, num_kv_heads=1, intermediate_size=130, device="cpu"),
                  pruner=Magnitude(0.5, "2:4"))
     with pytest.raises(ConfigError, match=r"2:4 needs the input width to be a multiple of 4"):
         p.run()

@@ -31,7 +31,7 @@ class CalibrationData:
         self.dataset, self.nsamples, self.seqlen, self.seed, self.path = dataset, nsamples, seqlen, seed, path
 
     def check(self) -> None:
-        check_dataset(self.dataset, self.path)
+        check_dataset(self.dataset, self.path, "calibration")
 
     def __call__(self, tokenizer) -> torch.Tensor:
         """(nsamples, seqlen) int64 token ids."""

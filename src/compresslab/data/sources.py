@@ -33,7 +33,7 @@ def data_dir() -> Path | None:
     return Path(value) if value else None
 
 
-def check_dataset(dataset: str, path: str | None = None) -> None:
+def check_dataset(dataset: str, path: str | None = None, split: str | None = None) -> None:
     """Fail early, before any model is loaded, on an unknown dataset or a missing local file."""
     if dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {dataset!r}; use one of {', '.join(DATASETS)}")
@@ -46,8 +46,8 @@ def check_dataset(dataset: str, path: str | None = None) -> None:
     root = data_dir()
     if root is None:
         return  # online: checked when loading
-    for (name, split), rel in LOCAL_FILES.items():
-        if name == dataset and not (root / rel).is_file():
+    for (name, sp), rel in LOCAL_FILES.items():
+        if name == dataset and split in (None, sp) and not (root / rel).is_file():
             raise ConfigError(
                 f"{DATA_ENV}={root} but the expected file {root / rel} is missing. Point {DATA_ENV} at the "
                 f"folder that holds {rel} (the repo's Makefile uses ../shared/data), or unset it to use the hub"
@@ -83,7 +83,7 @@ def _hub(*args, **kwargs):
 
 def rows(dataset: str, split: str, path: str | None = None) -> list[str]:
     """Text rows of `dataset` for split 'calibration' or 'eval'."""
-    check_dataset(dataset, path)
+    check_dataset(dataset, path, split)
     if dataset == "text":
         return Path(path).read_text(encoding="utf-8").splitlines(keepends=True)
     if data_dir() is not None and (dataset, split) in LOCAL_FILES:

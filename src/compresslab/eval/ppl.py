@@ -57,7 +57,7 @@ class Perplexity:
 
     def check(self) -> None:
         for d in self.datasets:
-            check_dataset(d)
+            check_dataset(d, split="eval")
 
     def tokens(self, tokenizer, dataset: str) -> torch.Tensor:
         key = (id(tokenizer), dataset)
