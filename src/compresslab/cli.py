@@ -34,6 +34,8 @@ def run_from_config(cfg: DictConfig, output_dir: str | Path) -> int:
     output_dir = Path(output_dir)
     path = output_dir / "metrics.json"
     config = OmegaConf.to_container(cfg, resolve=True)
+    for g in GROUPS:  # a skipped stage shows as null
+        config.setdefault(g, None)
     pipeline = None
     try:
         pipeline = build_pipeline(cfg)

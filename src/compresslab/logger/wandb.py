@@ -31,7 +31,8 @@ class WandbLogger:
                               job_type=self.job_type, tags=self.tags, config=config, dir=output_dir,
                               reinit="finish_previous")
         if self.mode == "offline":
-            log.info("W&B offline run in %s (upload later with `wandb sync %s`)", self.run.dir, self.run.dir)
+            run_dir = os.path.dirname(self.run.dir)  # .../wandb/offline-run-*/files -> the run folder
+            log.info("W&B offline run in %s (upload later with `wandb sync %s`)", run_dir, run_dir)
 
     def log(self, metrics: dict, step: int | None = None) -> None:
         if self.run is not None:
@@ -46,3 +47,61 @@ class WandbLogger:
         if self.run is not None:
             self.run.finish(exit_code=0 if ok else 1)
             self.run = None
+
+
+def _log_records(path: str):
+    """Raw records of a W&B transaction log (.wandb): a 7-byte header, then LevelDB-style log blocks."""
+    import struct
+
+    block, header = 32768, 7
+    data = open(path, "rb").read()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B run log")
+    pos, pending = header, b""
+    while pos + header <= len(data):
+        left = block - pos % block
+        if left < header:  # block trailer padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + header])
+        if kind == 0:  # zero padding to the end of the block
+            pos += left
+            continue
+        chunk = data[pos + header : pos + header + length]
+        pos += header + length
+        if kind == 1:  # FULL
+            yield chunk
+        elif kind == 2:  # FIRST
+            pending = chunk
+        elif kind == 3:  # MIDDLE
+            pending += chunk
+        elif kind == 4:  # LAST
+            yield pending + chunk
+            pending = b""
+
+
+def read_offline_run(run_dir: str) -> dict:
+    """{'config': {...}, 'summary': {...}} of an offline run folder (wandb/offline-run-*), without syncing."""
+    import glob
+    import json
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    logs = glob.glob(os.path.join(run_dir, "run-*.wandb"))
+    if not logs:
+        raise FileNotFoundError(f"no run-*.wandb in {run_dir}")
+    out: dict = {"config": {}, "summary": {}}
+    for raw in _log_records(logs[0]):
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        kind = rec.WhichOneof("record_type")
+        if kind == "config":
+            for item in rec.config.update:
+                out["config"][item.key] = json.loads(item.value_json)
+        elif kind == "summary":
+            for item in rec.summary.update:
+                out["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "run":
+            for item in rec.run.config.update:
+                out["config"][item.key] = json.loads(item.value_json)
+    return out

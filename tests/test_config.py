@@ -1,0 +1,66 @@
+"""Every file in conf/ composes and instantiates; bad options fail with Hydra's list."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
+from hydra.utils import instantiate
+
+from compresslab.cli import GROUPS, build_pipeline
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+ROOT = CONF.parent
+
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))] if CONF.is_dir() else []
+EXTRA = {("model", "hf"): ["model.name_or_path=some/model"]}
+
+
+def _compose(overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def test_every_group_has_options():
+    groups_with_files = {g for g, _ in OPTIONS}
+    assert {"model", "data", "pruner", "quantizer", "eval", "logger"} <= groups_with_files
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_instantiates(group, option):
+    cfg = _compose([f"{group}={option}", *EXTRA.get((group, option), [])])
+    obj = instantiate(cfg[group])
+    assert obj is not None
+    assert type(obj).__module__.startswith("compresslab.")
+
+
+def test_defaults_build_a_pipeline_with_skipped_stages():
+    cfg = _compose([])
+    assert all(cfg.get(g) is None for g in ("pruner", "quantizer", "lowrank", "recovery"))
+    p = build_pipeline(cfg)
+    assert p.stages == [] and p.recovery is None
+    assert p.model_loader.name == "smollm2_135m"
+
+
+def test_stage_options_reach_the_objects():
+    cfg = _compose(["pruner=magnitude", "pruner.pattern=2:4", "quantizer=rtn", "quantizer.bits=3",
+                    "quantizer.group_size=64", "model=tiny_llama"])
+    p = build_pipeline(cfg)
+    assert p.pruner.nm == (2, 4) and p.quantizer.bits == 3 and p.quantizer.group_size == 64
+
+
+def test_bad_option_lists_valid_ones():
+    with pytest.raises(MissingConfigException, match="magnitude"):
+        _compose(["pruner=no_such_pruner"])
+
+
+def test_cli_bad_option_and_help():
+    out = subprocess.run([sys.executable, "run.py", "pruner=no_such_pruner"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "no_such_pruner" in out.stderr and "magnitude" in out.stderr
+    help_ = subprocess.run([sys.executable, "run.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert help_.returncode == 0
+    for line in ("pruner: magnitude", "quantizer: rtn", "eval: ppl", "logger: none, wandb", "data: calibration"):
+        assert line in help_.stdout, line

@@ -1,0 +1,35 @@
+import json
+
+import pytest
+import torch
+
+from compresslab.metrics import compression_summary, write_json_atomic
+from compresslab.models.loaders import TinyModel
+from compresslab.pruner.magnitude import Magnitude
+from compresslab.quantizer.rtn import RTN
+from compresslab.engine import SequentialEngine
+
+
+@pytest.mark.parametrize("pruner,quant,bits", [
+    (None, None, 16.0),
+    (Magnitude(0.5, "2:4"), None, 0.5 * (16 + 2)),
+    (Magnitude(0.5), None, 16.0),  # unstructured zeros are not compacted
+    (None, RTN(bits=3, group_size=32), 3 + 19 / 32),
+    (Magnitude(0.5, "4:8"), RTN(bits=4, group_size=16, symmetric=True), 0.5 * (4 + 3) + 16 / 16),
+])
+def test_avg_bits_and_sparsity(pruner, quant, bits):
+    model, _ = TinyModel(device="cpu").load()
+    SequentialEngine(device="cpu", progress=False).run(model, None, [pruner, quant])
+    summary, layers = compression_summary(model)
+    assert summary["avg_bits"] == pytest.approx(bits)
+    zeros = sum(int((r["sparsity"] * r["shape"][0] * r["shape"][1]) + 0.5) for r in layers)
+    assert summary["sparsity"] == pytest.approx(zeros / summary["params/compressed"])
+    if pruner is not None:
+        assert summary["sparsity"] >= 0.5
+    assert len(layers) == 2 * 7
+
+
+def test_write_json_atomic(tmp_path):
+    p = write_json_atomic(tmp_path / "a" / "m.json", {"x": torch.tensor(1.0).item(), "y": [1, 2]})
+    assert json.loads(p.read_text()) == {"x": 1.0, "y": [1, 2]}
+    assert [f.name for f in p.parent.iterdir()] == ["m.json"]
