@@ -47,3 +47,20 @@ def recorder():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def correlated_inputs(n: int = 512, d: int = 64, seed: int = 0) -> torch.Tensor:
+    """(n, d) inputs with strongly correlated channels and a few large-scale ones, like LLM activations."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d**0.5 + torch.eye(d)
+    scale = torch.ones(d)
+    scale[: d // 16] = 8.0  # outlier channels
+    return (torch.randn(n, d, generator=g) @ mix) * scale
+
+
+def hessian_of(X: torch.Tensor) -> torch.Tensor:
+    return 2.0 / X.shape[0] * X.T @ X
+
+
+def out_err(W: torch.Tensor, W_hat: torch.Tensor, X: torch.Tensor) -> float:
+    return float(((W - W_hat) @ X.T).norm() / (W @ X.T).norm())

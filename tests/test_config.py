@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
@@ -29,8 +30,14 @@ def test_every_group_has_options():
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_option_instantiates(group, option):
-    cfg = _compose([f"{group}={option}", *EXTRA.get((group, option), [])])
+def test_option_instantiates(group, option, tmp_path):
+    extra = list(EXTRA.get((group, option), []))
+    if (group, option) == ("pruner", "mask"):  # needs a real file of masks
+        from safetensors.torch import save_file
+
+        save_file({"m": torch.ones(2, 4, dtype=torch.uint8)}, str(tmp_path / "m.safetensors"))
+        extra.append(f"pruner.path={tmp_path / 'm.safetensors'}")
+    cfg = _compose([f"{group}={option}", *extra])
     obj = instantiate(cfg[group])
     assert obj is not None
     assert type(obj).__module__.startswith("compresslab.")
@@ -62,5 +69,5 @@ def test_cli_bad_option_and_help():
     assert "no_such_pruner" in out.stderr and "magnitude" in out.stderr
     help_ = subprocess.run([sys.executable, "run.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert help_.returncode == 0
-    for line in ("pruner: magnitude", "quantizer: rtn", "eval: ppl", "logger: none, wandb", "data: calibration"):
+    for line in ("pruner: jsq, magnitude, mask, sparsegpt, wanda", "quantizer: awq, gptq, rtn, slim_quant", "eval: ppl", "logger: none, wandb", "data: calibration"):
         assert line in help_.stdout, line

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .models.adapters import Adapter, adapter_for
+from .stages import fuse_stages, layer_state
 from .stats import LayerStats
 from .utils import resolve_device, to_device
 
@@ -62,9 +63,13 @@ class SequentialEngine:
         device: compute device ('auto': cuda when available, else cpu).
         chunk_size: calibration samples per forward; None runs all of them at once (one pass).
         progress: show a tqdm bar over blocks.
+        layer_error: collect each group's Hessian even when no stage needs it, so that every
+            Linear reports ‖WX − ŴX‖/‖WX‖ on the calibration inputs. By default the error is
+            reported whenever some stage already collects the Hessian.
     """
 
-    def __init__(self, device: str = "auto", chunk_size: int | None = None, progress: bool = True):
+    def __init__(self, device: str = "auto", chunk_size: int | None = None, progress: bool = True,
+                 layer_error: bool = False):
         if chunk_size is not None and chunk_size < 1:
             from .errors import ConfigError
 
@@ -72,6 +77,7 @@ class SequentialEngine:
         self.device = resolve_device(device)
         self.chunk_size = chunk_size
         self.progress = progress
+        self.layer_error = layer_error
 
     # -- public -------------------------------------------------------------------------------
     def check(self, model_or_meta: nn.Module, stages: Sequence) -> None:
@@ -87,9 +93,11 @@ class SequentialEngine:
         """Compress `model` in place. Returns {'time/compress_s', 'recovery': [...], 'outputs'?}."""
         t0 = time.perf_counter()
         adapter = adapter_for(model)
-        stages = [s for s in stages if s is not None]
+        stages = fuse_stages([s for s in stages if s is not None])
         self.check(model, stages)
         needs = frozenset().union(*(s.needs for s in stages)) if stages else frozenset()
+        if self.layer_error and stages:
+            needs |= {"hessian"}
         uses_data = bool(needs) or recovery is not None or keep_outputs
         blocks = adapter.block_list(model)
         result: dict[str, Any] = {"recovery": []}
@@ -182,26 +190,39 @@ class SequentialEngine:
         return out
 
     def _compress_group(self, adapter, i, group, stages, stats):
+        H = stats.hessian if stats is not None and stats.has_hessian else None
         for name, lin in group:
+            dense = lin.weight.detach().float().clone() if H is not None else None
             for stage in stages:
                 stage.compress(f"{adapter.blocks}.{i}.{name}", lin, stats)
+            if dense is not None:  # ‖(W − Ŵ)X‖ / ‖WX‖ = sqrt(tr(ΔHΔᵀ) / tr(WHWᵀ))
+                delta = dense - lin.weight.detach().float()
+                num = ((delta @ H) * delta).sum()
+                den = ((dense @ H) * dense).sum().clamp_min(1e-30)
+                layer_state(lin, create=True).rel_error = float((num / den).clamp_min(0).sqrt())
 
     def _one_pass(self, adapter, i, block, groups, stages, needs, hidden, kwargs):
         handles = []
         for group in groups:
             state = {"done": False}
 
-            def hook(_mod, args, group=group, state=state):
+            def hook(mod, args, group=group, state=state):
                 if state["done"]:
-                    return
+                    return None
                 state["done"] = True
                 x = args[0]  # (N, T, d_in), already the output of this block's compressed groups
                 stats = LayerStats(needs, x.shape[-1], x.device) if needs else None
                 if stats is not None:
                     stats.add_batch(x)
+                before = set(mod._forward_pre_hooks)
                 self._compress_group(adapter, i, group, stages, stats)
                 if stats is not None:
                     stats.free()
+                # Pre-hooks a stage just attached (e.g. activation quantization) apply from this call on.
+                for key, fn in list(mod._forward_pre_hooks.items()):
+                    if key not in before:
+                        args = fn(mod, args) or args
+                return args
 
             handles += [lin.register_forward_pre_hook(hook) for _, lin in group]
         try:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .models.adapters import adapter_for
-from .pruner.masks import parse_pattern
+from .pruner.masks import nm_valid, parse_pattern
 from .stages import layer_state
 
 DENSE_BITS = 16  # an uncompressed weight is stored as fp16/bf16
@@ -40,6 +40,8 @@ def layer_storage_bits(layer: nn.Linear) -> int:
         values = numel * n // m * (value_bits + math.ceil(math.log2(m)))
     else:
         values = numel * value_bits
+    if state is not None and state.input_scale is not None:  # explicit per-input-channel scale (AWQ)
+        overhead += state.input_scale.numel() * DENSE_BITS
     return values + overhead
 
 
@@ -57,6 +59,9 @@ def compression_summary(model: nn.Module) -> tuple[dict[str, float], list[dict[s
             "pattern": state.pattern if state else None,
             "bits": state.quant.bits if state and state.quant is not None else None,
             "group_size": state.quant.group_size if state and state.quant is not None else None,
+            "nm_valid": (nm_valid(w.detach() != 0, parse_pattern(state.pattern))
+                         if state and state.pattern and state.pattern != "unstructured" else None),
+            "rel_error": state.rel_error if state else None,
         })
         zeros, numel, bits = zeros + z, numel + w.numel(), bits + b
     return {"sparsity": zeros / numel, "avg_bits": bits / numel, "params/compressed": float(numel)}, rows

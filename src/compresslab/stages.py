@@ -36,6 +36,28 @@ class LayerState:
 
     pattern: str | None = None  # "unstructured" or "N:M"
     quant: Any = None  # quantizer.format.QuantizedWeight (codes dropped; they follow from W)
+    act: Any = None  # quantizer.activations.ActQuant applied to the input, if any
+    input_scale: Any = None  # (in,) explicit per-input-channel scale (AWQ), stored in fp16
+    rel_error: float | None = None  # ‖WX − ŴX‖ / ‖WX‖ on the calibration inputs
+
+    def keep_mask(self, W):
+        """The pruning mask to hold in later stages (None when the layer was not pruned)."""
+        return None if self.pattern is None else W != 0
+
+
+def fuse_stages(stages: list) -> list:
+    """Let a stage absorb the next one when it can do both in one pass (SparseGPT + GPTQ).
+
+    A stage opts in with ``fuse(next_stage) -> fused stage or None``; nothing is keyed on names."""
+    out: list = []
+    for stage in stages:
+        fuse = getattr(out[-1], "fuse", None) if out else None
+        fused = fuse(stage) if fuse is not None and stage is not None else None
+        if fused is not None:
+            out[-1] = fused
+        else:
+            out.append(stage)
+    return out
 
 
 def layer_state(layer: nn.Module, create: bool = False) -> LayerState | None:

@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import torch
 
-KNOWN_STATS = frozenset({"hessian", "act_norm"})
+KNOWN_STATS = frozenset({"hessian", "act_norm", "act_absmean", "jsq"})
+JSQ_CLIP_TOP = 0.01  # JSQ clips the top 1% of |x| before taking its statistics
+
+
+def clip_top(x: torch.Tensor, frac: float) -> torch.Tensor:
+    """Clamp |x| at its (1 − frac) quantile over the whole tensor (JSQ's activation editor)."""
+    k = int(frac * x.numel())
+    if k < 1:
+        return x
+    flat = x.detach().abs().flatten().float()
+    thresh = flat.kthvalue(flat.numel() - k + 1).values  # the k-th largest |x|
+    return x.clamp(-thresh, thresh)
 
 
 class LayerStats:
     """Streaming statistics of the inputs X (n, d) of one Linear group.
 
     - ``hessian``: H = 2/n · XᵀX  (d, d), the GPTQ/SparseGPT convention.
-    - ``act_norm``: ‖X_j‖₂ over all n tokens  (d,), Wanda's input-norm.
+    - ``act_norm``: ‖X_j‖₂ over all n tokens  (d,), Wanda's input norm.
+    - ``act_absmean``: mean_t |X_tj|  (d,), AWQ's and L2QER's activation scale.
+    - ``jsq``: after clipping the top 1% of |x|, ‖X_j‖₂ (``jsq_norm``, (d,)) and the mean over
+      samples of the (T, d) input sequence (``jsq_mean``), which JSQ's range salience uses.
 
     Only what some stage declared in its ``needs`` is computed.
     """
@@ -20,17 +34,34 @@ class LayerStats:
         unknown = set(needs) - KNOWN_STATS
         if unknown:
             raise ValueError(f"unknown statistics {sorted(unknown)}; known: {sorted(KNOWN_STATS)}")
-        self.dim, self.n = dim, 0
+        self.dim, self.n, self.samples = dim, 0, 0
         self._xtx = torch.zeros(dim, dim, device=device) if "hessian" in needs else None
         self._sq = torch.zeros(dim, device=device) if "act_norm" in needs else None
+        self._abs = torch.zeros(dim, device=device) if "act_absmean" in needs else None
+        self._jsq = "jsq" in needs
+        self._jsq_sq = torch.zeros(dim, device=device) if self._jsq else None
+        self._jsq_seq: torch.Tensor | None = None  # (T, d) sum over samples
 
     def add_batch(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, self.dim).float()  # (n_batch, d)
+        x3 = x.float().reshape(-1, x.shape[-2] if x.dim() > 2 else 1, self.dim)  # (B, T, d)
+        x = x3.reshape(-1, self.dim)  # (n_batch, d)
         self.n += x.shape[0]
+        self.samples += x3.shape[0]
         if self._xtx is not None:
             self._xtx.addmm_(x.T, x)
         if self._sq is not None:
             self._sq.add_(x.square().sum(0))
+        if self._abs is not None:
+            self._abs.add_(x.abs().sum(0))
+        if self._jsq:
+            xc = clip_top(x3, JSQ_CLIP_TOP)
+            self._jsq_sq.add_(xc.square().sum((0, 1)))
+            seq = xc.sum(0)  # (T, d)
+            if self._jsq_seq is None:
+                self._jsq_seq = seq
+            else:
+                t = min(seq.shape[0], self._jsq_seq.shape[0])
+                self._jsq_seq = self._jsq_seq[:t] + seq[:t]
 
     def _require(self, t, what):
         if t is None:
@@ -44,8 +75,24 @@ class LayerStats:
         return self._require(self._xtx, "hessian") * (2.0 / self.n)
 
     @property
+    def has_hessian(self) -> bool:
+        return self._xtx is not None and self.n > 0
+
+    @property
     def act_norm(self) -> torch.Tensor:
         return self._require(self._sq, "act_norm").sqrt()
 
+    @property
+    def act_absmean(self) -> torch.Tensor:
+        return self._require(self._abs, "act_absmean") / self.n
+
+    @property
+    def jsq_norm(self) -> torch.Tensor:
+        return self._require(self._jsq_sq, "jsq").sqrt()
+
+    @property
+    def jsq_mean(self) -> torch.Tensor:
+        return self._require(self._jsq_seq, "jsq") / self.samples
+
     def free(self) -> None:
-        self._xtx = self._sq = None
+        self._xtx = self._sq = self._abs = self._jsq_sq = self._jsq_seq = None

@@ -52,3 +52,10 @@ def keep_mask(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None)
         idx = scores.topk(k, dim=1, largest=False).indices
         mask.scatter_(1, idx, False)
     return mask
+
+
+def nm_valid(keep: torch.Tensor, nm: tuple[int, int]) -> bool:
+    """True when every group of M consecutive input weights of `keep` (out, in) keeps at most N."""
+    n, m = nm
+    out, inp = keep.shape
+    return inp % m == 0 and bool((keep.reshape(out, inp // m, m).sum(-1) <= n).all())

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..errors import ConfigError
-from ..stages import layer_state
 from . import grid
+from .base import WeightQuantizer
 from .format import QuantizedWeight
 
 
@@ -29,28 +28,22 @@ def rtn_quantize(W: torch.Tensor, bits: int, group_size: int = -1, symmetric: bo
     return QuantizedWeight(codes, scale, zero, bits, g, symmetric, tuple(W.shape))
 
 
-class RTN:
+class RTN(WeightQuantizer):
     """`quantizer=rtn`: `bits`, `group_size` (-1 = per output channel), `symmetric`, `granularity`."""
 
-    needs = frozenset()
-
-    def __init__(self, bits: int = 4, group_size: int = -1, symmetric: bool = False, granularity: str = "row"):
-        grid.check_bits(bits)
+    def __init__(self, bits: int = 4, group_size: int = -1, symmetric: bool = False, granularity: str = "row",
+                 act_bits: int | None = None, act_granularity: str | None = None, act_group_size: int = 64):
+        super().__init__(bits, group_size, symmetric, act_bits, act_granularity, act_group_size)
         if granularity not in grid.GRANULARITIES:
             raise ConfigError(f"unknown quantizer.granularity={granularity!r}; use one of {', '.join(grid.GRANULARITIES)}")
         if group_size > 0 and granularity != "row":
             raise ConfigError(f"quantizer.granularity={granularity} needs quantizer.group_size=-1 "
                               f"(groups are always per row); got group_size={group_size}")
-        self.bits, self.group_size, self.symmetric, self.granularity = bits, group_size, symmetric, granularity
+        self.granularity = granularity
 
-    def check(self, name: str, layer: nn.Module) -> None:
-        grid.check_group_size(name, layer.in_features, self.group_size)
-
-    @torch.no_grad()
-    def compress(self, name: str, layer: nn.Linear, stats=None) -> None:
-        qw = rtn_quantize(layer.weight.data, self.bits, self.group_size, self.symmetric, self.granularity)
-        layer.weight.data.copy_(qw.dequantize(layer.weight.dtype))
-        layer_state(layer, create=True).quant = qw.without_codes()
+    def quantize(self, name, W, stats=None):
+        qw = rtn_quantize(W, self.bits, self.group_size, self.symmetric, self.granularity)
+        return qw.dequantize(), qw
 
     def __repr__(self):
-        return f"RTN(W{self.bits}, g{self.group_size}, {'sym' if self.symmetric else 'asym'}, {self.granularity})"
+        return f"RTN({self._tag()}, {self.granularity})"

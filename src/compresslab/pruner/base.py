@@ -1,0 +1,43 @@
+"""What every pruner shares: `sparsity`, `pattern`, the width check, and applying a mask."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..stages import layer_state
+from .masks import check_sparsity, check_width, keep_mask, parse_pattern
+
+
+class Pruner:
+    """Base of `pruner=...` stages. Subclasses implement `scores(name, W, stats)` (higher = keep),
+    or override `prune(name, W, stats) -> (W_hat, keep)` for methods that also update weights."""
+
+    needs: frozenset[str] = frozenset()
+
+    def __init__(self, sparsity: float = 0.5, pattern: str = "unstructured"):
+        self.nm = parse_pattern(pattern)
+        if self.nm is not None and sparsity is None:
+            sparsity = 1 - self.nm[0] / self.nm[1]
+        check_sparsity(sparsity, self.nm)
+        self.sparsity = sparsity
+        self.pattern = "unstructured" if self.nm is None else f"{self.nm[0]}:{self.nm[1]}"
+
+    def check(self, name: str, layer: nn.Module) -> None:
+        check_width(name, layer.in_features, self.nm)
+
+    def scores(self, name: str, W: torch.Tensor, stats) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prune(self, name: str, W: torch.Tensor, stats) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = keep_mask(self.scores(name, W, stats).float(), self.sparsity, self.nm)
+        return W * keep, keep
+
+    @torch.no_grad()
+    def compress(self, name: str, layer: nn.Linear, stats=None) -> None:
+        W_hat, _ = self.prune(name, layer.weight.data.float(), stats)
+        layer.weight.data.copy_(W_hat.to(layer.weight.dtype))
+        layer_state(layer, create=True).pattern = self.pattern
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.pattern}, sparsity={self.sparsity})"

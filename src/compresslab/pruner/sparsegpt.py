@@ -1,0 +1,71 @@
+"""SparseGPT: OBS pruning with an adaptive mask per block (Frantar & Alistarh, ICML 2023).
+
+`sparsegpt_prune(W, H, ...)` is the maths (the shared OBS sweep in `compresslab.obs`). With
+`quantizer=gptq`, the pruner absorbs the quantizer (`fuse`) and prunes and quantizes in one pass
+over the Hessian, as SparseGPT's joint mode does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..obs import GridSpec, PruneSpec, obs_compress
+from ..stages import layer_state
+from .base import Pruner
+
+
+def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None,
+                    percdamp: float = 0.01, blocksize: int = 128, quant: GridSpec | None = None,
+                    name: str = ""):
+    """Prune W (out, in) to `sparsity` (or N:M) given H = 2/n·XᵀX. Returns (W_hat, keep, qw or None)."""
+    W_hat, qw, keep = obs_compress(W, H, quant=quant, prune=PruneSpec(sparsity, nm), percdamp=percdamp,
+                                   blocksize=blocksize, name=name)
+    return W_hat, keep, qw
+
+
+class SparseGPT(Pruner):
+    """`pruner=sparsegpt`: `sparsity`, `pattern`, `percdamp` (0.01), `blocksize` (128)."""
+
+    needs = frozenset({"hessian"})
+
+    def __init__(self, sparsity: float = 0.5, pattern: str = "unstructured", percdamp: float = 0.01,
+                 blocksize: int = 128):
+        super().__init__(sparsity, pattern)
+        self.percdamp, self.blocksize = percdamp, blocksize
+
+    def prune(self, name, W, stats):
+        W_hat, keep, _ = sparsegpt_prune(W, stats.hessian, self.sparsity, self.nm, self.percdamp,
+                                         self.blocksize, name=name)
+        return W_hat, keep
+
+    def fuse(self, quantizer):
+        """Absorb `quantizer=gptq`: one OBS pass that prunes and quantizes."""
+        from ..quantizer.gptq import GPTQ
+
+        if isinstance(quantizer, GPTQ) and not quantizer.act_order:
+            return JointSparseGPTQ(self, quantizer)
+        return None
+
+
+class JointSparseGPTQ:
+    """SparseGPT + GPTQ in one sweep: each column is masked, rounded, and its error propagated."""
+
+    def __init__(self, pruner: SparseGPT, quantizer):
+        self.pruner, self.quantizer = pruner, quantizer
+        self.needs = pruner.needs | quantizer.needs
+
+    def check(self, name, layer):
+        self.pruner.check(name, layer)
+        self.quantizer.check(name, layer)
+
+    @torch.no_grad()
+    def compress(self, name, layer, stats=None):
+        p, q = self.pruner, self.quantizer
+        spec = GridSpec(q.bits, q.group_size, q.symmetric, q.static_groups)
+        W_hat, _, qw = sparsegpt_prune(layer.weight.data, stats.hessian, p.sparsity, p.nm, p.percdamp,
+                                       p.blocksize, quant=spec, name=name)
+        layer_state(layer, create=True).pattern = p.pattern
+        q.finish(layer, W_hat, qw)
+
+    def __repr__(self):
+        return f"JointSparseGPTQ({self.pruner!r} + {self.quantizer!r})"

@@ -1,0 +1,80 @@
+"""GPTQ: Hessian-aware weight quantization (Frantar et al., ICLR 2023).
+
+The maths is `gptq_quantize(W, H, ...)`, a thin wrapper over the shared OBS sweep in
+`compresslab.obs`; the class is the glue the YAML instantiates.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..errors import ConfigError
+from ..obs import GridSpec, obs_compress
+from ..stages import layer_state
+from .base import WeightQuantizer
+from .format import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1, symmetric: bool = False,
+                  act_order: bool = False, static_groups: bool = False, percdamp: float = 0.01,
+                  blocksize: int = 128, keep: torch.Tensor | None = None,
+                  name: str = "") -> tuple[torch.Tensor, QuantizedWeight]:
+    """Quantize W (out, in) given H = 2/n·XᵀX (in, in); `keep` holds an existing sparsity mask."""
+    spec = GridSpec(bits, group_size, symmetric, static_groups)
+    W_hat, qw, _ = obs_compress(W, H, quant=spec, keep=keep, act_order=act_order, percdamp=percdamp,
+                                blocksize=blocksize, name=name)
+    return W_hat, qw
+
+
+class GPTQ(WeightQuantizer):
+    """`quantizer=gptq`.
+
+    Args (beyond bits, group_size, symmetric and the act_* options):
+        act_order: quantize columns by decreasing H_jj.
+        static_groups: fix the group ranges from W before the sweep. null = auto, i.e. on when
+            act_order is on with groups: groups then stay contiguous, which the packed format
+            and the kernels need (there is no g_idx).
+        true_sequential: compress q/k/v, then o, then gate/up, then down, each on inputs that
+            went through the already-compressed Linears. The engine always runs in this order;
+            false is rejected rather than silently ignored.
+        percdamp: damping λ = percdamp·mean(diag H); grown ×10 up to 3 times if Cholesky fails.
+        blocksize: columns per lazy-update block.
+    """
+
+    needs = frozenset({"hessian"})
+
+    def __init__(self, bits: int = 4, group_size: int = -1, symmetric: bool = False, act_order: bool = False,
+                 static_groups: bool | None = None, true_sequential: bool = True, percdamp: float = 0.01,
+                 blocksize: int = 128, act_bits: int | None = None, act_granularity: str | None = None,
+                 act_group_size: int = 64):
+        super().__init__(bits, group_size, symmetric, act_bits, act_granularity, act_group_size)
+        if static_groups is None:
+            static_groups = act_order and group_size > 0
+        if act_order and group_size > 0 and not static_groups:
+            raise ConfigError("quantizer.act_order=true with groups needs quantizer.static_groups=true (or null): "
+                              "groups must stay contiguous columns for the packed format and kernels")
+        if not true_sequential:
+            raise ConfigError("quantizer.true_sequential=false is not supported: the engine always compresses "
+                              "Linear groups in order on inputs from the already-compressed ones")
+        if not 0 <= percdamp < 1 or blocksize < 1:
+            raise ConfigError(f"quantizer.percdamp={percdamp} must be in [0, 1) and blocksize={blocksize} >= 1")
+        self.act_order, self.static_groups, self.true_sequential = act_order, static_groups, true_sequential
+        self.percdamp, self.blocksize = percdamp, blocksize
+
+    def quantize(self, name, W, stats, keep=None):
+        return gptq_quantize(W, stats.hessian, self.bits, self.group_size, self.symmetric, self.act_order,
+                             self.static_groups, self.percdamp, self.blocksize, keep=keep, name=name)
+
+    @torch.no_grad()
+    def compress(self, name, layer, stats=None):
+        state = layer_state(layer)
+        keep = state.keep_mask(layer.weight.data) if state else None  # hold an earlier pruner's mask
+        W_hat, qw = self.quantize(name, layer.weight.data, stats, keep)
+        self.finish(layer, W_hat, qw)
+
+    def __repr__(self):
+        return f"GPTQ({self._tag()}, act_order={self.act_order}, static_groups={self.static_groups})"

@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from compresslab.quantizer.slim_quant import search_alpha_hist, slim_quantize
+from compresslab.quantizer.rtn import rtn_quantize
+from compresslab.quantizer import grid
+
+
+def brute_force_alpha(w, bits, n=400):
+    """The exact-MSE optimum over a dense grid of α, on the weights themselves."""
+    wmax = w.abs().max()
+    best = None
+    for a in torch.linspace(0.05, 1.0, n):
+        s, z = grid.qparams(-a * wmax, a * wmax, bits, True)
+        e = (w - grid.fake_quantize(w, s, z, 2**bits - 1)).square().mean()
+        if best is None or e < best[0]:
+            best = (e, float(a))
+    return best
+
+
+@pytest.mark.parametrize("dist", ["gauss", "laplace"])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_alpha_search_finds_the_optimum(dist, bits):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(200_000, generator=g) if dist == "gauss" else \
+        torch.distributions.Laplace(0.0, 1.0).sample((200_000,))
+    e_best, a_best = brute_force_alpha(w, bits)
+    a = search_alpha_hist(w, bits)
+    s, z = grid.qparams(-a * w.abs().max(), a * w.abs().max(), bits, True)
+    e = (w - grid.fake_quantize(w, s, z, 2**bits - 1)).square().mean()
+    assert a < 0.9  # heavy tails: clipping pays off
+    assert abs(a - a_best) < 0.03, (a, a_best)
+    assert e <= e_best * 1.02
+
+
+def test_slim_quant_beats_absmax_and_keeps_zeros():
+    W = torch.distributions.Laplace(0.0, 1.0).sample((32, 256))
+    W[:, ::4] = 0
+    for g in (-1, 64):
+        W_hat, qw, _ = slim_quantize(W, 4, g)
+        absmax = rtn_quantize(W, 4, g, symmetric=True).dequantize()
+        assert (W - W_hat).square().mean() < (W - absmax).square().mean()
+        assert torch.all(W_hat[:, ::4] == 0)
+        assert torch.allclose(qw.encode(W_hat).dequantize(), W_hat, atol=1e-5)
