@@ -1,0 +1,79 @@
+"""One-shot pruning/quantization table on SmolLM2-135M (issue 4's protocol).
+
+    python experiments/bench/oneshot.py [--only NAME ...] [--nsamples 128 --calib-seqlen 512 --windows 16]
+
+Calibration 128×512 from wikitext2 (valid split), eval wikitext2 seqlen 2048, first 16 windows.
+Each method runs as its own `run.py` process (so peak RSS is per method); results are read back
+from each run's metrics.json. SmolLM2 widths (576, 1536) are multiples of 64, not 128: g64.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import emit
+
+ROOT = Path(__file__).resolve().parents[2]
+G = "quantizer.group_size=64"
+METHODS = {
+    "dense": [],
+    "magnitude 2:4": ["pruner=magnitude", "pruner.pattern=2:4"],
+    "wanda 2:4": ["pruner=wanda", "pruner.pattern=2:4"],
+    "sparsegpt 2:4": ["pruner=sparsegpt", "pruner.pattern=2:4"],
+    "rtn W4 g64": ["quantizer=rtn", "quantizer.bits=4", G],
+    "gptq W4 g64": ["quantizer=gptq", "quantizer.bits=4", G],
+    "gptq W4 g64 act_order": ["quantizer=gptq", "quantizer.bits=4", G, "quantizer.act_order=true"],
+    "rtn W3 g64": ["quantizer=rtn", "quantizer.bits=3", G],
+    "gptq W3 g64": ["quantizer=gptq", "quantizer.bits=3", G],
+    "slim_quant W4 per-tensor": ["quantizer=slim_quant", "quantizer.bits=4"],
+    "slim_quant W4 g64": ["quantizer=slim_quant", "quantizer.bits=4", G],
+    "awq+rtn W4 g64": ["quantizer=awq", "quantizer.bits=4", G],
+    "sparsegpt 2:4 + gptq W4 g64": ["pruner=sparsegpt", "pruner.pattern=2:4", "quantizer=gptq", "quantizer.bits=4", G],
+    "wanda 2:4 + slim_quant W4": ["pruner=wanda", "pruner.pattern=2:4", "quantizer=slim_quant", "quantizer.bits=4"],
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="*", help="method names to run (default: all)")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--out", default=str(ROOT / "outputs" / "bench_oneshot"))
+    args = ap.parse_args()
+    common = [f"data.nsamples={args.nsamples}", f"data.seqlen={args.calib_seqlen}", "eval.seqlen=2048",
+              f"eval.max_windows={args.windows}", "logger=none", "engine.progress=false", "eval.progress=false"]
+    rows = []
+    for name, overrides in METHODS.items():
+        if args.only and name not in args.only:
+            continue
+        run_dir = Path(args.out) / name.replace(" ", "_").replace(":", "").replace("+", "plus")
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *overrides, *common, f"hydra.run.dir={run_dir}"],
+                              cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        wall = time.perf_counter() - t0
+        rec = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+        m = rec.get("metrics", {})
+        row = {"method": name, "status": rec.get("status", f"rc={proc.returncode}"),
+               "ppl/wikitext2": m.get("ppl/wikitext2"), "sparsity": m.get("sparsity"), "avg_bits": m.get("avg_bits"),
+               "compress_s": m.get("time/compress_s"), "peak_rss_gb": m.get("memory/peak_rss_gb"),
+               "compress_peak_rss_gb": m.get("memory/compress_peak_rss_gb"), "process_wall_s": round(wall, 1)}
+        if rec.get("status") != "ok":
+            row["error"] = rec.get("error") or proc.stderr[-500:]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    emit("oneshot", rows, {
+        "model": "SmolLM2-135M-Instruct (dense weights dequantized from GGUF Q4_1), fp32, CPU",
+        "calibration": f"wikitext2 valid, {args.nsamples}x{args.calib_seqlen}",
+        "eval": f"wikitext2 test, seqlen 2048, first {args.windows} windows",
+        "fp32_model_gb": round(134.5e6 * 4 / 2**30, 3),
+        "calibration_activations_gb": round(args.nsamples * args.calib_seqlen * 576 * 4 / 2**30, 3),
+    })
+
+
+if __name__ == "__main__":
+    main()
