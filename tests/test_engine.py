@@ -119,3 +119,18 @@ def test_unsupported_architecture():
 
     with pytest.raises(ConfigError, match="unsupported architecture 'mamba'.*add an adapter"):
         SequentialEngine(device="cpu").run(Odd(), None, [])
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_engine_outputs_match_compressed_model_with_activation_quant(chunk_size):
+    """Propagated calibration activations are those of the compressed model, act-quant hooks included
+    (in one-pass mode the hook attached during a Linear's own pre-hook applies from that call on)."""
+    from compresslab.quantizer.gptq import GPTQ
+
+    model = tiny("llama")
+    ids = torch.randint(0, 256, (4, 32))
+    q = GPTQ(bits=4, group_size=32, act_bits=4, act_granularity="token")
+    res = SequentialEngine(device="cpu", chunk_size=chunk_size, progress=False).run(model, ids, [q], keep_outputs=True)
+    torch.testing.assert_close(res["outputs"], last_block_output(model, ids), atol=1e-5, rtol=1e-5)
+    lin = adapter_for(model).block_list(model)[0].self_attn.q_proj
+    assert len(lin._forward_pre_hooks) == 1  # the act-quant hook, once

@@ -100,7 +100,9 @@ class SequentialEngine:
             needs |= {"hessian"}
         uses_data = bool(needs) or recovery is not None or keep_outputs
         blocks = adapter.block_list(model)
-        result: dict[str, Any] = {"recovery": []}
+        result: dict[str, Any] = {"recovery": [], "blocks": []}
+        finishers = [s for s in stages if hasattr(s, "finish_block")]  # block-level stages (BlockStage)
+        uses_data = uses_data or bool(finishers)
 
         if not uses_data:  # pure weight methods (magnitude, RTN): no forward at all
             for i, block in enumerate(tqdm(blocks, desc="compress", disable=not self.progress)):
@@ -116,17 +118,22 @@ class SequentialEngine:
             for i, block in enumerate(tqdm(blocks, desc="compress", disable=not self.progress)):
                 home = next(block.parameters()).device
                 block.to(self.device)
-                dense = copy.deepcopy(block) if recovery is not None else None
+                dense = copy.deepcopy(block) if recovery is not None or finishers else None
                 groups = adapter.linear_groups(block)
                 if self.chunk_size is None:
                     out = self._one_pass(adapter, i, block, groups, stages, needs, hidden, kwargs)
                 else:
                     self._sequential(adapter, i, block, groups, stages, needs, hidden, kwargs)
                     out = None
+                for stage in finishers:
+                    rep = stage.finish_block(dense, block, hidden, self._block_fn(kwargs))
+                    if rep:
+                        result["blocks"].append({"block": i, **rep})
+                    out = None  # the block changed: propagate again
                 if recovery is not None:
                     result["recovery"].append({"block": i, **(recovery.recover(dense, block, hidden, kwargs) or {})})
                     out = None  # the recovered block must propagate
-                    del dense
+                dense = None
                 hidden = self._propagate(block, hidden, kwargs) if out is None else out
                 block.to(home)
             if keep_outputs:
@@ -182,6 +189,20 @@ class SequentialEngine:
     def _forward(self, block, x, kwargs):
         kw = {k: v for k, v in kwargs.items() if k != "_batch"}
         return _block_out(block(x, **_fit_kwargs(kw, x.shape[0], kwargs["_batch"])))
+
+    def _block_fn(self, kwargs):
+        """forward(block, x, params=None): run a block on a batch with the captured kwargs,
+        optionally with some parameters replaced (torch.func.functional_call)."""
+
+        def forward(block, x, params=None):
+            kw = _fit_kwargs({k: v for k, v in kwargs.items() if k != "_batch"}, x.shape[0], kwargs["_batch"])
+            if params:
+                from torch.func import functional_call
+
+                return _block_out(functional_call(block, params, (x,), kw, strict=False))
+            return _block_out(block(x, **kw))
+
+        return forward
 
     def _propagate(self, block, hidden, kwargs):
         out = torch.empty_like(hidden)

@@ -32,14 +32,14 @@ def layer_storage_bits(layer: nn.Linear) -> int:
     numel = layer.weight.numel()
     state = layer_state(layer)
     quant = state.quant if state else None
-    value_bits = quant.bits if quant is not None else DENSE_BITS
-    overhead = quant.storage_bits() - numel * quant.bits if quant is not None else 0
+    code_bits = quant.code_bits() if quant is not None else numel * DENSE_BITS
+    overhead = quant.storage_bits() - code_bits if quant is not None else 0
     nm = parse_pattern(state.pattern) if state and state.pattern else None
     if nm is not None:
         n, m = nm
-        values = numel * n // m * (value_bits + math.ceil(math.log2(m)))
+        values = code_bits * n // m + numel * n // m * math.ceil(math.log2(m))
     else:
-        values = numel * value_bits
+        values = code_bits
     if state is not None and state.input_scale is not None:  # explicit per-input-channel scale (AWQ)
         overhead += state.input_scale.numel() * DENSE_BITS
     return values + overhead

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -31,6 +32,12 @@ class GridSpec:
     group_size: int = -1  # -1: one range per output row
     symmetric: bool = False
     static_groups: bool = False  # group ranges fixed from W before the sweep (needed with act_order)
+    bit_map: torch.Tensor | None = None  # (in/group_size,) bits per input group (mixed precision)
+    # Optional range search: fn(Wg (out, k), salience (out, k), bits) -> (scale, zero), each (out,).
+    params: Callable | None = None
+
+    def group_bits(self, j: int) -> int:
+        return int(self.bit_map[j]) if self.bit_map is not None else self.bits
 
 
 @dataclass
@@ -63,10 +70,14 @@ def inverse_hessian_upper(H: torch.Tensor, percdamp: float, retries: int = 3, na
     return torch.diag(1.0 / torch.sqrt(torch.diag(H).clamp_min(0) + damp * mean_diag))
 
 
-def _group_params(Wg: torch.Tensor, spec: GridSpec):
-    """(out,) scale and zero for the columns Wg (out, k), on the min/max grid."""
-    scale, zero = grid.qparams(Wg.amin(1), Wg.amax(1), spec.bits, spec.symmetric)
-    return scale, zero
+def _group_params(Wg: torch.Tensor, spec: GridSpec, j: int, dU: torch.Tensor | None = None):
+    """(out,) scale and zero of input group j, whose columns are Wg (out, k): the min/max grid,
+    or the spec's range search given the OBS salience w²/[H⁻¹]_jj²."""
+    bits = spec.group_bits(j)
+    if spec.params is not None:
+        sal = Wg.square() / (dU.square()[None, :] if dU is not None else 1.0)
+        return spec.params(Wg, sal, bits)
+    return grid.qparams(Wg.amin(1), Wg.amax(1), bits, spec.symmetric)
 
 
 @torch.no_grad()
@@ -105,8 +116,11 @@ def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = N
     zeros = torch.empty(out, ngroups, device=W.device)
     if quant is not None and (quant.static_groups or g == d):
         # Ranges fixed from the (masked) weight in its original column order.
+        dH = torch.diag(torch.linalg.inv(H + percdamp * torch.diag(H).mean() * torch.eye(d, device=H.device))).sqrt() \
+            if quant.params is not None else None
         for j in range(ngroups):
-            scales[:, j], zeros[:, j] = _group_params(W[:, j * g:(j + 1) * g], quant)
+            cols = slice(j * g, (j + 1) * g)
+            scales[:, j], zeros[:, j] = _group_params(W[:, cols], quant, j, dH[cols] if dH is not None else None)
     dynamic = quant is not None and not (quant.static_groups or g == d)
     if act_order and dynamic:
         raise ValueError("act_order with groups needs static_groups (groups must stay contiguous)")
@@ -116,7 +130,6 @@ def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = N
     group_of = perm // g  # group of each processed column, in the original order
     U = inverse_hessian_upper(H, percdamp, name=name)  # (d, d)
     del H
-    maxq = 2**quant.bits - 1 if quant is not None else 0
 
     for i1 in range(0, d, blocksize):
         i2 = min(i1 + blocksize, d)
@@ -153,10 +166,11 @@ def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = N
                     if nm is not None and not fixed:  # the group's masks first, so its range sees survivors
                         for j in range(i, min(i + g, i2 - i1), nm[1]):
                             choose_nm(j)
-                    scales[:, col // g], zeros[:, col // g] = _group_params(W1[:, i:i + g] * K1[:, i:i + g], quant)
-                gi = group_of[col]
+                    scales[:, col // g], zeros[:, col // g] = _group_params(
+                        W1[:, i:i + g] * K1[:, i:i + g], quant, col // g, dU[i:i + g])
+                gi = int(group_of[col])
                 s, z = scales[:, gi], zeros[:, gi]
-                q = grid.fake_quantize(w, s, z, maxq) * K1[:, i]
+                q = grid.fake_quantize(w, s, z, 2 ** quant.group_bits(gi) - 1) * K1[:, i]
             else:
                 q = w
             err = (W1[:, i] - q) / dU[i]  # (out,)
@@ -171,5 +185,6 @@ def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = N
     W, keep = W[:, inv], keep[:, inv]
     qw = None
     if quant is not None:
-        qw = QuantizedWeight(None, scales, zeros, quant.bits, g, quant.symmetric, (out, d)).encode(W)
+        qw = QuantizedWeight(None, scales, zeros, quant.bits, g, quant.symmetric, (out, d),
+                             quant.bit_map.clone().to(torch.uint8) if quant.bit_map is not None else None).encode(W)
     return W, qw, keep

@@ -26,6 +26,14 @@ class LayerCompressor(Protocol):
 
 
 @runtime_checkable
+class BlockStage(Protocol):
+    """A layer compressor that also needs the whole block once its Linears are compressed
+    (e.g. SliM-LLM+'s learnable clipping). The engine keeps a dense copy of the block for it."""
+
+    def finish_block(self, dense: nn.Module, block: nn.Module, inputs, forward) -> dict[str, Any]: ...
+
+
+@runtime_checkable
 class Recovery(Protocol):
     def recover(self, dense: nn.Module, compressed: nn.Module, inputs, kwargs) -> dict[str, Any]: ...
 
@@ -39,6 +47,7 @@ class LayerState:
     act: Any = None  # quantizer.activations.ActQuant applied to the input, if any
     input_scale: Any = None  # (in,) explicit per-input-channel scale (AWQ), stored in fp16
     rel_error: float | None = None  # ‖WX − ŴX‖ / ‖WX‖ on the calibration inputs
+    pending_lwc: bool = False  # SliM-LLM+: clip ranges still to be trained at the end of the block
 
     def keep_mask(self, W):
         """The pruning mask to hold in later stages (None when the layer was not pruned)."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-KNOWN_STATS = frozenset({"hessian", "act_norm", "act_absmean", "jsq"})
+KNOWN_STATS = frozenset({"hessian", "act_norm", "act_absmean", "jsq", "input_sample"})
+SAMPLE_PER_BATCH, SAMPLE_MAX = 1024, 8192  # input_sample: evenly spaced tokens per batch, capped
 JSQ_CLIP_TOP = 0.01  # JSQ clips the top 1% of |x| before taking its statistics
 
 
@@ -27,6 +28,9 @@ class LayerStats:
     - ``jsq``: after clipping the top 1% of |x|, ‖X_j‖₂ (``jsq_norm``, (d,)) and the mean over
       samples of the (T, d) input sequence (``jsq_mean``), which JSQ's range salience uses.
 
+    - ``input_sample``: up to 8192 input rows (n_s, d), evenly spaced over each batch, for
+      stages that need the actual layer outputs (e.g. SliM-LLM's KL search).
+
     Only what some stage declared in its ``needs`` is computed.
     """
 
@@ -41,6 +45,7 @@ class LayerStats:
         self._jsq = "jsq" in needs
         self._jsq_sq = torch.zeros(dim, device=device) if self._jsq else None
         self._jsq_seq: torch.Tensor | None = None  # (T, d) sum over samples
+        self._sample: list[torch.Tensor] | None = [] if "input_sample" in needs else None
 
     def add_batch(self, x: torch.Tensor) -> None:
         x3 = x.float().reshape(-1, x.shape[-2] if x.dim() > 2 else 1, self.dim)  # (B, T, d)
@@ -53,6 +58,9 @@ class LayerStats:
             self._sq.add_(x.square().sum(0))
         if self._abs is not None:
             self._abs.add_(x.abs().sum(0))
+        if self._sample is not None and sum(t.shape[0] for t in self._sample) < SAMPLE_MAX:
+            step = max(1, x.shape[0] // SAMPLE_PER_BATCH)
+            self._sample.append(x[::step][:SAMPLE_PER_BATCH].clone())
         if self._jsq:
             xc = clip_top(x3, JSQ_CLIP_TOP)
             self._jsq_sq.add_(xc.square().sum((0, 1)))
@@ -94,5 +102,9 @@ class LayerStats:
     def jsq_mean(self) -> torch.Tensor:
         return self._require(self._jsq_seq, "jsq") / self.samples
 
+    @property
+    def input_sample(self) -> torch.Tensor:
+        return torch.cat(self._require(self._sample, "input_sample"))[:SAMPLE_MAX]
+
     def free(self) -> None:
-        self._xtx = self._sq = self._abs = self._jsq_sq = self._jsq_seq = None
+        self._xtx = self._sq = self._abs = self._jsq_sq = self._jsq_seq = self._sample = None

@@ -23,10 +23,24 @@ class QuantizedWeight:
     group_size: int  # input columns per group (in_features for one group per row)
     symmetric: bool  # symmetric zeros are the constant 2^(bits-1) and are not stored
     shape: tuple[int, int]
+    bit_map: torch.Tensor | None = None  # (C,) bits of each input group (mixed precision); None: `bits`
 
     @property
     def maxq(self) -> int:
         return 2**self.bits - 1
+
+    def _maxq_full(self):
+        """Largest code per element: a scalar, or (1, in) with a bit map."""
+        if self.bit_map is None:
+            return self.maxq
+        return self.expand((2 ** self.bit_map.to(self.scales.device).float() - 1)[None, :])
+
+    def code_bits(self) -> int:
+        """Bits of the integer codes alone."""
+        out, inp = self.shape
+        if self.bit_map is None:
+            return out * inp * self.bits
+        return int(out * self.group_size * self.bit_map.sum())
 
     def expand(self, t: torch.Tensor) -> torch.Tensor:
         """(R, C) group parameters -> broadcastable to (out, in)."""
@@ -41,17 +55,24 @@ class QuantizedWeight:
     def encode(self, W: torch.Tensor) -> "QuantizedWeight":
         """Codes of a weight that lies on this grid (e.g. after the codes were dropped)."""
         s, z = self.expand(self.scales.float()), self.expand(self.zeros.float())
-        codes = torch.clamp(torch.round(W.float() / s) + z, 0, self.maxq).to(torch.uint8)
+        maxq = self._maxq_full()
+        codes = torch.minimum(torch.clamp(torch.round(W.float() / s) + z, min=0), torch.as_tensor(maxq)).to(torch.uint8)
         return replace(self, codes=codes)
 
     def without_codes(self) -> "QuantizedWeight":
         return replace(self, codes=None)
 
     def storage_bits(self) -> int:
-        """Bits to store codes + scales (fp16) + zeros (bits wide; none when symmetric)."""
-        out, inp = self.shape
-        zero_bits = 0 if self.symmetric else self.bits
-        return out * inp * self.bits + self.scales.numel() * (SCALE_BITS + zero_bits)
+        """Bits to store codes + scales (fp16) + zeros (as wide as the group's codes; none when
+        symmetric) + the bit map (one byte per group)."""
+        if self.symmetric:
+            zero_bits = 0
+        elif self.bit_map is None:
+            zero_bits = self.scales.numel() * self.bits
+        else:
+            zero_bits = int(self.scales.shape[0] * self.bit_map.sum())
+        map_bits = 0 if self.bit_map is None else 8 * self.bit_map.numel()
+        return self.code_bits() + self.scales.numel() * SCALE_BITS + zero_bits + map_bits
 
     def avg_bits(self) -> float:
         return self.storage_bits() / (self.shape[0] * self.shape[1])
