@@ -2,7 +2,9 @@
 
 import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -33,3 +35,31 @@ def _fmt(v):
     if isinstance(v, float):
         return f"{v:.4g}"
     return "" if v is None else str(v)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_table(name: str, methods: dict[str, list[str]], common: list[str], out: Path, only=None) -> list[dict]:
+    """Run each method as its own `run.py` process (so peak RSS is per method) and read back
+    its metrics.json. Returns one row per method."""
+    rows = []
+    for method, overrides in methods.items():
+        if only and method not in only:
+            continue
+        run_dir = out / method.replace(" ", "_").replace(":", "").replace("+", "plus").replace("=", "")
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *overrides, *common, f"hydra.run.dir={run_dir}"],
+                              cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        wall = time.perf_counter() - t0
+        rec = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+        m = rec.get("metrics", {})
+        row = {"method": method, "status": rec.get("status", f"rc={proc.returncode}"),
+               "ppl/wikitext2": m.get("ppl/wikitext2"), "sparsity": m.get("sparsity"), "avg_bits": m.get("avg_bits"),
+               "compress_s": m.get("time/compress_s"), "peak_rss_gb": m.get("memory/peak_rss_gb"),
+               "compress_peak_rss_gb": m.get("memory/compress_peak_rss_gb"), "process_wall_s": round(wall, 1)}
+        if rec.get("status") != "ok":
+            row["error"] = rec.get("error") or proc.stderr[-500:]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows

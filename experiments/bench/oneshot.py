@@ -8,16 +8,9 @@ from each run's metrics.json. SmolLM2 widths (576, 1536) are multiples of 64, no
 """
 
 import argparse
-import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from _common import emit
-
-ROOT = Path(__file__).resolve().parents[2]
+from _common import ROOT, emit, run_table
 G = "quantizer.group_size=64"
 METHODS = {
     "dense": [],
@@ -47,25 +40,7 @@ def main():
     args = ap.parse_args()
     common = [f"data.nsamples={args.nsamples}", f"data.seqlen={args.calib_seqlen}", "eval.seqlen=2048",
               f"eval.max_windows={args.windows}", "logger=none", "engine.progress=false", "eval.progress=false"]
-    rows = []
-    for name, overrides in METHODS.items():
-        if args.only and name not in args.only:
-            continue
-        run_dir = Path(args.out) / name.replace(" ", "_").replace(":", "").replace("+", "plus")
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *overrides, *common, f"hydra.run.dir={run_dir}"],
-                              cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        wall = time.perf_counter() - t0
-        rec = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
-        m = rec.get("metrics", {})
-        row = {"method": name, "status": rec.get("status", f"rc={proc.returncode}"),
-               "ppl/wikitext2": m.get("ppl/wikitext2"), "sparsity": m.get("sparsity"), "avg_bits": m.get("avg_bits"),
-               "compress_s": m.get("time/compress_s"), "peak_rss_gb": m.get("memory/peak_rss_gb"),
-               "compress_peak_rss_gb": m.get("memory/compress_peak_rss_gb"), "process_wall_s": round(wall, 1)}
-        if rec.get("status") != "ok":
-            row["error"] = rec.get("error") or proc.stderr[-500:]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    rows = run_table("oneshot", METHODS, common, Path(args.out), args.only)
     emit("oneshot", rows, {
         "model": "SmolLM2-135M-Instruct (dense weights dequantized from GGUF Q4_1), fp32, CPU",
         "calibration": f"wikitext2 valid, {args.nsamples}x{args.calib_seqlen}",

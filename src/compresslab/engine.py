@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .models.adapters import Adapter, adapter_for
-from .stages import fuse_stages, layer_state
+from .stages import effective_weight, fuse_stages, layer_state
 from .stats import LayerStats
 from .utils import resolve_device, to_device
 
@@ -212,15 +212,20 @@ class SequentialEngine:
 
     def _compress_group(self, adapter, i, group, stages, stats):
         H = stats.hessian if stats is not None and stats.has_hessian else None
+        keep_original = H is not None or any(getattr(s, "uses_original", False) for s in stages)
         for name, lin in group:
-            dense = lin.weight.detach().float().clone() if H is not None else None
+            original = lin.weight.detach().float().clone() if keep_original else None
+            if original is not None:  # the dense weight, for stages that compensate the error (low-rank)
+                layer_state(lin, create=True).original = original
             for stage in stages:
                 stage.compress(f"{adapter.blocks}.{i}.{name}", lin, stats)
-            if dense is not None:  # ‖(W − Ŵ)X‖ / ‖WX‖ = sqrt(tr(ΔHΔᵀ) / tr(WHWᵀ))
-                delta = dense - lin.weight.detach().float()
+            if original is not None:
+                layer_state(lin).original = None
+            if H is not None:  # ‖(W − Ŵ)X‖ / ‖WX‖ = sqrt(tr(ΔHΔᵀ) / tr(WHWᵀ)), Ŵ the effective weight
+                delta = original - effective_weight(lin)
                 num = ((delta @ H) * delta).sum()
-                den = ((dense @ H) * dense).sum().clamp_min(1e-30)
-                layer_state(lin, create=True).rel_error = float((num / den).clamp_min(0).sqrt())
+                den = ((original @ H) * original).sum().clamp_min(1e-30)
+                layer_state(lin).rel_error = float((num / den).clamp_min(0).sqrt())
 
     def _one_pass(self, adapter, i, block, groups, stages, needs, hidden, kwargs):
         handles = []

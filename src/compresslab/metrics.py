@@ -42,12 +42,31 @@ def layer_storage_bits(layer: nn.Linear) -> int:
         values = code_bits
     if state is not None and state.input_scale is not None:  # explicit per-input-channel scale (AWQ)
         overhead += state.input_scale.numel() * DENSE_BITS
+    adapter = state.adapter if state is not None else None
+    if adapter is not None:
+        from .lowrank.base import adapter_storage_bits
+
+        if adapter.replaces:  # low-rank as compression: only the factors are stored
+            B, A = state.factors
+            return adapter_storage_bits(A, B, adapter)
+        overhead += adapter_storage_bits(layer.lora_A, layer.lora_B, adapter)
     return values + overhead
+
+
+def layer_params(layer: nn.Linear) -> int:
+    """Parameters stored for this Linear: its weight (or its factors) plus any adapters."""
+    state = layer_state(layer)
+    adapter = state.adapter if state is not None else None
+    if adapter is None:
+        return layer.weight.numel()
+    r = adapter.rank
+    factors = r * (layer.in_features + layer.out_features)
+    return factors if adapter.replaces else layer.weight.numel() + factors
 
 
 def compression_summary(model: nn.Module) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """({'sparsity', 'avg_bits', 'params/compressed'}, per-layer rows) over every target Linear."""
-    zeros = numel = bits = 0
+    zeros = numel = bits = stored = 0
     rows = []
     for name, lin in adapter_for(model).named_linears(model):
         w = lin.weight
@@ -63,8 +82,11 @@ def compression_summary(model: nn.Module) -> tuple[dict[str, float], list[dict[s
                          if state and state.pattern and state.pattern != "unstructured" else None),
             "rel_error": state.rel_error if state else None,
         })
-        zeros, numel, bits = zeros + z, numel + w.numel(), bits + b
-    return {"sparsity": zeros / numel, "avg_bits": bits / numel, "params/compressed": float(numel)}, rows
+        if state is not None and state.adapter is not None:
+            rows[-1]["rank"] = state.adapter.rank
+        zeros, numel, bits, stored = zeros + z, numel + w.numel(), bits + b, stored + layer_params(lin)
+    return {"sparsity": zeros / numel, "avg_bits": bits / numel, "params/compressed": float(numel),
+            "params/ratio": stored / numel}, rows
 
 
 def peak_rss_gb() -> float:

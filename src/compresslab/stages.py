@@ -48,6 +48,9 @@ class LayerState:
     input_scale: Any = None  # (in,) explicit per-input-channel scale (AWQ), stored in fp16
     rel_error: float | None = None  # ‖WX − ŴX‖ / ‖WX‖ on the calibration inputs
     pending_lwc: bool = False  # SliM-LLM+: clip ranges still to be trained at the end of the block
+    original: Any = None  # the dense weight while the layer's stages run (then dropped)
+    adapter: Any = None  # lowrank.base.AdapterInfo when low-rank adapters are attached
+    factors: Any = None  # (B, A) in fp16 when the layer is replaced by its low-rank factors
 
     def keep_mask(self, W):
         """The pruning mask to hold in later stages (None when the layer was not pruned)."""
@@ -75,3 +78,12 @@ def layer_state(layer: nn.Module, create: bool = False) -> LayerState | None:
         state = LayerState()
         layer.__dict__[STATE_ATTR] = state
     return state
+
+
+def effective_weight(layer: nn.Module):
+    """The (out, in) weight a Linear effectively applies: W, plus B·A when a low-rank adapter is attached."""
+    W = layer.weight.detach().float()
+    A, B = getattr(layer, "lora_A", None), getattr(layer, "lora_B", None)
+    if A is not None and B is not None:
+        W = W + B.detach().float() @ A.detach().float()
+    return W

@@ -1,0 +1,195 @@
+"""Shared low-rank maths and glue.
+
+Every method here is a *whitened* truncated SVD of the compression error E = W − C(W) (out, in):
+pick an input-side transform T (in, in), take the SVD of E·T = UΣVᵀ, keep rank r, and map back:
+
+    E ≈ B·A,   B = U_r (out, r),   A = Σ_r V_rᵀ T⁻¹ (r, in),   y = C(W)x + B(Ax).
+
+In the SLiM seed's notation L = Aᵀ (in, r) and R = Bᵀ (r, out), so that W ≈ C(W) + (LR)ᵀ. The
+methods differ only in T: identity (naive SVD), diag(√mean x²) (SLiM-LoRA), diag(mean|x|)
+(L2QER), Q√Λ from XXᵀ = QΛQᵀ (EoRA), the Cholesky factor of XXᵀ (SVD-LLM), diag(mean|x|)^α
+(ASVD). Whitening by a factor of XXᵀ makes the truncation optimal for the output error ‖EX‖.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..stages import layer_state
+from ..pruner.masks import keep_mask
+
+ADAPTER_TILE = 128  # SLiM seed: adapters quantized with group AbsMax over tiles of 128
+
+
+@dataclass
+class AdapterInfo:
+    rank: int
+    quantized_bits: int | None  # 4 when the adapters were fake-quantized, else None (fp16)
+    pruned: bool  # A holds 2:4 sparsity
+    replaces: bool  # C(W) = 0: the adapters ARE the layer (low-rank as compression)
+
+
+def whitened_svd(E: torch.Tensor, r: int, T: torch.Tensor | None = None, T_inv: torch.Tensor | None = None):
+    """(B (out, r), A (r, in)) with B·A ≈ E, truncation optimal in the norm ‖E·T‖_F.
+
+    T may be None (identity), a vector (diagonal transform) or a matrix with its inverse."""
+    E = E.float()
+    if T is None:
+        M = E
+    elif T.dim() == 1:
+        M = E * T[None, :]
+    else:
+        M = E @ T
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)  # M = U diag(S) Vh
+    B = U[:, :r]
+    A = S[:r, None] * Vh[:r]  # (r, in)
+    if T is not None:
+        A = A / T[None, :] if T.dim() == 1 else A @ T_inv
+    return B.contiguous(), A.contiguous()
+
+
+def resolve_rank(rank: int | None, rank_ratio: float | None, out: int, inp: int, pad_to: int | None) -> int:
+    r = rank if rank is not None else max(1, round(rank_ratio * min(out, inp)))
+    if pad_to:
+        r = math.ceil(r / pad_to) * pad_to
+    return min(r, min(out, inp))
+
+
+def absmax_fake_quant(T: torch.Tensor, bits: int = 4, tile: int = ADAPTER_TILE) -> torch.Tensor:
+    """Symmetric AbsMax fake quantization per tile of `tile` consecutive elements along dim 1."""
+    rows, cols = T.shape
+    g = min(tile, cols)
+    pad = (-cols) % g
+    Tp = F.pad(T.float(), (0, pad)).reshape(rows, -1, g)
+    qmax = 2 ** (bits - 1) - 1
+    scale = Tp.abs().amax(-1, keepdim=True).clamp_min(1e-12) / qmax
+    return (torch.round(Tp / scale).clamp(-qmax, qmax) * scale).reshape(rows, -1)[:, :cols].to(T.dtype)
+
+
+def adapter_storage_bits(A: torch.Tensor, B: torch.Tensor, info: AdapterInfo) -> int:
+    """Bits to store B (out, r) and A (r, in): 16 each, or `bits` plus an fp16 scale per tile;
+    a 2:4-pruned A stores its kept half plus 2 bits of position each."""
+    def tensor_bits(T, sparse):
+        n = T.numel()
+        vbits = info.quantized_bits or 16
+        tiles = T.shape[0] * math.ceil(T.shape[1] / min(ADAPTER_TILE, T.shape[1])) if info.quantized_bits else 0
+        values = n // 2 * (vbits + 2) if sparse else n * vbits
+        return values + tiles * 16
+    return tensor_bits(A, info.pruned) + tensor_bits(B, False)
+
+
+def refit_B(E: torch.Tensor, A: torch.Tensor, B: torch.Tensor, H: torch.Tensor | None, iters: int, lr: float = 1e-3):
+    """Adam refit of B after A changed (pruned), minimizing ‖(E − BA)X‖² (through H when given)."""
+    B = B.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([B], lr=lr)
+    with torch.enable_grad():
+        for _ in range(iters):
+            D = E - B @ A
+            loss = ((D @ H) * D).sum() if H is not None else D.square().sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return B.detach()
+
+
+def _adapter_forward(module, args, output):
+    return output + F.linear(F.linear(args[0], module.lora_A), module.lora_B)
+
+
+def attach(layer: nn.Linear, B: torch.Tensor, A: torch.Tensor, info: AdapterInfo) -> None:
+    """Keep the adapters as parameters of the Linear: y = Wx (+ bias) + B(Ax) via a forward hook."""
+    dtype = layer.weight.dtype
+    layer.lora_A = nn.Parameter(A.to(dtype), requires_grad=False)
+    layer.lora_B = nn.Parameter(B.to(dtype), requires_grad=False)
+    state = layer_state(layer, create=True)
+    if state.adapter is None:
+        layer.register_forward_hook(_adapter_forward)
+    state.adapter = info
+
+
+class LowRank:
+    """Base of `lowrank=...` stages. Subclasses define `transform(W, E, stats) -> (T, T_inv)`.
+
+    Args:
+        rank / rank_ratio: adapter rank, or a fraction of min(d_in, d_out) (0.1, the SLiM seed's).
+        separate: keep B·A as a separate low-rank path; false merges it into the weight, which
+            is only allowed when nothing is quantized (a merged weight is off the grid).
+        quantize_adapters: group AbsMax 4-bit over tiles of 128, as in the SLiM seed.
+        prune_adapters: 2:4 on A (the seed's L), then `prune_iters` Adam steps refit B.
+        pad_rank_to: round the rank up to a multiple (8 or 128) for kernels.
+    """
+
+    needs: frozenset[str] = frozenset()
+    uses_original = True  # the engine keeps the dense weight while the layer's stages run
+
+    def __init__(self, rank: int | None = None, rank_ratio: float | None = 0.1, separate: bool = True,
+                 quantize_adapters: bool = False, prune_adapters: bool = False, prune_iters: int = 100,
+                 pad_rank_to: int | None = None):
+        if rank is None and rank_ratio is None:
+            raise ConfigError("set lowrank.rank or lowrank.rank_ratio")
+        if rank is not None and rank < 1:
+            raise ConfigError(f"lowrank.rank={rank} must be >= 1")
+        if rank is None and not 0 < rank_ratio <= 1:
+            raise ConfigError(f"lowrank.rank_ratio={rank_ratio} must be in (0, 1]")
+        if pad_rank_to not in (None, 0, 8, 16, 32, 64, 128):
+            raise ConfigError(f"lowrank.pad_rank_to={pad_rank_to}: use null, 8, 16, 32, 64 or 128")
+        if not separate and quantize_adapters:
+            raise ConfigError("lowrank.separate=false merges B·A into the weight, so the adapters cannot be "
+                              "quantized on their own; use separate=true with quantize_adapters")
+        self.rank, self.rank_ratio, self.separate = rank, rank_ratio, separate
+        self.quantize_adapters, self.prune_adapters, self.prune_iters = quantize_adapters, prune_adapters, prune_iters
+        self.pad_rank_to = pad_rank_to or None
+
+    def check(self, name: str, layer: nn.Module) -> None:
+        if self.prune_adapters and layer.in_features % 4:
+            raise ConfigError(f"lowrank.prune_adapters=true prunes A 2:4 along the input width, but {name} has "
+                              f"{layer.in_features} inputs (not a multiple of 4)")
+
+    def transform(self, W: torch.Tensor, E: torch.Tensor, stats):
+        raise NotImplementedError
+
+    def factor(self, W: torch.Tensor, E: torch.Tensor, stats, r: int):
+        T, T_inv = self.transform(W, E, stats)
+        return whitened_svd(E, r, T, T_inv)
+
+    @torch.no_grad()
+    def compress(self, name: str, layer: nn.Linear, stats=None) -> None:
+        state = layer_state(layer, create=True)
+        W = state.original if state.original is not None else layer.weight.detach().float()
+        compressed = state.pattern is not None or state.quant is not None
+        if not self.separate and state.quant is not None:
+            raise ConfigError(f"lowrank.separate=false would merge B·A into the quantized weight of {name}, "
+                              "moving it off the quantization grid; use lowrank.separate=true")
+        C = layer.weight.detach().float() if compressed else torch.zeros_like(W)
+        E = W - C  # (out, in)
+        r = resolve_rank(self.rank, self.rank_ratio, *W.shape, self.pad_rank_to)
+        B, A = self.factor(W, E, stats, r)
+        self.after_factor(name, layer, W, E, B, A, stats)
+        H = stats.hessian if stats is not None and stats.has_hessian else None
+        if self.prune_adapters:
+            A = A * keep_mask(A.abs(), 0.5, (2, 4))
+            B = refit_B(E, A, B, H, self.prune_iters)
+        if self.quantize_adapters:
+            A, B = absmax_fake_quant(A), absmax_fake_quant(B)
+        info = AdapterInfo(r, 4 if self.quantize_adapters else None, self.prune_adapters, not compressed)
+        if not self.separate or not compressed:  # merge: dense W' = C + BA (C = 0 for low-rank-only)
+            layer.weight.data.copy_((C + B @ A).to(layer.weight.dtype))
+            if compressed:
+                return
+            state.adapter = info  # low-rank as compression: the layer is stored as its factors
+            state.factors = (B.to(torch.float16), A.to(torch.float16))
+            return
+        attach(layer, B, A, info)
+
+    def after_factor(self, name, layer, W, E, B, A, stats):
+        """Hook for methods that change C(W) once the adapters are known (SLiM re-quantization)."""
+
+    def __repr__(self):
+        r = f"rank={self.rank}" if self.rank is not None else f"rank_ratio={self.rank_ratio}"
+        return f"{type(self).__name__}({r}, separate={self.separate}, q={self.quantize_adapters}, p={self.prune_adapters})"

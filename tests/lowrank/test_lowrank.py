@@ -1,0 +1,110 @@
+import pytest
+import torch
+from torch import nn
+
+from compresslab.errors import ConfigError
+from compresslab.lowrank.asvd import ASVD
+from compresslab.lowrank.eora import EoRA
+from compresslab.lowrank.l2qer import L2QER
+from compresslab.lowrank.naive import NaiveSVD
+from compresslab.lowrank.slim import SLiMLoRA
+from compresslab.lowrank.svd_llm import SVDLLM
+from compresslab.metrics import compression_summary, layer_params, layer_storage_bits
+from compresslab.pruner.masks import nm_valid
+from compresslab.pruner.wanda import Wanda
+from compresslab.quantizer.rtn import RTN
+from compresslab.stages import effective_weight, layer_state
+from compresslab.stats import LayerStats
+from tests.conftest import correlated_inputs
+
+METHODS = [NaiveSVD, SLiMLoRA, L2QER, EoRA, SVDLLM, ASVD]
+
+
+def _setup(d=128, out=64, seed=0):
+    torch.manual_seed(seed)
+    X = correlated_inputs(2048, d, seed=seed)
+    stats = LayerStats({"hessian", "act_norm", "act_absmean"}, d)
+    stats.add_batch(X)
+    lin = nn.Linear(d, out, bias=False)
+    return X, stats, lin
+
+
+def _compress(method, lin, stats, quantizer=RTN(bits=3, group_size=32), **kw):
+    W0 = lin.weight.detach().float().clone()
+    layer_state(lin, create=True).original = W0
+    if quantizer is not None:
+        quantizer.compress("l", lin, stats)
+    C = lin.weight.detach().float().clone()
+    method(**kw).compress("l", lin, stats)
+    layer_state(lin).original = None
+    return W0, C
+
+
+def err(W, W_hat, X):
+    return float(((W - W_hat) @ X.T).norm() / (W @ X.T).norm())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_lowrank_reduces_output_error(method):
+    X, stats, lin = _setup()
+    W0, C = _compress(method, lin, stats, rank=8)
+    assert err(W0, effective_weight(lin), X) < err(W0, C, X)
+    assert lin(X[:3]).shape == (3, 64)
+    torch.testing.assert_close(lin(X[:5]), X[:5] @ effective_weight(lin).T, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", [SLiMLoRA, EoRA, SVDLLM])
+def test_activation_aware_methods_beat_naive(method):
+    X, stats, lin = _setup()
+    W0, _ = _compress(NaiveSVD, lin, stats, rank=8)
+    e_naive = err(W0, effective_weight(lin), X)
+    _, stats, lin = _setup()
+    _compress(method, lin, stats, rank=8, **({"requantize": False} if method is SLiMLoRA else {}))
+    assert err(W0, effective_weight(lin), X) < e_naive
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_full_rank_reconstructs_the_error_exactly(method):
+    X, stats, lin = _setup(d=32, out=16)
+    kw = {"requantize": False} if method is SLiMLoRA else {}
+    W0, C = _compress(method, lin, stats, rank=16, **kw)
+    torch.testing.assert_close(effective_weight(lin), W0, atol=2e-3, rtol=2e-3)
+
+
+def test_merge_rules_and_adapter_options():
+    X, stats, lin = _setup()
+    with pytest.raises(ConfigError, match="off the quantization grid"):
+        _compress(SLiMLoRA, lin, stats, rank=8, separate=False)
+    with pytest.raises(ConfigError, match="cannot be quantized"):
+        SLiMLoRA(rank=8, separate=False, quantize_adapters=True)
+    _, stats, lin = _setup()
+    W0, _ = _compress(NaiveSVD, lin, stats, quantizer=None, rank=8, separate=False)  # nothing compressed: merged
+    assert not hasattr(lin, "lora_A")
+    _, stats, lin = _setup()
+    _compress(SLiMLoRA, lin, stats, rank=8, quantize_adapters=True, prune_adapters=True, prune_iters=20)
+    assert nm_valid(lin.lora_A != 0, (2, 4))
+    # 4-bit AbsMax per tile of 128: at most 15 levels per tile of A
+    for t in range(lin.lora_A.shape[1] // 128 or 1):
+        row = lin.lora_A[0, t * 128:(t + 1) * 128]
+        assert len(torch.unique(row)) <= 15
+
+
+def test_lowrank_only_replaces_the_weight_and_counts_parameters():
+    X, stats, lin = _setup(d=128, out=128)
+    _compress(SVDLLM, lin, stats, quantizer=None, rank=32)
+    st = layer_state(lin)
+    assert st.adapter.replaces and layer_params(lin) == 32 * 256
+    assert layer_storage_bits(lin) == 32 * 256 * 16
+    assert torch.linalg.matrix_rank(lin.weight.detach().float()) <= 32
+
+
+def test_svd_llm_beats_naive_at_a_20pct_parameter_cut():
+    d = 128
+    r = int(0.8 * d * d / (2 * d))  # r(in + out) = 0.8·in·out
+    X, stats, lin = _setup(d=d, out=d)
+    W0, _ = _compress(NaiveSVD, lin, stats, quantizer=None, rank=r)
+    e_naive = err(W0, lin.weight.detach(), X)
+    _, stats, lin = _setup(d=d, out=d)
+    _compress(SVDLLM, lin, stats, quantizer=None, rank=r)
+    e_svdllm = err(W0, lin.weight.detach(), X)
+    assert e_svdllm < 0.7 * e_naive, (e_svdllm, e_naive)
