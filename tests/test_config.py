@@ -69,5 +69,6 @@ def test_cli_bad_option_and_help():
     assert "no_such_pruner" in out.stderr and "magnitude" in out.stderr
     help_ = subprocess.run([sys.executable, "run.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert help_.returncode == 0
-    for line in ("pruner: jsq, magnitude, mask, sparsegpt, wanda", "quantizer: awq, gptq, rtn, slim_quant", "eval: ppl", "logger: none, wandb", "data: calibration"):
+    for line in ("pruner: jsq, magnitude, mask, sparsegpt, wanda", "quantizer: awq, gptq, rtn, slim_llm, slim_llm_plus, slim_quant",
+                 "lowrank: asvd, eora, l2qer, naive, slim, svd_llm", "recovery: beam, finetune", "eval: ppl", "logger: none, wandb", "data: calibration"):
         assert line in help_.stdout, line

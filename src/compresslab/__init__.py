@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "compress": "compresslab.api",
     "evaluate": "compresslab.api",
+    "recover": "compresslab.api",
     "Pipeline": "compresslab.pipeline",
     "SequentialEngine": "compresslab.engine",
 }

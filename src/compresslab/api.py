@@ -43,9 +43,27 @@ def compress(model, tokenizer=None, *, pruner=None, quantizer=None, lowrank=None
     engine = engine or SequentialEngine()
     ids = _calibration_ids(calibration, tokenizer)
     result = engine.run(model, ids, [pruner, quantizer, lowrank], recovery)
+    if recovery is not None and hasattr(recovery, "finish_model"):  # end-to-end recovery (finetune)
+        result["recovery"].append(recovery.finish_model(model, ids))
     summary, layers = compression_summary(model)
     metrics = {**summary, "time/compress_s": result["time/compress_s"], "memory/peak_rss_gb": peak_rss_gb(),
                "memory/compress_peak_rss_gb": peak_rss_gb()}  # the first is overwritten by a run's final peak
+    return CompressionReport(metrics, layers, result["recovery"])
+
+
+def recover(dense_model, compressed_model, tokenizer=None, *, recovery, calibration=None,
+            engine: SequentialEngine | None = None) -> CompressionReport:
+    """Run a recovery (e.g. Beam) on a model compressed elsewhere or loaded from a checkpoint,
+    against its dense original: the BEAM seed's `beam_recovery(original, compressed, ...)`."""
+    engine = engine or SequentialEngine()
+    ids = _calibration_ids(calibration, tokenizer)
+    if ids is None:
+        raise ValueError("recover() needs calibration=(N, T) token ids or a CalibrationData")
+    result = engine.run(compressed_model, ids, [], recovery, dense_model=dense_model)
+    if hasattr(recovery, "finish_model"):
+        result["recovery"].append(recovery.finish_model(compressed_model, ids))
+    summary, layers = compression_summary(compressed_model)
+    metrics = {**summary, "time/recover_s": result["time/compress_s"], "memory/peak_rss_gb": peak_rss_gb()}
     return CompressionReport(metrics, layers, result["recovery"])
 
 

@@ -89,8 +89,11 @@ class SequentialEngine:
 
     @torch.no_grad()
     def run(self, model: nn.Module, calibration: torch.Tensor | None, stages: Sequence, recovery=None,
-            keep_outputs: bool = False) -> dict[str, Any]:
-        """Compress `model` in place. Returns {'time/compress_s', 'recovery': [...], 'outputs'?}."""
+            keep_outputs: bool = False, dense_model: nn.Module | None = None) -> dict[str, Any]:
+        """Compress `model` in place. Returns {'time/compress_s', 'recovery': [...], 'outputs'?}.
+
+        `dense_model`: for recovery of a model compressed elsewhere, its dense blocks are the
+        targets (instead of copies taken before compression)."""
         t0 = time.perf_counter()
         adapter = adapter_for(model)
         stages = fuse_stages([s for s in stages if s is not None])
@@ -115,10 +118,15 @@ class SequentialEngine:
             if calibration is None:
                 raise ValueError("these stages need calibration data; pass calibration=(N, T) token ids")
             hidden, kwargs = self._capture(model, adapter, calibration)
+            if recovery is not None and hasattr(recovery, "begin"):
+                recovery.begin(len(blocks))
             for i, block in enumerate(tqdm(blocks, desc="compress", disable=not self.progress)):
                 home = next(block.parameters()).device
                 block.to(self.device)
-                dense = copy.deepcopy(block) if recovery is not None or finishers else None
+                if dense_model is not None:
+                    dense = adapter.block_list(dense_model)[i].to(self.device)
+                else:
+                    dense = copy.deepcopy(block) if hasattr(recovery, "recover") or finishers else None
                 groups = adapter.linear_groups(block)
                 if self.chunk_size is None:
                     out = self._one_pass(adapter, i, block, groups, stages, needs, hidden, kwargs)
@@ -130,9 +138,14 @@ class SequentialEngine:
                     if rep:
                         result["blocks"].append({"block": i, **rep})
                     out = None  # the block changed: propagate again
-                if recovery is not None:
-                    result["recovery"].append({"block": i, **(recovery.recover(dense, block, hidden, kwargs) or {})})
-                    out = None  # the recovered block must propagate
+                if recovery is not None and hasattr(recovery, "recover"):  # block-wise recovery
+                    rep = dict(recovery.recover(dense, block, hidden, self._block_fn(kwargs)) or {})
+                    deferred, outputs = rep.pop("deferred", False), rep.pop("outputs", None)
+                    if not deferred:
+                        result["recovery"].append({"block": i, **rep})
+                    out = outputs  # None: propagate the (recovered) block below
+                if dense_model is not None:
+                    dense.to(home)
                 dense = None
                 hidden = self._propagate(block, hidden, kwargs) if out is None else out
                 block.to(home)

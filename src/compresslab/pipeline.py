@@ -59,6 +59,19 @@ class Pipeline:
             return
         self.engine.check(meta, self.stages)
 
+    def _log_recovery(self, rows) -> None:
+        """Per-block loss before/after and the training curves, to W&B (metrics.json has `recovery`)."""
+        if self.logger is None:
+            return
+        for row in rows:
+            if "loss_before" not in row:
+                continue
+            entry = {"recovery/block": row.get("block", -1), "recovery/loss_before": row["loss_before"],
+                     "recovery/loss_after": row["loss_after"]}
+            for epoch, loss in enumerate(row.get("curve", [])):
+                entry[f"recovery/curve/epoch_{epoch}"] = loss
+            self.logger.log(entry)
+
     def run(self, output_dir: str | Path | None = None, config: dict | None = None) -> dict[str, Any]:
         """Validate, load, (dense eval), compress, eval; write metrics.json (atomically, also on failure)."""
         metrics: dict[str, Any] = {}
@@ -81,6 +94,7 @@ class Pipeline:
                               recovery=self.recovery, calibration=calib, engine=self.engine)
             metrics.update(report.metrics)
             record["layers"], record["recovery"] = report.layers, report.recovery
+            self._log_recovery(report.recovery)
             if evals:
                 t0 = time.perf_counter()
                 metrics.update(evaluate(model, tok, evals))

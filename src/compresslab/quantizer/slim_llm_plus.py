@@ -129,7 +129,7 @@ class SliMLLMPlus(SliMLLM):
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                total += float(loss) * len(y)
+                total += float(loss.detach()) * len(y)
             return total / len(x)
 
         frozen = [p for p in block.parameters() if p.requires_grad]

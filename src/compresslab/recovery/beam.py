@@ -1,0 +1,218 @@
+"""BEAM: block-wise error minimization after one-shot compression (the BEAM seed's recovery).
+
+For each group of `block_granularity` consecutive blocks, the compressed group is trained so that
+its output matches the dense group's output (MSE), then the next group follows. Only the current
+group and its dense copy are on the device.
+
+- mode=offline: inputs and targets both come from the dense model (a dense stream is carried along).
+- mode=online: inputs come from the already-recovered compressed model; targets are the dense
+  group applied to those same inputs.
+
+Unlike the seed, quantized weights stay on their grid (straight-through fake quantization with
+frozen scales and zeros, optionally trainable scales) and masks stay fixed; a learning rate grid is
+searched by the loss on held-out calibration windows (`val_fraction`), not by training loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from .ste import OPTIMIZERS, constrained, make_optimizer
+
+log = logging.getLogger(__name__)
+LR_GRID = (1e-3, 5e-4, 1e-4, 5e-5, 1e-6)
+
+
+class Beam:
+    """`recovery=beam`.
+
+    Args:
+        mode: offline | online.
+        block_granularity: consecutive blocks trained together.
+        optimizer: adam | adamw | sgd | adafactor. epochs, lr, batch_size, seed.
+        lr_search: pick lr from `lr_grid` by held-out loss (the last `val_fraction` of the windows).
+        train: all (weights + adapters) | adapters | scales. train_scales: also learn the scales.
+        checkpoint_dir: save each finished group; a rerun with the same directory resumes.
+    """
+
+    def __init__(self, mode: str = "online", block_granularity: int = 1, optimizer: str = "adam", epochs: int = 2,
+                 lr: float = 1e-4, batch_size: int = 8, seed: int = 0, lr_search: bool = False,
+                 lr_grid=LR_GRID, val_fraction: float = 0.125, train: str = "all", train_scales: bool = False,
+                 checkpoint_dir: str | None = None):
+        if mode not in ("offline", "online"):
+            raise ConfigError(f"unknown recovery.mode={mode!r}; use offline or online")
+        if optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown recovery.optimizer={optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+        if block_granularity < 1 or epochs < 0 or lr <= 0 or batch_size < 1:
+            raise ConfigError("recovery needs block_granularity >= 1, epochs >= 0, lr > 0 and batch_size >= 1")
+        if not 0 <= val_fraction < 1:
+            raise ConfigError(f"recovery.val_fraction={val_fraction} must be in [0, 1)")
+        if lr_search and val_fraction == 0:
+            raise ConfigError("recovery.lr_search picks by held-out loss: set recovery.val_fraction > 0")
+        self.mode, self.granularity, self.optimizer, self.epochs = mode, block_granularity, optimizer, epochs
+        self.lr, self.batch_size, self.seed, self.lr_search = lr, batch_size, seed, lr_search
+        self.lr_grid, self.val_fraction, self.train, self.train_scales = tuple(lr_grid), val_fraction, train, train_scales
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self._reset()
+
+    def _reset(self):
+        self._group: list[tuple[nn.Module, nn.Module]] = []  # (dense, compressed) blocks of the current group
+        self._group_in = None  # compressed-stream input of the group
+        self._dense_in = None  # dense-stream input of the group (offline)
+        self._dense_stream = None
+        self._index = -1
+
+    def begin(self, num_blocks: int) -> None:
+        self._reset()
+        self._num_blocks = num_blocks
+
+    # -- engine hook -----------------------------------------------------------------------------
+    def recover(self, dense: nn.Module, compressed: nn.Module, inputs: torch.Tensor, forward) -> dict:
+        self._index += 1
+        if not self._group:
+            self._group_in = inputs
+            if self.mode == "offline":
+                self._dense_in = inputs if self._dense_stream is None else self._dense_stream
+        self._group.append((dense, compressed))
+        last = (self._index + 1) % self.granularity == 0 or self._index + 1 == getattr(self, "_num_blocks", math.inf)
+        if not last:
+            return {"deferred": True}
+        group, self._group = self._group, []
+        x = self._group_in if self.mode == "online" else self._dense_in
+        with torch.no_grad():
+            target = self._run(forward, [d for d, _ in group], x)
+            if self.mode == "offline":
+                self._dense_stream = target  # the next group's dense input
+        first = self._index - len(group) + 1
+        report = self._train_or_resume(forward, group, x, target, first)
+        with torch.no_grad():  # the recovered group's output feeds the next block
+            report["outputs"] = self._run(forward, [c for _, c in group], self._group_in)
+        return report
+
+    # -- training ----------------------------------------------------------------------------------
+    def _run(self, forward, blocks, x, params=None):
+        outs = []
+        for i in range(0, x.shape[0], self.batch_size):
+            h = x[i:i + self.batch_size]
+            for j, b in enumerate(blocks):
+                h = forward(b, h, params[j] if params else None)
+            outs.append(h)
+        return torch.cat(outs)
+
+    def _split(self, n):
+        n_val = int(round(n * self.val_fraction))
+        n_val = min(max(n_val, 1 if self.val_fraction > 0 else 0), n - 1)
+        return n - n_val  # windows [0, n_train) train, the rest validate
+
+    def _loss(self, forward, blocks, cons, x, target) -> float:
+        with torch.no_grad():
+            params = [self._params(c) for c in cons]
+            y = self._run(forward, blocks, x, params)
+            return float(F.mse_loss(y.float(), target.float()))
+
+    @staticmethod
+    def _params(c):
+        out = {}
+        for prefix, cl in c.items():
+            out.update(cl.params(prefix))
+        return out
+
+    def _fit(self, forward, blocks, x, target, lr, n_train):
+        torch.manual_seed(self.seed)
+        cons = [constrained(b, self.train, self.train_scales) for b in blocks]
+        params = [p for c in cons for cl in c.values() for p in cl.parameters()]
+        curve = []
+        if not params or self.epochs == 0:
+            return cons, curve
+        opt = make_optimizer(self.optimizer, params, lr)
+        steps = self.epochs * math.ceil(n_train / self.batch_size)
+        sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.01, total_iters=max(steps, 1))
+        frozen = [p for b in blocks for p in b.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            with torch.enable_grad():
+                for _ in range(self.epochs):
+                    perm = torch.randperm(n_train)
+                    total = 0.0
+                    for i in range(0, n_train, self.batch_size):
+                        idx = perm[i:i + self.batch_size]
+                        h = x[idx]
+                        for b, c in zip(blocks, cons):
+                            h = forward(b, h, self._params(c))
+                        loss = F.mse_loss(h.float(), target[idx].float())
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        sched.step()
+                        total += float(loss.detach()) * len(idx)
+                    curve.append(total / n_train)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        return cons, curve
+
+    def _train_or_resume(self, forward, group, x, target, first) -> dict:
+        blocks = [c for _, c in group]
+        name = f"blocks_{first}_{first + len(group) - 1}"
+        if self.checkpoint_dir is not None and (self.checkpoint_dir / f"{name}.json").is_file():
+            self._load(blocks, name)
+            return {"resumed": True, **json.loads((self.checkpoint_dir / f"{name}.json").read_text())}
+        n = x.shape[0]
+        n_train = self._split(n) if self.val_fraction > 0 else n
+        val = slice(n_train, n) if n_train < n else slice(0, n)
+        before = self._loss(forward, blocks, [constrained(b, self.train, self.train_scales) for b in blocks],
+                            x[val], target[val])
+        snapshot = [copy.deepcopy(b.state_dict()) for b in blocks] if self.lr_search else None
+        best = None
+        for lr in (self.lr_grid if self.lr_search else (self.lr,)):
+            if snapshot is not None:
+                for b, sd in zip(blocks, snapshot):
+                    b.load_state_dict(sd)
+            cons, curve = self._fit(forward, blocks, x, target, lr, n_train)
+            val_loss = self._loss(forward, blocks, cons, x[val], target[val])
+            if best is None or val_loss < best[0]:
+                best = (val_loss, lr, cons, curve)
+        val_loss, lr, cons, curve = best
+        if val_loss > before:  # training made it worse on held-out data: keep the one-shot weights
+            log.warning("%s: held-out loss rose (%.4g -> %.4g); keeping the one-shot weights", name, before, val_loss)
+            if snapshot is not None:
+                for b, sd in zip(blocks, snapshot):
+                    b.load_state_dict(sd)
+            val_loss = before
+        else:
+            for c in cons:
+                for cl in c.values():
+                    cl.commit()
+        report = {"loss_before": before, "loss_after": val_loss, "lr": lr, "curve": curve, "mode": self.mode}
+        if self.checkpoint_dir is not None:
+            self._save(blocks, name, report)
+        return report
+
+    def _save(self, blocks, name, report):
+        from safetensors.torch import save_file
+
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{j}.{k}": v.detach().contiguous().cpu() for j, b in enumerate(blocks) for k, v in b.state_dict().items()}
+        save_file(tensors, str(self.checkpoint_dir / f"{name}.safetensors"))
+        (self.checkpoint_dir / f"{name}.json").write_text(json.dumps(report))  # written last: marks the group done
+
+    def _load(self, blocks, name):
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(self.checkpoint_dir / f"{name}.safetensors"))
+        for j, b in enumerate(blocks):
+            sd = {k[len(f"{j}."):]: v for k, v in tensors.items() if k.startswith(f"{j}.")}
+            b.load_state_dict(sd)
+
+    def __repr__(self):
+        return f"Beam({self.mode}, granularity={self.granularity}, {self.optimizer}, epochs={self.epochs}, lr={self.lr})"

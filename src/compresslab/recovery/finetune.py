@@ -1,0 +1,73 @@
+"""End-to-end fine-tuning after compression, as the SLiM seed's fine_tune: the low-rank adapters
+(or, when there are none, all unmasked weights) are trained with the causal-LM loss on calibration
+text. Masks and quantization grids are kept with the same straight-through estimator as BEAM."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch.func import functional_call
+
+from ..errors import ConfigError
+from ..models.adapters import adapter_for
+from .ste import ConstrainedLinear, make_optimizer
+
+log = logging.getLogger(__name__)
+
+
+class Finetune:
+    """`recovery=finetune`: `steps`, `seqlen` (tokens per sample), `batch_size`, `lr` (1e-4),
+    `optimizer` (adamw | adafactor), `seed`."""
+
+    def __init__(self, steps: int = 50, seqlen: int = 512, batch_size: int = 2, lr: float = 1e-4,
+                 optimizer: str = "adamw", seed: int = 0):
+        if optimizer not in ("adamw", "adafactor"):
+            raise ConfigError(f"recovery.optimizer={optimizer!r}: finetune uses adamw or adafactor")
+        if steps < 0 or seqlen < 2 or batch_size < 1 or lr <= 0:
+            raise ConfigError("recovery needs steps >= 0, seqlen >= 2, batch_size >= 1 and lr > 0")
+        self.steps, self.seqlen, self.batch_size, self.lr, self.optimizer, self.seed = steps, seqlen, batch_size, lr, optimizer, seed
+
+    def finish_model(self, model, ids: torch.Tensor) -> dict:
+        t0 = time.perf_counter()
+        linears = list(adapter_for(model).named_linears(model))  # (qualified name, Linear)
+        has_adapters = any(getattr(lin, "lora_A", None) is not None for _, lin in linears)
+        train = "adapters" if has_adapters else "all"
+        cons = {f"{n}.": ConstrainedLinear(lin, train, False) for n, lin in linears}
+        params = [p for c in cons.values() for p in c.parameters()]
+        device = next(model.parameters()).device
+        ids = ids[:, : self.seqlen].to(device)
+        torch.manual_seed(self.seed)
+        opt = make_optimizer(self.optimizer, params, self.lr)
+        frozen = [p for p in model.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        curve = []
+        was_training = model.training
+        model.train()
+        try:
+            with torch.enable_grad():
+                for step in range(self.steps):
+                    idx = torch.randint(0, ids.shape[0], (self.batch_size,))
+                    batch = ids[idx]
+                    weights = {}
+                    for name, c in cons.items():
+                        weights.update(c.params(name))
+                    out = functional_call(model, weights, (), {"input_ids": batch, "labels": batch, "use_cache": False},
+                                          strict=False)
+                    opt.zero_grad(set_to_none=True)
+                    out.loss.backward()
+                    opt.step()
+                    curve.append(float(out.loss.detach()))
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+            model.train(was_training)
+        for c in cons.values():
+            c.commit()
+        return {"finetune_loss_first": curve[0] if curve else None, "finetune_loss_last": curve[-1] if curve else None,
+                "curve": curve, "trained": train, "time_s": time.perf_counter() - t0}
+
+    def __repr__(self):
+        return f"Finetune(steps={self.steps}, lr={self.lr}, {self.optimizer})"
