@@ -92,3 +92,27 @@ def test_engine_identity_on_real_model(smollm2):
     h.remove()
     res = SequentialEngine("cpu", progress=False).run(model, ids, [Recorder()], keep_outputs=True)
     torch.testing.assert_close(res["outputs"], seen["out"], atol=1e-4, rtol=1e-4)
+
+
+def test_four_stages_on_smollm2_with_tiny_settings(smollm2, dense_ppl):
+    """sparsegpt 2:4 + gptq W4 g64 + SLiM-LoRA + BEAM, 4x128 calibration: finishes, stays finite, and
+    the low-rank + BEAM run is no worse than the pruned+quantized model (both measured here)."""
+    from compresslab.lowrank.slim import SLiMLoRA
+    from compresslab.pruner.sparsegpt import SparseGPT
+    from compresslab.quantizer.gptq import GPTQ
+    from compresslab.recovery.beam import Beam
+
+    model, tok = smollm2
+    ids = CalibrationData(nsamples=4, seqlen=128)(tok)
+    engine = SequentialEngine(device="cpu", progress=False)
+    base = copy.deepcopy(model)
+    compress(base, tok, pruner=SparseGPT(0.5, "2:4"), quantizer=GPTQ(bits=4, group_size=64), calibration=ids, engine=engine)
+    full = copy.deepcopy(model)
+    report = compress(full, tok, pruner=SparseGPT(0.5, "2:4"), quantizer=GPTQ(bits=4, group_size=64),
+                      lowrank=SLiMLoRA(rank=8), recovery=Beam(epochs=1, lr=1e-4, batch_size=2, val_fraction=0.25),
+                      calibration=ids, engine=engine)
+    p_base = evaluate(base, tok, ppl_eval())["ppl/wikitext2"]
+    p_full = evaluate(full, tok, ppl_eval())["ppl/wikitext2"]
+    assert math.isfinite(p_full) and dense_ppl < p_full
+    assert len(report.recovery) == 30 and report.metrics["avg_bits"] > 4.5  # 2:4 W4 + fp16 rank-8 adapters
+    assert p_full < p_base * 1.02, (p_full, p_base)

@@ -54,8 +54,12 @@ def whitened_svd(E: torch.Tensor, r: int, T: torch.Tensor | None = None, T_inv: 
     return B.contiguous(), A.contiguous()
 
 
-def resolve_rank(rank: int | None, rank_ratio: float | None, out: int, inp: int, pad_to: int | None) -> int:
-    r = rank if rank is not None else max(1, round(rank_ratio * min(out, inp)))
+def resolve_rank(rank: int | None, rank_ratio: float | None, out: int, inp: int, pad_to: int | None,
+                 param_ratio: float | None = None) -> int:
+    if param_ratio is not None:  # r·(out + in) = param_ratio·out·in
+        r = max(1, int(param_ratio * out * inp / (out + inp)))
+    else:
+        r = rank if rank is not None else max(1, round(rank_ratio * min(out, inp)))
     if pad_to:
         r = math.ceil(r / pad_to) * pad_to
     return min(r, min(out, inp))
@@ -123,6 +127,8 @@ class LowRank:
         quantize_adapters: group AbsMax 4-bit over tiles of 128, as in the SLiM seed.
         prune_adapters: 2:4 on A (the seed's L), then `prune_iters` Adam steps refit B.
         pad_rank_to: round the rank up to a multiple (8 or 128) for kernels.
+        param_ratio: instead of a rank, the fraction of the layer's parameters the factors may
+            use (low-rank as compression: 0.8 is a 20% parameter cut).
     """
 
     needs: frozenset[str] = frozenset()
@@ -130,12 +136,14 @@ class LowRank:
 
     def __init__(self, rank: int | None = None, rank_ratio: float | None = 0.1, separate: bool = True,
                  quantize_adapters: bool = False, prune_adapters: bool = False, prune_iters: int = 100,
-                 pad_rank_to: int | None = None):
-        if rank is None and rank_ratio is None:
+                 pad_rank_to: int | None = None, param_ratio: float | None = None):
+        if param_ratio is not None and not 0 < param_ratio <= 1:
+            raise ConfigError(f"lowrank.param_ratio={param_ratio} must be in (0, 1]")
+        if rank is None and rank_ratio is None and param_ratio is None:
             raise ConfigError("set lowrank.rank or lowrank.rank_ratio")
         if rank is not None and rank < 1:
             raise ConfigError(f"lowrank.rank={rank} must be >= 1")
-        if rank is None and not 0 < rank_ratio <= 1:
+        if rank is None and rank_ratio is not None and not 0 < rank_ratio <= 1:
             raise ConfigError(f"lowrank.rank_ratio={rank_ratio} must be in (0, 1]")
         if pad_rank_to not in (None, 0, 8, 16, 32, 64, 128):
             raise ConfigError(f"lowrank.pad_rank_to={pad_rank_to}: use null, 8, 16, 32, 64 or 128")
@@ -145,6 +153,7 @@ class LowRank:
         self.rank, self.rank_ratio, self.separate = rank, rank_ratio, separate
         self.quantize_adapters, self.prune_adapters, self.prune_iters = quantize_adapters, prune_adapters, prune_iters
         self.pad_rank_to = pad_rank_to or None
+        self.param_ratio = param_ratio
 
     def check(self, name: str, layer: nn.Module) -> None:
         if self.prune_adapters and layer.in_features % 4:
@@ -168,7 +177,7 @@ class LowRank:
                               "moving it off the quantization grid; use lowrank.separate=true")
         C = layer.weight.detach().float() if compressed else torch.zeros_like(W)
         E = W - C  # (out, in)
-        r = resolve_rank(self.rank, self.rank_ratio, *W.shape, self.pad_rank_to)
+        r = resolve_rank(self.rank, self.rank_ratio, *W.shape, self.pad_rank_to, self.param_ratio)
         B, A = self.factor(W, E, stats, r)
         self.after_factor(name, layer, W, E, B, A, stats)
         H = stats.hessian if stats is not None and stats.has_hessian else None
