@@ -99,3 +99,18 @@ def test_lwc_reduces_block_mse():
     qw = layer_state(lin).quant
     assert qw.bit_map is not None and not layer_state(lin).pending_lwc
     torch.testing.assert_close(qw.encode(lin.weight.data).dequantize(), lin.weight.data, atol=1e-5, rtol=0)
+
+
+def test_kl_search_moves_bits_to_the_planted_group():
+    from torch import nn
+
+    from compresslab.stats import LayerStats
+
+    W, X, H, g = planted_layer()
+    stats = LayerStats({"hessian", "input_sample"}, W.shape[1])
+    stats.add_batch(X)
+    lin = nn.Linear(W.shape[1], W.shape[0], bias=False)
+    lin.weight.data.copy_(W)
+    SliMLLM(bits=2, group_size=g, sqc=False).compress("l", lin, stats)
+    bm = layer_state(lin).quant.bit_map
+    assert bm.float().mean() == 2 and bm[2] == 3  # the planted salient group got b+1

@@ -30,7 +30,9 @@ def check_group_size(name: str, in_features: int, group_size: int) -> None:
 
 
 def qparams(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, symmetric: bool):
-    """Scale and zero for ranges [wmin, wmax] (elementwise), widened to contain 0."""
+    """Scale and zero for ranges [wmin, wmax] (elementwise), widened to contain 0.
+
+    `bits` may be an int or a tensor broadcastable to the ranges (mixed precision)."""
     maxq = 2**bits - 1
     wmin = torch.clamp(wmin, max=0)
     wmax = torch.clamp(wmax, min=0)
@@ -42,7 +44,7 @@ def qparams(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, symmetric: bool):
     wmax = torch.where(empty, 1.0, wmax)
     scale = (wmax - wmin) / maxq
     if symmetric:
-        zero = torch.full_like(scale, (maxq + 1) / 2)
+        zero = torch.zeros_like(scale) + (maxq + 1) / 2
     else:
         zero = torch.round(-wmin / scale)
     return scale, zero
@@ -50,7 +52,10 @@ def qparams(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, symmetric: bool):
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """Integer codes (as float) of w on the grid s·(q − z)."""
-    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+    q = torch.round(w / scale) + zero
+    if isinstance(maxq, torch.Tensor):
+        return torch.minimum(q.clamp_min(0), maxq)
+    return torch.clamp(q, 0, maxq)
 
 
 def fake_quantize(w, scale, zero, maxq):

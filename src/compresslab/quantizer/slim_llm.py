@@ -64,6 +64,17 @@ def sqc_params(Wg: torch.Tensor, sal: torch.Tensor, bits: int, symmetric: bool =
     return scale[best, rows], zero[best, rows]
 
 
+def rtn_mixed(W: torch.Tensor, bit_map: torch.Tensor | None, bits: int, group_size: int, symmetric: bool,
+              keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Round-to-nearest with per-group bits (a cheap stand-in used to rank SBA candidates)."""
+    out, inp = W.shape
+    view = W.float().reshape(out, inp // group_size, group_size)  # (out, C, g)
+    b = (bit_map if bit_map is not None else torch.full((inp // group_size,), bits)).to(W.device).float()[None, :]
+    scale, zero = grid.qparams(view.amin(-1), view.amax(-1), b, symmetric)  # (out, C)
+    W_hat = grid.fake_quantize(view, scale[..., None], zero[..., None], (2**b - 1)[..., None]).reshape(out, inp)
+    return W_hat * keep if keep is not None else W_hat
+
+
 def output_kl(X: torch.Tensor, W: torch.Tensor, W_hat: torch.Tensor, bias: torch.Tensor | None = None) -> float:
     """Mean over tokens of KL(softmax(XWᵀ) ‖ softmax(XŴᵀ))."""
     Y, Yq = F.linear(X, W, bias), F.linear(X, W_hat, bias)
@@ -127,18 +138,20 @@ class SliMLLM(WeightQuantizer):
         return W_hat, qw
 
     def search(self, name, W, stats, keep=None):
-        """Quantize W with every candidate bit map; keep the one with the lowest output KL."""
+        """Pick the SBA bit map with the lowest output KL (candidates rounded to nearest, which
+        ranks them at a fraction of GPTQ's cost), then quantize once with it."""
         H = stats.hessian
         cands = self.bit_maps(W, H)
-        X = stats.input_sample.to(W.device) if len(cands) > 1 else None
-        best = None
-        for k, bit_map in cands:
-            W_hat, qw = self.quantize_with(name, W, H, bit_map, keep)
-            kl = output_kl(X, W.float(), W_hat) if X is not None else 0.0
-            if best is None or kl < best[0]:
-                best = (kl, k, W_hat, qw)
-        log.debug("%s: SBA k=%d (KL %.3g)", name, best[1], best[0])
-        return best
+        best = (0.0, *cands[0])
+        if len(cands) > 1:
+            X = stats.input_sample.to(W.device)
+            scored = [(output_kl(X, W.float(), rtn_mixed(W, bm, self.bits, self.group_size, self.symmetric, keep)), k, bm)
+                      for k, bm in cands]
+            best = min(scored, key=lambda t: t[0])
+        kl, k, bit_map = best
+        log.debug("%s: SBA k=%d (KL %.3g)", name, k, kl)
+        W_hat, qw = self.quantize_with(name, W, H, bit_map, keep)
+        return kl, k, W_hat, qw
 
     @torch.no_grad()
     def compress(self, name, layer, stats=None):
