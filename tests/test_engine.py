@@ -134,3 +134,16 @@ def test_engine_outputs_match_compressed_model_with_activation_quant(chunk_size)
     torch.testing.assert_close(res["outputs"], last_block_output(model, ids), atol=1e-5, rtol=1e-5)
     lin = adapter_for(model).block_list(model)[0].self_attn.q_proj
     assert len(lin._forward_pre_hooks) == 1  # the act-quant hook, once
+
+
+def test_engine_outputs_include_low_rank_adapters():
+    """In one-pass mode an adapter attached while its Linear is being called applies in that call."""
+    from compresslab.lowrank.slim import SLiMLoRA
+    from compresslab.quantizer.gptq import GPTQ
+
+    model = tiny("llama")
+    ids = torch.randint(0, 256, (4, 32))
+    res = SequentialEngine(device="cpu", progress=False).run(
+        model, ids, [GPTQ(bits=2, group_size=32), SLiMLoRA(rank=4)], keep_outputs=True)
+    torch.testing.assert_close(res["outputs"], last_block_output(model, ids), atol=1e-5, rtol=1e-5)
+    assert adapter_for(model).block_list(model)[0].mlp.down_proj.lora_A.shape[0] == 4
