@@ -8,6 +8,7 @@ from compresslab.pruner.masks import nm_valid
 from compresslab.pruner.sparsegpt import JointSparseGPTQ, SparseGPT
 from compresslab.pruner.wanda import Wanda
 from compresslab.quantizer.gptq import GPTQ
+from compresslab.quantizer.slim_llm import SliMLLM
 from compresslab.quantizer.slim_quant import SLiMQuant
 from compresslab.stages import fuse_stages, layer_state
 from compresslab.stats import LayerStats
@@ -36,11 +37,13 @@ def test_joint_sparsegpt_gptq_is_24_and_on_grid():
             assert len(torch.unique(qw.encode(W).codes[r, g * 32:(g + 1) * 32])) <= 16
 
 
-@pytest.mark.parametrize("quantizer", [GPTQ(bits=3, group_size=32), SLiMQuant(bits=4, group_size=32)])
+@pytest.mark.parametrize("quantizer", [GPTQ(bits=3, group_size=32), SLiMQuant(bits=4, group_size=32),
+                                       SliMLLM(bits=2, group_size=32)])
 def test_prune_then_quantize_holds_the_mask(quantizer):
     X = correlated_inputs(512, 128)
     lin = nn.Linear(128, 16, bias=False)
-    stats = _stats(X)
+    stats = LayerStats({"hessian", "act_norm", "input_sample"}, X.shape[1])
+    stats.add_batch(X)
     Wanda(0.5, "2:4").compress("l", lin, stats)
     mask = lin.weight.data != 0
     quantizer.compress("l", lin, stats)
