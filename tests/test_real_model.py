@@ -114,5 +114,7 @@ def test_four_stages_on_smollm2_with_tiny_settings(smollm2, dense_ppl):
     p_base = evaluate(base, tok, ppl_eval())["ppl/wikitext2"]
     p_full = evaluate(full, tok, ppl_eval())["ppl/wikitext2"]
     assert math.isfinite(p_full) and dense_ppl < p_full
-    assert len(report.recovery) == 30 and report.metrics["avg_bits"] > 4.5  # 2:4 W4 + fp16 rank-8 adapters
+    # 2:4 W4 g64 alone is 3.3125 bits; fp16 rank-8 adapters add ~0.37
+    assert len(report.recovery) == 30 and 3.3125 < report.metrics["avg_bits"] < 4.0
+    print(f"four-stage ppl {p_full:.2f} vs sparsegpt+gptq {p_base:.2f}, dense {dense_ppl:.2f}")
     assert p_full < p_base * 1.02, (p_full, p_base)
