@@ -5,10 +5,16 @@ import pytest
 from compresslab.data.calibration import CalibrationData
 from compresslab.errors import ConfigError
 from compresslab.eval.ppl import Perplexity
+from compresslab.lowrank.naive import NaiveSVD
 from compresslab.models.loaders import GGUFModel, HFModel, TinyModel
 from compresslab.pipeline import Pipeline
+from compresslab.pruner.jsq import JSQ
 from compresslab.pruner.magnitude import Magnitude
+from compresslab.pruner.sparsegpt import SparseGPT
+from compresslab.quantizer.awq import AWQ
 from compresslab.quantizer.rtn import RTN
+from compresslab.quantizer.slim_llm import SliMLLM
+from compresslab.recovery.beam import Beam
 
 
 class NoLoad(TinyModel):
@@ -52,3 +58,16 @@ def test_missing_model():
         HFModel(name_or_path="???")
     with pytest.raises(ConfigError, match="unknown dtype"):
         HFModel(name_or_path="x", dtype="int3")
+
+
+@pytest.mark.parametrize("build,match", [
+    (lambda: AWQ(grid=0), "quantizer.grid"),
+    (lambda: SparseGPT(percdamp=2.0), "percdamp"),
+    (lambda: JSQ(rho=-1.0), "rho"),
+    (lambda: Beam(lr_grid=(1e-3, -1.0)), "lr_grid"),
+    (lambda: SliMLLM(bits=8), "bits"),
+    (lambda: NaiveSVD(param_ratio=1.5), "param_ratio"),
+])
+def test_method_options_are_validated(build, match):
+    with pytest.raises(ConfigError, match=match):
+        build()

@@ -46,8 +46,9 @@ def compress(model, tokenizer=None, *, pruner=None, quantizer=None, lowrank=None
     if recovery is not None and hasattr(recovery, "finish_model"):  # end-to-end recovery (finetune)
         result["recovery"].append(recovery.finish_model(model, ids))
     summary, layers = compression_summary(model)
-    metrics = {**summary, "time/compress_s": result["time/compress_s"], "memory/peak_rss_gb": peak_rss_gb(),
-               "memory/compress_peak_rss_gb": peak_rss_gb()}  # the first is overwritten by a run's final peak
+    peak = peak_rss_gb()
+    metrics = {**summary, "time/compress_s": result["time/compress_s"], "memory/peak_rss_gb": peak,
+               "memory/compress_peak_rss_gb": peak}  # the first is overwritten by a run's final peak
     return CompressionReport(metrics, layers, result["recovery"])
 
 

@@ -199,23 +199,19 @@ class SequentialEngine:
         kwargs["_batch"] = hidden_parts[0].shape[0]
         return hidden, kwargs
 
-    def _forward(self, block, x, kwargs):
-        kw = {k: v for k, v in kwargs.items() if k != "_batch"}
-        return _block_out(block(x, **_fit_kwargs(kw, x.shape[0], kwargs["_batch"])))
+    def _forward(self, block, x, kwargs, params=None):
+        """Run `block` on a batch with the captured kwargs, optionally with some parameters
+        replaced (torch.func.functional_call)."""
+        kw = _fit_kwargs({k: v for k, v in kwargs.items() if k != "_batch"}, x.shape[0], kwargs["_batch"])
+        if params:
+            from torch.func import functional_call
+
+            return _block_out(functional_call(block, params, (x,), kw, strict=False))
+        return _block_out(block(x, **kw))
 
     def _block_fn(self, kwargs):
-        """forward(block, x, params=None): run a block on a batch with the captured kwargs,
-        optionally with some parameters replaced (torch.func.functional_call)."""
-
-        def forward(block, x, params=None):
-            kw = _fit_kwargs({k: v for k, v in kwargs.items() if k != "_batch"}, x.shape[0], kwargs["_batch"])
-            if params:
-                from torch.func import functional_call
-
-                return _block_out(functional_call(block, params, (x,), kw, strict=False))
-            return _block_out(block(x, **kw))
-
-        return forward
+        """forward(block, x, params=None) for block-level stages and recoveries."""
+        return lambda block, x, params=None: self._forward(block, x, kwargs, params)
 
     def _propagate(self, block, hidden, kwargs):
         out = torch.empty_like(hidden)

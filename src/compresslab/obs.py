@@ -70,6 +70,16 @@ def inverse_hessian_upper(H: torch.Tensor, percdamp: float, retries: int = 3, na
     return torch.diag(1.0 / torch.sqrt(torch.diag(H).clamp_min(0) + damp * mean_diag))
 
 
+def hinv_diag(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """diag((H + λI)⁻¹), λ = percdamp·mean(diag H), dead columns (H_jj = 0) set to 1 first."""
+    d = H.shape[0]
+    Hd = H.clone()
+    dead = torch.diag(Hd) == 0
+    Hd[dead, dead] = 1.0
+    Hd += percdamp * torch.diag(Hd).mean() * torch.eye(d, device=H.device)
+    return torch.diag(torch.cholesky_inverse(torch.linalg.cholesky(Hd)))
+
+
 def _group_params(Wg: torch.Tensor, spec: GridSpec, j: int, dU: torch.Tensor | None = None):
     """(out,) scale and zero of input group j, whose columns are Wg (out, k): the min/max grid,
     or the spec's range search given the OBS salience w²/[H⁻¹]_jj²."""
@@ -116,8 +126,7 @@ def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = N
     zeros = torch.empty(out, ngroups, device=W.device)
     if quant is not None and (quant.static_groups or g == d):
         # Ranges fixed from the (masked) weight in its original column order.
-        dH = torch.diag(torch.linalg.inv(H + percdamp * torch.diag(H).mean() * torch.eye(d, device=H.device))).sqrt() \
-            if quant.params is not None else None
+        dH = hinv_diag(H, percdamp).sqrt() if quant.params is not None else None
         for j in range(ngroups):
             cols = slice(j * g, (j + 1) * g)
             scales[:, j], zeros[:, j] = _group_params(W[:, cols], quant, j, dH[cols] if dH is not None else None)

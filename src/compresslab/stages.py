@@ -35,7 +35,11 @@ class BlockStage(Protocol):
 
 @runtime_checkable
 class Recovery(Protocol):
-    def recover(self, dense: nn.Module, compressed: nn.Module, inputs, kwargs) -> dict[str, Any]: ...
+    """Block-wise: `recover` per block (`forward(block, x, params=None)` runs a block); it may
+    return {"deferred": True} or {"outputs": hidden}. End-to-end recoveries define
+    `finish_model(model, calibration_ids)` instead."""
+
+    def recover(self, dense: nn.Module, compressed: nn.Module, inputs, forward) -> dict[str, Any]: ...
 
 
 @dataclass

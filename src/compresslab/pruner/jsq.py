@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
 from .base import Pruner
 
 
@@ -44,6 +45,8 @@ class JSQ(Pruner):
 
     def __init__(self, sparsity: float = 0.5, pattern: str = "unstructured", rho: float = 2.1):
         super().__init__(sparsity, pattern)
+        if rho < 0:
+            raise ConfigError(f"pruner.rho={rho} must be >= 0")
         self.rho = rho
 
     def scores(self, name, W, stats):

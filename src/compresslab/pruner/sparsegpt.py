@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
 from ..obs import GridSpec, PruneSpec, obs_compress
 from ..stages import layer_state
 from .base import Pruner
@@ -31,6 +32,8 @@ class SparseGPT(Pruner):
     def __init__(self, sparsity: float = 0.5, pattern: str = "unstructured", percdamp: float = 0.01,
                  blocksize: int = 128):
         super().__init__(sparsity, pattern)
+        if not 0 <= percdamp < 1 or blocksize < 1:
+            raise ConfigError(f"pruner.percdamp={percdamp} must be in [0, 1) and pruner.blocksize={blocksize} >= 1")
         self.percdamp, self.blocksize = percdamp, blocksize
 
     def prune(self, name, W, stats):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
 from ..stages import layer_state
 from .base import WeightQuantizer
 from .rtn import rtn_quantize
@@ -48,6 +49,8 @@ class AWQ(WeightQuantizer):
     def __init__(self, bits: int = 4, group_size: int = -1, symmetric: bool = False, grid: int = 20,
                  act_bits: int | None = None, act_granularity: str | None = None, act_group_size: int = 64):
         super().__init__(bits, group_size, symmetric, act_bits, act_granularity, act_group_size)
+        if not isinstance(grid, int) or grid < 1:
+            raise ConfigError(f"quantizer.grid={grid!r} must be an integer >= 1 (alpha in 0, 1/grid, ...)")
         self.grid = grid
 
     @torch.no_grad()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..obs import GridSpec, obs_compress
+from ..obs import GridSpec, hinv_diag, obs_compress
 from ..stages import layer_state
 from . import grid
 from .base import WeightQuantizer
@@ -79,15 +79,6 @@ def output_kl(X: torch.Tensor, W: torch.Tensor, W_hat: torch.Tensor, bias: torch
     """Mean over tokens of KL(softmax(XWᵀ) ‖ softmax(XŴᵀ))."""
     Y, Yq = F.linear(X, W, bias), F.linear(X, W_hat, bias)
     return float(F.kl_div(F.log_softmax(Yq, -1), F.log_softmax(Y, -1), log_target=True, reduction="batchmean"))
-
-
-def hinv_diag(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    d = H.shape[0]
-    Hd = H.clone()
-    dead = torch.diag(Hd) == 0
-    Hd[dead, dead] = 1.0
-    Hd += percdamp * torch.diag(Hd).mean() * torch.eye(d, device=H.device)
-    return torch.diag(torch.cholesky_inverse(torch.linalg.cholesky(Hd)))
 
 
 class SliMLLM(WeightQuantizer):

@@ -16,16 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..recovery.ste import frozen, round_ste
 from ..stages import layer_state
 from .format import QuantizedWeight
 from .slim_llm import SliMLLM
 
 log = logging.getLogger(__name__)
 INIT_LOGIT = 4.0  # σ(4) ≈ 0.982, OmniQuant's initialization: start near the full range
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    return x + (torch.round(x) - x).detach()
 
 
 def lwc_fake_quant(W: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, maxq: torch.Tensor,
@@ -132,17 +129,11 @@ class SliMLLMPlus(SliMLLM):
                 total += float(loss.detach()) * len(y)
             return total / len(x)
 
-        frozen = [p for p in block.parameters() if p.requires_grad]
-        for p in frozen:  # only the clip logits train
-            p.requires_grad_(False)
-        try:
+        with frozen(block):  # only the clip logits train
             before = loss_over_data(False)
             for _ in range(self.epochs):
                 loss_over_data(True)
             after = loss_over_data(False)
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
         with torch.no_grad():
             for n, m in lins.items():
                 W_hat, scale, zero = lwc_fake_quant(dense_w[n], *logits[n], maxqs[n], g, return_params=True)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .ste import OPTIMIZERS, constrained, make_optimizer
+from .ste import OPTIMIZERS, constrained, frozen, make_optimizer
 
 log = logging.getLogger(__name__)
 LR_GRID = (1e-3, 5e-4, 1e-4, 5e-5, 1e-6)
@@ -56,6 +56,8 @@ class Beam:
             raise ConfigError("recovery needs block_granularity >= 1, epochs >= 0, lr > 0 and batch_size >= 1")
         if not 0 <= val_fraction < 1:
             raise ConfigError(f"recovery.val_fraction={val_fraction} must be in [0, 1)")
+        if not lr_grid or any(v <= 0 for v in lr_grid):
+            raise ConfigError(f"recovery.lr_grid={list(lr_grid)} must be non-empty with every lr > 0")
         if lr_search and val_fraction == 0:
             raise ConfigError("recovery.lr_search picks by held-out loss: set recovery.val_fraction > 0")
         self.mode, self.granularity, self.optimizer, self.epochs = mode, block_granularity, optimizer, epochs
@@ -136,29 +138,22 @@ class Beam:
         opt = make_optimizer(self.optimizer, params, lr)
         steps = self.epochs * math.ceil(n_train / self.batch_size)
         sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.01, total_iters=max(steps, 1))
-        frozen = [p for b in blocks for p in b.parameters() if p.requires_grad]
-        for p in frozen:
-            p.requires_grad_(False)
-        try:
-            with torch.enable_grad():
-                for _ in range(self.epochs):
-                    perm = torch.randperm(n_train)
-                    total = 0.0
-                    for i in range(0, n_train, self.batch_size):
-                        idx = perm[i:i + self.batch_size]
-                        h = x[idx]
-                        for b, c in zip(blocks, cons):
-                            h = forward(b, h, self._params(c))
-                        loss = F.mse_loss(h.float(), target[idx].float())
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
-                        sched.step()
-                        total += float(loss.detach()) * len(idx)
-                    curve.append(total / n_train)
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
+        with frozen(*blocks), torch.enable_grad():
+            for _ in range(self.epochs):
+                perm = torch.randperm(n_train)
+                total = 0.0
+                for i in range(0, n_train, self.batch_size):
+                    idx = perm[i:i + self.batch_size]
+                    h = x[idx]
+                    for b, c in zip(blocks, cons):
+                        h = forward(b, h, self._params(c))
+                    loss = F.mse_loss(h.float(), target[idx].float())
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    total += float(loss.detach()) * len(idx)
+                curve.append(total / n_train)
         return cons, curve
 
     def _train_or_resume(self, forward, group, x, target, first) -> dict:

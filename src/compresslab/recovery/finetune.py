@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 from ..errors import ConfigError
 from ..models.adapters import adapter_for
-from .ste import ConstrainedLinear, make_optimizer
+from .ste import ConstrainedLinear, frozen, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +40,11 @@ class Finetune:
         ids = ids[:, : self.seqlen].to(device)
         torch.manual_seed(self.seed)
         opt = make_optimizer(self.optimizer, params, self.lr)
-        frozen = [p for p in model.parameters() if p.requires_grad]
-        for p in frozen:
-            p.requires_grad_(False)
         curve = []
         was_training = model.training
         model.train()
         try:
-            with torch.enable_grad():
+            with frozen(model), torch.enable_grad():
                 for step in range(self.steps):
                     idx = torch.randint(0, ids.shape[0], (self.batch_size,))
                     batch = ids[idx]
@@ -61,8 +58,6 @@ class Finetune:
                     opt.step()
                     curve.append(float(out.loss.detach()))
         finally:
-            for p in frozen:
-                p.requires_grad_(True)
             model.train(was_training)
         for c in cons.values():
             c.commit()

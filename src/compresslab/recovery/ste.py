@@ -9,6 +9,8 @@ zero, and the final weights are re-quantized onto the grid.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -21,6 +23,19 @@ TRAIN = ("all", "adapters", "scales")
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
+
+
+@contextmanager
+def frozen(*modules: nn.Module):
+    """Turn off gradients of the modules' own parameters (only the latent copies train), then restore."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def make_optimizer(name: str, params, lr: float):
