@@ -40,6 +40,11 @@ def _fmt(v):
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def run_dir_for(out: Path, method: str) -> Path:
+    """The run directory `run_table` uses for one method name."""
+    return out / method.replace(" ", "_").replace(":", "").replace("+", "plus").replace("=", "").replace("%", "pct")
+
+
 def run_table(name: str, methods: dict[str, list[str]], common: list[str], out: Path, only=None) -> list[dict]:
     """Run each method as its own `run.py` process (so peak RSS is per method) and read back
     its metrics.json. Returns one row per method."""
@@ -47,7 +52,7 @@ def run_table(name: str, methods: dict[str, list[str]], common: list[str], out: 
     for method, overrides in methods.items():
         if only and method not in only:
             continue
-        run_dir = out / method.replace(" ", "_").replace(":", "").replace("+", "plus").replace("=", "")
+        run_dir = run_dir_for(out, method)
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *overrides, *common, f"hydra.run.dir={run_dir}"],
                               cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
