@@ -1,6 +1,7 @@
 """compresslab entry point: `python run.py pruner=sparsegpt quantizer=gptq ...` (see README)."""
 
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -13,11 +14,15 @@ def main(cfg: DictConfig) -> None:
     from compresslab.cli import run_from_config
 
     hc = HydraConfig.get()
-    code = run_from_config(cfg, hc.runtime.output_dir)
+    sweep = str(hc.sweep.dir).removeprefix("multirun/") if hc.mode == RunMode.MULTIRUN else None
+    code = run_from_config(cfg, hc.runtime.output_dir, choices=dict(hc.runtime.choices), sweep=sweep)
     # In a sweep, one failed job must not stop the others: its metrics.json says "failed".
     if code and hc.mode != RunMode.MULTIRUN:
         sys.exit(code)
 
 
 if __name__ == "__main__":
+    from compresslab.cli import register_presets
+
+    register_presets(Path(__file__).parent)  # +experiment=<name> -> experiments/experiment/<name>.yaml
     main()

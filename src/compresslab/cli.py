@@ -15,6 +15,23 @@ log = logging.getLogger("compresslab")
 GROUPS = ("model", "data", "pruner", "quantizer", "lowrank", "recovery", "eval", "logger")
 
 
+def register_presets(root: str | Path) -> None:
+    """Add `<root>/experiments` to Hydra's config search path, so `+experiment=<name>` finds
+    experiments/experiment/<name>.yaml from any working directory. (A plugin registered by hand:
+    Hydra's own plugin scan does not see editable installs.)"""
+    from hydra.core.config_search_path import ConfigSearchPath
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+    presets = Path(root).resolve() / "experiments"
+
+    class ExperimentPresets(SearchPathPlugin):
+        def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+            search_path.append(provider="compresslab-experiments", path=f"file://{presets}")
+
+    Plugins.instance().register(ExperimentPresets)
+
+
 def build_pipeline(cfg: DictConfig):
     """Pipeline(**groups) via hydra's instantiate; a null group is a skipped stage."""
     from hydra.utils import instantiate
@@ -27,8 +44,39 @@ def build_pipeline(cfg: DictConfig):
     return instantiate(OmegaConf.create(spec, flags={"allow_objects": True}), _convert_="all")
 
 
-def run_from_config(cfg: DictConfig, output_dir: str | Path) -> int:
-    """Run one job; metrics.json is written in `output_dir` whatever happens. Returns an exit code."""
+def config_hash(config: dict) -> str:
+    """A short hash of the resolved job config; `force` and the logger do not change what a job computes."""
+    import hashlib
+    import json
+
+    keep = {k: v for k, v in config.items() if k not in ("force", "logger")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def method_string(choices: dict) -> str:
+    """'sparsegpt+gptq+slim+beam' from Hydra's group choices; 'dense' when no stage runs."""
+    parts = [choices.get(g) for g in ("pruner", "quantizer", "lowrank", "recovery")]
+    return "+".join(p for p in parts if p not in (None, "null")) or "dense"
+
+
+def finished(path: Path, digest: str) -> bool:
+    """True when `path` holds an ok metrics.json for the same config hash (the sweep skip rule)."""
+    import json
+
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return rec.get("status") == "ok" and rec.get("config_hash") == digest
+
+
+def run_from_config(cfg: DictConfig, output_dir: str | Path, choices: dict | None = None,
+                    sweep: str | None = None) -> int:
+    """Run one job; metrics.json is written in `output_dir` whatever happens. Returns an exit code.
+
+    A job whose `output_dir` already holds an ok metrics.json for the same resolved config is
+    skipped unless `force=true`, so re-running a sweep redoes only failed or unfinished jobs.
+    `choices` (Hydra's group choices) names the method for W&B's job_type; `sweep` is its group."""
     from .metrics import environment, write_json_atomic
 
     output_dir = Path(output_dir)
@@ -36,19 +84,32 @@ def run_from_config(cfg: DictConfig, output_dir: str | Path) -> int:
     config = OmegaConf.to_container(cfg, resolve=True)
     for g in GROUPS:  # a skipped stage shows as null
         config.setdefault(g, None)
+    digest = config_hash(config)
+    meta = {"method": method_string(choices or {}), "choices": {g: (choices or {}).get(g) for g in GROUPS}, "sweep": sweep,
+            "config_hash": digest}
+    if not cfg.get("force", False) and finished(path, digest):
+        log.info("skipping: %s already holds an ok result for this config (force=true reruns it)", path)
+        print(f"metrics: {path} (skipped, already done)", flush=True)
+        return 0
     pipeline = None
     try:
         pipeline = build_pipeline(cfg)
+        logger = pipeline.logger
+        if logger is not None and hasattr(logger, "group"):
+            logger.group = logger.group or sweep
+            logger.job_type = logger.job_type or meta["method"]
         log.info("pipeline: model=%s stages=%s recovery=%s", pipeline.model_loader, pipeline.stages, pipeline.recovery)
-        record = pipeline.run(output_dir, config)
+        record = pipeline.run(output_dir, config, meta=meta)
         m = record["metrics"]
-        shown = {k: round(v, 4) for k, v in m.items() if k.startswith(("ppl/", "dense/ppl/", "sparsity", "avg_bits"))}
+        shown = {k: round(v, 4) for k, v in m.items()
+                 if k.startswith(("ppl/", "dense/ppl/", "sparsity", "avg_bits", "zeroshot/avg"))}
         log.info("results: %s", shown)
         code = 0
     except Exception as e:  # noqa: BLE001 - every failure is recorded, then reported
         if pipeline is None:  # failed while instantiating: nothing else wrote metrics.json
-            write_json_atomic(path, {"status": "failed", "error": f"{type(e).__name__}: {e}", "config": config,
-                                     "metrics": {}, "traceback": traceback.format_exc(), "env": environment()})
+            write_json_atomic(path, {"status": "failed", "error": f"{type(e).__name__}: {e}", **meta,
+                                     "config": config, "metrics": {}, "traceback": traceback.format_exc(),
+                                     "env": environment()})
         from .errors import ConfigError
 
         cause = e

@@ -72,10 +72,13 @@ class Pipeline:
                 entry[f"recovery/curve/epoch_{epoch}"] = loss
             self.logger.log(entry)
 
-    def run(self, output_dir: str | Path | None = None, config: dict | None = None) -> dict[str, Any]:
-        """Validate, load, (dense eval), compress, eval; write metrics.json (atomically, also on failure)."""
+    def run(self, output_dir: str | Path | None = None, config: dict | None = None,
+            meta: dict | None = None) -> dict[str, Any]:
+        """Validate, load, (dense eval), compress, eval; write metrics.json (atomically, also on failure).
+        `meta` (e.g. method, config_hash) is copied into the record as is."""
         metrics: dict[str, Any] = {}
-        record: dict[str, Any] = {"status": "failed", "error": None, "config": config, "metrics": metrics}
+        record: dict[str, Any] = {"status": "failed", "error": None, **(meta or {}), "config": config,
+                                  "metrics": metrics}
         t_start = time.perf_counter()
         try:
             if self.logger is not None:
@@ -95,6 +98,8 @@ class Pipeline:
             metrics.update(report.metrics)
             record["layers"], record["recovery"] = report.layers, report.recovery
             self._log_recovery(report.recovery)
+            if self.logger is not None and report.layers:
+                self.logger.table("layers", report.layers)
             if evals:
                 t0 = time.perf_counter()
                 metrics.update(evaluate(model, tok, evals))

@@ -1,1 +1,1 @@
-"""Run loggers (`logger=...`): start(config, output_dir), log(metrics), summary(metrics), finish(ok)."""
+"""Run loggers (`logger=...`): start(config, output_dir), log(metrics), table(name, rows), summary(metrics), finish(ok)."""

@@ -38,6 +38,17 @@ class WandbLogger:
         if self.run is not None:
             self.run.log(metrics, step=step)
 
+    def table(self, name: str, rows: list[dict]) -> None:
+        """Rows of dicts (e.g. the per-layer error/sparsity table) as one wandb.Table."""
+        if self.run is None or not rows:
+            return
+        import wandb
+
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        data = [[r.get(c) if isinstance(r.get(c), (int, float, str, bool)) or r.get(c) is None else str(r.get(c))
+                 for c in columns] for r in rows]
+        self.run.log({name: wandb.Table(columns=columns, data=data)})
+
     def summary(self, metrics: dict) -> None:
         if self.run is not None:
             for k, v in metrics.items():
