@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from compresslab.cli import register_presets
+    from compresslab.cli import register_hydra_plugins
 
-    register_presets(Path(__file__).parent)  # +experiment=<name> -> experiments/experiment/<name>.yaml
+    register_hydra_plugins(Path(__file__).parent)  # hydra/launcher=slurm, +experiment=<name> presets
     main()

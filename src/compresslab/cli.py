@@ -15,14 +15,17 @@ log = logging.getLogger("compresslab")
 GROUPS = ("model", "data", "pruner", "quantizer", "lowrank", "recovery", "eval", "logger")
 
 
-def register_presets(root: str | Path) -> None:
-    """Add `<root>/experiments` to Hydra's config search path, so `+experiment=<name>` finds
-    experiments/experiment/<name>.yaml from any working directory. (A plugin registered by hand:
-    Hydra's own plugin scan does not see editable installs.)"""
+def register_hydra_plugins(root: str | Path) -> None:
+    """Register the project's Hydra plugins by hand (Hydra's own scan does not see editable installs):
+    the `hydra/launcher=slurm` launcher, and a search path entry for `<root>/experiments`, so that
+    `+experiment=<name>` finds experiments/experiment/<name>.yaml from any working directory."""
     from hydra.core.config_search_path import ConfigSearchPath
     from hydra.core.plugins import Plugins
     from hydra.plugins.search_path_plugin import SearchPathPlugin
 
+    from hydra_plugins.compresslab_launcher import SlurmLauncher
+
+    Plugins.instance().register(SlurmLauncher)
     presets = Path(root).resolve() / "experiments"
 
     class ExperimentPresets(SearchPathPlugin):

@@ -48,7 +48,7 @@ def collect(sweep_dir: Path) -> list[dict]:
             if k.startswith("zeroshot/") and k.endswith("/acc") and k != "zeroshot/avg/acc":
                 row[k] = v
         if rec.get("status") != "ok":
-            row["error"] = (rec.get("error") or "")[:200]
+            row["error"] = " ".join((rec.get("error") or "").split())[:300]
         rows.append(row)
     return rows
 

@@ -92,7 +92,8 @@ def _log_records(path: str):
 
 
 def read_offline_run(run_dir: str) -> dict:
-    """{'config': {...}, 'summary': {...}} of an offline run folder (wandb/offline-run-*), without syncing."""
+    """{'config', 'summary', 'run': {group, job_type}, 'history': [rows]} of an offline run folder
+    (wandb/offline-run-*), read without syncing."""
     import glob
     import json
 
@@ -101,7 +102,7 @@ def read_offline_run(run_dir: str) -> dict:
     logs = glob.glob(os.path.join(run_dir, "run-*.wandb"))
     if not logs:
         raise FileNotFoundError(f"no run-*.wandb in {run_dir}")
-    out: dict = {"config": {}, "summary": {}}
+    out: dict = {"config": {}, "summary": {}, "run": {}, "history": []}
     for raw in _log_records(logs[0]):
         rec = pb.Record()
         rec.ParseFromString(raw)
@@ -112,7 +113,11 @@ def read_offline_run(run_dir: str) -> dict:
         elif kind == "summary":
             for item in rec.summary.update:
                 out["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "history":
+            out["history"].append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                   for item in rec.history.item})
         elif kind == "run":
+            out["run"] = {"group": rec.run.run_group, "job_type": rec.run.job_type}
             for item in rec.run.config.update:
                 out["config"][item.key] = json.loads(item.value_json)
     return out
