@@ -15,9 +15,14 @@ if not os.environ.get("COMPRESSLAB_DATA_DIR"):
         os.environ["COMPRESSLAB_DATA_DIR"] = str(shared)
 
 
-def emit(name: str, rows: list[dict], meta: dict) -> None:
-    """Print JSON and write experiments/results/<name>.{json,md}."""
+def emit(name: str, rows: list[dict], meta: dict, merge: bool = False) -> None:
+    """Print JSON and write experiments/results/<name>.{json,md}. With `merge`, rows replace the
+    same-method rows of the existing file and the others are kept (for `--only` reruns)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if merge and (RESULTS / f"{name}.json").is_file():
+        old = json.loads((RESULTS / f"{name}.json").read_text())["rows"]
+        new = {r["method"]: r for r in rows}
+        rows = [new.pop(r["method"], r) for r in old] + list(new.values())
     payload = {"benchmark": name, "meta": meta, "rows": rows}
     text = json.dumps(payload, indent=2, default=str)
     print(text)

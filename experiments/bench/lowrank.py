@@ -79,7 +79,7 @@ def main():
                 if k in rec.get("metrics", {}):
                     row[k] = rec["metrics"][k]
         if rows:
-            emit(name, rows, {**meta, **extra})
+            emit(name, rows, {**meta, **extra}, merge=bool(args.only))
 
 
 if __name__ == "__main__":

@@ -228,8 +228,9 @@ class SequentialEngine:
                 layer_state(lin, create=True).original = original
             for stage in stages:
                 stage.compress(f"{adapter.blocks}.{i}.{name}", lin, stats)
-            if original is not None:
-                layer_state(lin).original = None
+            state = layer_state(lin)
+            if state is not None:  # the dense weight and the pruner's mask live only while the group runs
+                state.original = state.mask = None
             if H is not None:  # ‖(W − Ŵ)X‖ / ‖WX‖ = sqrt(tr(ΔHΔᵀ) / tr(WHWᵀ)), Ŵ the effective weight
                 delta = original - effective_weight(lin)
                 num = ((delta @ H) * delta).sum()

@@ -53,12 +53,17 @@ class LayerState:
     rel_error: float | None = None  # ‖WX − ŴX‖ / ‖WX‖ on the calibration inputs
     pending_lwc: bool = False  # SliM-LLM+: clip ranges still to be trained at the end of the block
     original: Any = None  # the dense weight while the layer's stages run (then dropped)
+    mask: Any = None  # the pruner's keep-mask (bool, out × in) while the layer's stages run (then dropped)
     adapter: Any = None  # lowrank.base.AdapterInfo when low-rank adapters are attached
     factors: Any = None  # (B, A) in fp16 when the layer is replaced by its low-rank factors
 
     def keep_mask(self, W):
-        """The pruning mask to hold in later stages (None when the layer was not pruned)."""
-        return None if self.pattern is None else W != 0
+        """The pruning mask to hold in later stages (None when the layer was not pruned). While the
+        layer's group is being compressed it is the pruner's own mask; later (recovery, a reloaded
+        model) it is W != 0, which also counts weights that quantization rounded to exactly 0."""
+        if self.pattern is None:
+            return None
+        return self.mask if self.mask is not None else W != 0
 
 
 def fuse_stages(stages: list) -> list:

@@ -59,7 +59,7 @@ def test_activation_aware_methods_beat_naive(method):
     W0, _ = _compress(NaiveSVD, lin, stats, rank=8)
     e_naive = err(W0, effective_weight(lin), X)
     _, stats, lin = _setup()
-    _compress(method, lin, stats, rank=8, **({"requantize": False} if method is SLiMLoRA else {}))
+    _compress(method, lin, stats, rank=8)  # SLiM with its re-quantization, as configured by default
     assert err(W0, effective_weight(lin), X) < e_naive
 
 
@@ -108,3 +108,33 @@ def test_svd_llm_beats_naive_at_a_20pct_parameter_cut():
     _compress(SVDLLM, lin, stats, quantizer=None, rank=r)
     e_svdllm = err(W0, lin.weight.detach(), X)
     assert e_svdllm < 0.7 * e_naive, (e_svdllm, e_naive)
+
+
+def test_slim_requantize_holds_grid_and_mask_and_moves_each_weight_closer():
+    """SLiM re-quantizes W − BA on the layer's own grid (scales and zeros kept): every weight ends on
+    the grid, pruned weights stay 0, and each kept weight is at least as close to its compensated
+    target W − BA as C(W) was."""
+    from compresslab.quantizer.gptq import GPTQ
+
+    runs = {}
+    for requantize in (False, True):
+        X, stats, lin = _setup(d=128, out=64)
+        W0 = lin.weight.detach().float().clone()
+        layer_state(lin, create=True).original = W0
+        Wanda(sparsity=0.5, pattern="2:4").compress("l", lin, stats)
+        keep = layer_state(lin).mask.clone()
+        GPTQ(bits=3, group_size=32).compress("l", lin, stats)
+        C = lin.weight.detach().float().clone()
+        SLiMLoRA(rank=8, requantize=requantize).compress("l", lin, stats)
+        state = layer_state(lin)
+        state.original = state.mask = None
+        Wq = lin.weight.detach().float()
+        BA = (lin.lora_B @ lin.lora_A).float()
+        runs[requantize] = err(W0, effective_weight(lin), X)
+        if requantize:
+            torch.testing.assert_close(state.quant.encode(Wq).dequantize() * keep, Wq)  # on the grid
+            assert not Wq[~keep].any()  # the pruning mask holds
+            target = (W0 - BA) * keep
+            assert ((target - Wq).abs() <= (target - C).abs() + 1e-5).all()
+            assert (Wq != C).any()  # it did move some weights
+    assert runs[True] <= runs[False]

@@ -179,13 +179,13 @@ class LowRank:
         E = W - C  # (out, in)
         r = resolve_rank(self.rank, self.rank_ratio, *W.shape, self.pad_rank_to, self.param_ratio)
         B, A = self.factor(W, E, stats, r)
-        self.after_factor(name, layer, W, E, B, A, stats)
         H = stats.hessian if stats is not None and stats.has_hessian else None
         if self.prune_adapters:
             A = A * keep_mask(A.abs(), 0.5, (2, 4))
             B = refit_B(E, A, B, H, self.prune_iters)
         if self.quantize_adapters:
             A, B = absmax_fake_quant(A), absmax_fake_quant(B)
+        self.after_factor(name, layer, W, E, B, A, stats)
         info = AdapterInfo(r, 4 if self.quantize_adapters else None, self.prune_adapters, not compressed)
         if not self.separate or not compressed:  # merge: dense W' = C + BA (C = 0 for low-rank-only)
             layer.weight.data.copy_((C + B @ A).to(layer.weight.dtype))
@@ -197,7 +197,7 @@ class LowRank:
         attach(layer, B, A, info)
 
     def after_factor(self, name, layer, W, E, B, A, stats):
-        """Hook for methods that change C(W) once the adapters are known (SLiM re-quantization)."""
+        """Hook for methods that change C(W) once the (final) adapters are known (SLiM re-quantization)."""
 
     def __repr__(self):
         r = f"rank={self.rank}" if self.rank is not None else f"rank_ratio={self.rank_ratio}"

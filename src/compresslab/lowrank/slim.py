@@ -2,15 +2,14 @@
 
 D = diag(√s) with s = mean x² per input channel; SVD of E·D at rank r; L = D⁻¹V_rΣ_r,
 R = U_rᵀ (here A = Lᵀ, B = Rᵀ). As in the seed, W − (LR)ᵀ is then re-quantized on the layer's
-grid (same bits, group size, symmetry and mask) with fresh ranges, so the quantized part and the
-adapters split the weight rather than the adapters only patching the error.
+grid, holding the pruning mask. Unlike the seed (whose AbsMax/SLiM-Quant ranges barely move),
+the grid's scales and zeros are kept rather than recomputed; see `after_factor`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..quantizer.rtn import rtn_quantize
 from ..stages import layer_state
 from .base import LowRank
 
@@ -28,16 +27,15 @@ class SLiMLoRA(LowRank):
     def after_factor(self, name, layer, W, E, B, A, stats):
         state = layer_state(layer)
         qw = state.quant
-        if not self.requantize or qw is None or qw.bit_map is not None or qw.group_size < 1:
+        if not self.requantize or qw is None:
             return
-        keep = layer.weight.detach() != 0 if state.pattern is not None else None
-        target = W - B @ A
-        if keep is not None:
-            target = target * keep
-        g = qw.group_size if qw.group_size < W.shape[1] else -1
-        new = rtn_quantize(target, qw.bits, g, qw.symmetric)
+        # Same scales and zeros as C(W): W − BA = C(W) + (E − BA), so each weight moves to the grid
+        # point nearest its compensated value. Elementwise this is never farther than C(W) was, and
+        # it keeps whatever an error-compensating quantizer (GPTQ) put into C(W). (Fresh ranges
+        # would re-round every weight and undo that compensation.)
+        new = qw.encode(W - B @ A)
         C = new.dequantize()
+        keep = state.keep_mask(layer.weight.detach())  # the pruner's mask: pruned weights stay 0
         if keep is not None:
             C = C * keep
         layer.weight.data.copy_(C.to(layer.weight.dtype))
-        state.quant = new.without_codes()

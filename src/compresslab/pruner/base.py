@@ -35,9 +35,10 @@ class Pruner:
 
     @torch.no_grad()
     def compress(self, name: str, layer: nn.Linear, stats=None) -> None:
-        W_hat, _ = self.prune(name, layer.weight.data.float(), stats)
+        W_hat, keep = self.prune(name, layer.weight.data.float(), stats)
         layer.weight.data.copy_(W_hat.to(layer.weight.dtype))
-        layer_state(layer, create=True).pattern = self.pattern
+        state = layer_state(layer, create=True)
+        state.pattern, state.mask = self.pattern, keep.bool()
 
     def __repr__(self):
         return f"{type(self).__name__}({self.pattern}, sparsity={self.sparsity})"

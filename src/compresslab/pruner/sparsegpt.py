@@ -65,9 +65,10 @@ class JointSparseGPTQ:
     def compress(self, name, layer, stats=None):
         p, q = self.pruner, self.quantizer
         spec = GridSpec(q.bits, q.group_size, q.symmetric, q.static_groups)
-        W_hat, _, qw = sparsegpt_prune(layer.weight.data, stats.hessian, p.sparsity, p.nm, p.percdamp,
-                                       p.blocksize, quant=spec, name=name)
-        layer_state(layer, create=True).pattern = p.pattern
+        W_hat, keep, qw = sparsegpt_prune(layer.weight.data, stats.hessian, p.sparsity, p.nm, p.percdamp,
+                                          p.blocksize, quant=spec, name=name)
+        state = layer_state(layer, create=True)
+        state.pattern, state.mask = p.pattern, keep.bool()
         q.finish(layer, W_hat, qw)
 
     def __repr__(self):
