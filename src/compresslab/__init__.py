@@ -15,6 +15,8 @@ _LAZY = {
     "recover": "compresslab.api",
     "Pipeline": "compresslab.pipeline",
     "SequentialEngine": "compresslab.engine",
+    "save_compressed": "compresslab.checkpoint",
+    "load_compressed": "compresslab.checkpoint",
 }
 
 

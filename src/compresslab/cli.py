@@ -44,6 +44,8 @@ def build_pipeline(cfg: DictConfig):
         spec[g] = cfg.get(g)
     if cfg.get("engine") is not None:
         spec["engine"] = cfg.engine
+    if cfg.get("save") is not None:
+        spec["save"] = cfg.save
     return instantiate(OmegaConf.create(spec, flags={"allow_objects": True}), _convert_="all")
 
 

@@ -23,34 +23,14 @@ DENSE_BITS = 16  # an uncompressed weight is stored as fp16/bf16
 
 
 def layer_storage_bits(layer: nn.Linear) -> int:
-    """Bits to store this Linear's weight in the packed format.
+    """Bits this Linear's weight takes in the packed checkpoint (`compresslab.checkpoint`), exactly:
+    codes packed at their width (or fp16 values), fp16 scales, zero points at the codes' width
+    (none when symmetric), SliM-LLM bit maps (a byte per group), N:M sparse weights as their kept n
+    of m plus ⌈log2 m⌉ bits of position each (2:4 -> 2 bits; unstructured sparsity is stored dense),
+    AWQ input scales, and low-rank adapters or factors. The bias is not counted."""
+    from .checkpoint.layer import pack_linear, storage_bits
 
-    Quantized values take `bits` (else 16), plus fp16 scales and `bits`-wide zeros per group.
-    N:M sparse weights store only the N kept values of each M plus ceil(log2 M) bits of position
-    each (2:4 -> 2 bits); unstructured sparsity is stored dense (its zeros are not compacted).
-    """
-    numel = layer.weight.numel()
-    state = layer_state(layer)
-    quant = state.quant if state else None
-    code_bits = quant.code_bits() if quant is not None else numel * DENSE_BITS
-    overhead = quant.storage_bits() - code_bits if quant is not None else 0
-    nm = parse_pattern(state.pattern) if state and state.pattern else None
-    if nm is not None:
-        n, m = nm
-        values = code_bits * n // m + numel * n // m * math.ceil(math.log2(m))
-    else:
-        values = code_bits
-    if state is not None and state.input_scale is not None:  # explicit per-input-channel scale (AWQ)
-        overhead += state.input_scale.numel() * DENSE_BITS
-    adapter = state.adapter if state is not None else None
-    if adapter is not None:
-        from .lowrank.base import adapter_storage_bits
-
-        if adapter.replaces:  # low-rank as compression: only the factors are stored
-            B, A = state.factors
-            return adapter_storage_bits(A, B, adapter)
-        overhead += adapter_storage_bits(layer.lora_A, layer.lora_B, adapter)
-    return values + overhead
+    return storage_bits(pack_linear(layer)[1])
 
 
 def layer_params(layer: nn.Linear) -> int:

@@ -22,12 +22,14 @@ STAGES = ("pruner", "quantizer", "lowrank")
 
 class Pipeline:
     def __init__(self, model, data=None, pruner=None, quantizer=None, lowrank=None, recovery=None,
-                 eval=None, logger=None, engine: SequentialEngine | None = None, seed: int = 0):
+                 eval=None, logger=None, engine: SequentialEngine | None = None, seed: int = 0,
+                 save: dict | None = None):
         self.model_loader, self.data = model, data
         self.pruner, self.quantizer, self.lowrank, self.recovery = pruner, quantizer, lowrank, recovery
         self.evaluator, self.logger = eval, logger
         self.engine = engine or SequentialEngine(device=str(getattr(model, "device", "auto")))
         self.seed = seed
+        self.save = dict(save or {})
 
     @property
     def stages(self):
@@ -98,6 +100,16 @@ class Pipeline:
             metrics.update(report.metrics)
             record["layers"], record["recovery"] = report.layers, report.recovery
             self._log_recovery(report.recovery)
+            if self.save.get("path"):  # before eval, so a failing eval loses nothing
+                from .checkpoint import save_compressed
+
+                t0 = time.perf_counter()
+                manifest = save_compressed(model, self.save["path"], tok, self.save.get("max_shard_size"),
+                                           extra={"metrics": dict(metrics)})
+                metrics["save/bytes"] = float(sum(f["bytes"] for f in manifest["files"].values()))
+                metrics["save/compressed_bytes"] = manifest["compressed"]["bytes"]
+                metrics["time/save_s"] = time.perf_counter() - t0
+                record["checkpoint"] = str(self.save["path"])
             if self.logger is not None and report.layers:
                 self.logger.table("layers", report.layers)
             if evals:

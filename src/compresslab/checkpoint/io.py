@@ -1,0 +1,259 @@
+"""The packed checkpoint: safetensors shards + manifest.json, and the loader that rebuilds a model.
+
+    <dir>/manifest.json            format, version, model config, per-layer layout, tensor index,
+                                   per-file sha256 and size, avg_bits of the compressed Linears
+    <dir>/model.safetensors        or model-00001-of-0000N.safetensors when sharded
+    <dir>/tokenizer*               when a tokenizer was given
+
+Only safetensors and JSON are read: nothing is unpickled. The manifest is written last, so an
+interrupted save has none and is refused on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..models.adapters import adapter_for
+from .layer import PackedLinear, pack_linear, storage_bits
+
+log = logging.getLogger(__name__)
+
+FORMAT, VERSION = "compresslab-packed", 1
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that is missing, truncated, corrupted or inconsistent with its manifest."""
+
+
+def _parse_size(size: int | str | None) -> int | None:
+    if size is None or isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    s = str(size).strip().upper()
+    for u in sorted(units, key=len, reverse=True):
+        if s.endswith(u):
+            return int(float(s[: -len(u)]) * units[u])
+    return int(s)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _other_tensors(model: nn.Module, packed_names: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str], list]:
+    """Every parameter/buffer outside the packed Linears (fp32 stored as fp16), aliases of tensors
+    that share storage (tied embeddings), and the non-persistent buffers (rotary inv_freq, kept
+    exact) that state_dict leaves out."""
+    out, aliases, seen = {}, {}, {}
+    state = model.state_dict()
+    buffers = []
+    for key, b in model.named_buffers():
+        if key not in state and b is not None and key.rsplit(".", 1)[0] not in packed_names:
+            out[key] = b.detach().cpu().contiguous()
+            buffers.append(key)
+    for key, v in state.items():
+        owner = key.rsplit(".", 1)[0]
+        if owner in packed_names:
+            continue
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if ptr in seen:
+            aliases[key] = seen[ptr]
+            continue
+        seen[ptr] = key
+        v = v.detach().cpu()
+        out[key] = (v.half() if v.dtype == torch.float32 else v).contiguous()
+    return out, aliases, buffers
+
+
+def save_compressed(model: nn.Module, path: str | Path, tokenizer=None, max_shard_size: int | str | None = "2GB",
+                    extra: dict | None = None) -> dict:
+    """Write `model` (compressed in place by compresslab) as a packed checkpoint. Returns the manifest."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for old in list(path.glob("model*.safetensors")) + [path / MANIFEST]:
+        old.unlink(missing_ok=True)
+    from safetensors.torch import save_file
+
+    adapter = adapter_for(model)
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict] = {}
+    bits = params = 0
+    for name, lin in adapter.named_linears(model):
+        meta, t = pack_linear(lin)
+        meta["tensors"] = {k: f"{name}.{k}" for k in t}
+        layers[name] = meta
+        tensors.update({f"{name}.{k}": v.detach().cpu().contiguous() for k, v in t.items()})
+        bits += storage_bits(t)
+        params += lin.weight.numel()
+    other, aliases, buffers = _other_tensors(model, set(layers))
+    tensors.update(other)
+
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in tensors:
+        nbytes = tensors[key].numel() * tensors[key].element_size()
+        if limit and shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensors[key]
+        size += nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    index, files = {}, {}
+    for fname, shard in zip(names, shards):
+        save_file(shard, str(path / fname), metadata={"format": "pt", "producer": FORMAT})
+        files[fname] = {"bytes": (path / fname).stat().st_size, "sha256": _sha256(path / fname)}
+        for k, v in shard.items():
+            index[k] = {"file": fname, "dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
+    manifest = {
+        "format": FORMAT, "version": VERSION, "config": model.config.to_dict(), "family": adapter.family,
+        "layers": layers, "aliases": aliases, "buffers": buffers, "tensors": index, "files": files,
+        "compressed": {"avg_bits": bits / max(params, 1), "bytes": bits / 8, "params": params},
+        **(extra or {}),
+    }
+    tmp = path / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, default=str))
+    os.replace(tmp, path / MANIFEST)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+    log.info("saved %s: %d files, %.1f MB, compressed Linears at %.3f bits/weight", path, len(files),
+             sum(f["bytes"] for f in files.values()) / 1e6, manifest["compressed"]["avg_bits"])
+    return manifest
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    f = path / MANIFEST
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a folder; pass the folder a compresslab save wrote")
+    if not f.is_file():
+        raise CheckpointError(f"{path} has no {MANIFEST}: not a compresslab packed checkpoint, or its save was "
+                              "interrupted (the manifest is written last); save it again")
+    try:
+        manifest = json.loads(f.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{f} is not valid JSON ({e}); the checkpoint is corrupted, save it again") from e
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{f} has format {manifest.get('format')!r}, not {FORMAT!r}")
+    if manifest.get("version") != VERSION:
+        raise CheckpointError(f"{f} is format version {manifest.get('version')}; this compresslab reads "
+                              f"version {VERSION}")
+    for key in ("config", "layers", "tensors", "files"):
+        if key not in manifest:
+            raise CheckpointError(f"{f} has no {key!r} entry; the manifest is incomplete")
+    return manifest
+
+
+def _read_tensors(path: Path, manifest: dict, verify: bool) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    out = {}
+    for fname, info in manifest["files"].items():
+        f = path / fname
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing (listed in {MANIFEST})")
+        if f.stat().st_size != info["bytes"]:
+            raise CheckpointError(f"{f} has {f.stat().st_size} bytes, the manifest says {info['bytes']}: "
+                                  "the file is truncated or was replaced")
+        if verify and _sha256(f) != info["sha256"]:
+            raise CheckpointError(f"{f} does not match its sha256 in {MANIFEST}: the file is corrupted")
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for key in sf.keys():
+                    out[key] = sf.get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{f} is not a readable safetensors file ({e})") from e
+    for key, info in manifest["tensors"].items():
+        if key not in out:
+            raise CheckpointError(f"tensor {key} (in {MANIFEST}) is not in {info['file']}")
+        t = out[key]
+        if list(t.shape) != info["shape"] or str(t.dtype).removeprefix("torch.") != info["dtype"]:
+            raise CheckpointError(f"tensor {key} is {t.dtype} {list(t.shape)} but the manifest says "
+                                  f"{info['dtype']} {info['shape']}")
+    return out
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _materialize(model: nn.Module, device: torch.device) -> None:
+    """Allocate the meta parameters/buffers outside the PackedLinears (which already hold their data)."""
+    packed = [n for n, m in model.named_modules() if isinstance(m, PackedLinear)]
+    for mname, mod in model.named_modules():
+        if any(mname == p or mname.startswith(p + ".") for p in packed):
+            continue
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            if p.is_meta:
+                mod._parameters[pname] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=False)
+        for bname, b in list(mod.named_buffers(recurse=False)):
+            if b is not None and b.is_meta:
+                mod._buffers[bname] = torch.empty_like(b, device=device)
+
+
+def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    verify: bool = True, cache_weights: bool = False, load_tokenizer: bool = True):
+    """Rebuild a transformers model from a packed checkpoint: (model, tokenizer or None).
+
+    Compressed Linears become `PackedLinear`s that dequantize their weight on the fly (on the CPU;
+    the Triton kernels take over on a GPU when available). `verify` checks every file's sha256.
+    `cache_weights` keeps each dequantized weight after its first use (faster, more memory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    tensors = _read_tensors(path, manifest, verify)
+    device = torch.device(device)
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
+    cfg = dict(manifest["config"])
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, meta in manifest["layers"].items():
+        try:
+            t = {role: tensors.pop(key) for role, key in meta["tensors"].items()}
+        except KeyError as e:
+            raise CheckpointError(f"layer {name}: tensor {e} is listed in its layout but not stored") from e
+        try:
+            model.get_submodule(name)
+        except AttributeError as e:
+            raise CheckpointError(f"layer {name} of the manifest does not exist in {type(model).__name__}") from e
+        _set_module(model, name, PackedLinear(meta, t, cache_weight=cache_weights))
+    _materialize(model, device)
+    for key in manifest.get("buffers", []):  # non-persistent buffers, set as saved
+        owner, _, bname = key.rpartition(".")
+        model.get_submodule(owner)._buffers[bname] = tensors.pop(key).to(device)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise CheckpointError(f"tensors {unexpected[:5]} of the checkpoint have no place in the model")
+    aliases = manifest.get("aliases", {})
+    for alias, target in aliases.items():  # tied weights: point the alias at the stored tensor
+        owner, _, pname = alias.rpartition(".")
+        towner, _, tname = target.rpartition(".")
+        setattr(model.get_submodule(owner), pname, getattr(model.get_submodule(towner), tname))
+    persistent_missing = [k for k in missing if k not in aliases and ".packed." not in k]
+    if persistent_missing:
+        raise CheckpointError(f"the checkpoint lacks {persistent_missing[:5]}; it does not match its config")
+    model.to(device).eval()
+    tok = None
+    if load_tokenizer and any(path.glob("tokenizer*")):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path))
+    return model, tok

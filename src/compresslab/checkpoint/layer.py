@@ -1,0 +1,258 @@
+"""One compressed Linear <-> its packed tensors, and the module that computes from them.
+
+`pack_linear(lin)` -> (meta, tensors): what the checkpoint stores for one Linear. `PackedLinear`
+rebuilds the layer from exactly those tensors and, on the CPU, dequantizes its weight on the fly.
+Every tensor except `bias` counts toward avg_bits, so `metrics.layer_storage_bits` is their size.
+
+Per-layer tensors (key suffixes):
+    qweight   int32  bit stream of the codes (only the kept n of each m when N:M sparse); with a
+                     SliM-LLM bit map, one stream per input group at that group's width
+    scales    fp16   (out, groups)
+    qzeros    int32  bit stream of the zero points (asymmetric grids only), same widths as codes
+    bit_map   uint8  (groups,) bits per input group (mixed precision)
+    weight    fp16   values when not quantized (again only the kept ones when N:M sparse)
+    nm_pos    int32  bit stream of the kept entries' positions inside their group (⌈log2 m⌉ bits)
+    input_scale fp16 (in,) explicit per-input-channel scale (AWQ): W = dequant(codes) / s
+    lora_A / lora_B  low-rank adapters (or the factors, when they replace the weight): fp16, or
+                     `<name>.codes` (4-bit, code + 8) with `<name>.scales` per tile of 128 inputs;
+                     a 2:4-pruned A stores its kept half plus `lora_A.nm_pos`
+    bias      fp16
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..pruner.masks import parse_pattern
+from ..quantizer.format import QuantizedWeight
+from ..stages import layer_state
+from .pack import compact_nm, expand_nm, nm_columns, pack_bits, packed_words, unpack_bits
+
+ADAPTER_TILE = 128
+
+
+def _nm(state, d: int):
+    nm = parse_pattern(state.pattern) if state is not None and state.pattern else None
+    return nm if nm is not None and d % nm[1] == 0 else None
+
+
+def _group_streams(M: torch.Tensor, widths: list[int], cols_per_group: int) -> torch.Tensor:
+    """Pack the column blocks of M (rows, groups·cols_per_group), block j at widths[j] bits."""
+    parts = [pack_bits(M[:, j * cols_per_group : (j + 1) * cols_per_group].reshape(-1), b)
+             for j, b in enumerate(widths)]
+    return torch.cat(parts)
+
+
+def _unpack_group_streams(words: torch.Tensor, widths: list[int], rows: int, cols_per_group: int) -> torch.Tensor:
+    out, at = [], 0
+    for b in widths:
+        n = rows * cols_per_group
+        k = packed_words(n, b)
+        out.append(unpack_bits(words[at : at + k], b, n).reshape(rows, cols_per_group))
+        at += k
+    if at != words.numel():
+        raise ValueError(f"packed stream has {words.numel()} words, the layout needs {at}")
+    return torch.cat(out, dim=1)
+
+
+def _pack_adapter(name: str, T: torch.Tensor, bits: int | None, pruned: bool, meta: dict) -> dict:
+    """A (r, in) or B (out, r), fp16 or 4-bit AbsMax per tile of 128 inputs; A optionally 2:4."""
+    T = T.detach().float()
+    out: dict[str, torch.Tensor] = {}
+    if pruned:
+        idx, pos = compact_nm(T != 0, 2, 4)
+        out[f"{name}.nm_pos"] = pack_bits(pos.reshape(-1), 2)
+        T = T.gather(1, idx)  # (rows, in/2): a tile of 128 inputs is 64 stored values
+    tile = ADAPTER_TILE // 2 if pruned else ADAPTER_TILE
+    if bits is None:
+        out[name] = T.half()
+        return out
+    rows, cols = T.shape
+    g = min(tile, cols)
+    pad = (-cols) % g
+    Tp = F.pad(T, (0, pad)).reshape(rows, -1, g)
+    qmax = 2 ** (bits - 1) - 1
+    scale = (Tp.abs().amax(-1) / qmax).clamp_min(1e-12).half()  # (rows, tiles)
+    codes = torch.round(Tp / scale.float()[..., None]).clamp(-qmax, qmax).reshape(rows, -1)[:, :cols]
+    out[f"{name}.codes"] = pack_bits((codes + qmax + 1).to(torch.int64).reshape(-1), bits)
+    out[f"{name}.scales"] = scale
+    return out
+
+
+def _unpack_adapter(name: str, t: dict, shape: tuple[int, int], bits: int | None, pruned: bool) -> torch.Tensor:
+    rows, cols = shape
+    kept = cols // 2 if pruned else cols
+    if bits is None:
+        T = t[name].float()
+    else:
+        qmax = 2 ** (bits - 1) - 1
+        codes = unpack_bits(t[f"{name}.codes"], bits, rows * kept).reshape(rows, kept) - (qmax + 1)
+        scale = t[f"{name}.scales"].float()
+        g = min(ADAPTER_TILE // 2 if pruned else ADAPTER_TILE, kept)
+        T = codes.float() * scale.repeat_interleave(g, dim=1)[:, :kept]
+    if pruned:
+        pos = unpack_bits(t[f"{name}.nm_pos"], 2, rows * kept).reshape(rows, kept)
+        T = expand_nm(T, pos, 2, 4, cols)
+    return T
+
+
+@torch.no_grad()
+def pack_linear(lin: nn.Linear) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(meta, tensors) for one compressed (or plain) Linear."""
+    state = layer_state(lin)
+    out, d = lin.weight.shape
+    meta: dict = {"shape": [out, d], "bias": lin.bias is not None}
+    t: dict[str, torch.Tensor] = {}
+    adapter = state.adapter if state is not None else None
+    if adapter is not None:
+        meta["adapter"] = {"rank": adapter.rank, "bits": adapter.quantized_bits, "pruned": adapter.pruned,
+                           "replaces": adapter.replaces}
+        if adapter.replaces:
+            B, A = state.factors
+        else:
+            B, A = lin.lora_B, lin.lora_A
+        t.update(_pack_adapter("lora_A", A, adapter.quantized_bits, adapter.pruned, meta))
+        t.update(_pack_adapter("lora_B", B, adapter.quantized_bits, False, meta))
+    if adapter is None or not adapter.replaces:
+        W = lin.weight.detach().float()
+        nm = _nm(state, d)
+        if nm is not None:
+            idx, pos = compact_nm(W != 0, *nm)
+            meta["nm"] = list(nm)
+            t["nm_pos"] = pack_bits(pos.reshape(-1), math.ceil(math.log2(nm[1])))
+        else:
+            idx = None
+        qw: QuantizedWeight | None = state.quant if state is not None else None
+        if state is not None and state.input_scale is not None:
+            s = state.input_scale.float()
+            t["input_scale"] = state.input_scale.half()
+            W = W * s[None, :]
+        if qw is None:
+            t["weight"] = (W if idx is None else W.gather(1, idx)).half()
+        else:
+            g = qw.group_size
+            meta["quant"] = {"bits": qw.bits, "group_size": g, "symmetric": qw.symmetric,
+                             "mixed": qw.bit_map is not None}
+            codes = qw.encode(W).codes.to(torch.int64)
+            if idx is not None:
+                codes = codes.gather(1, idx)
+            t["scales"] = qw.scales.half()
+            zeros = qw.zeros.round().to(torch.int64)
+            if qw.bit_map is None:
+                t["qweight"] = pack_bits(codes.reshape(-1), qw.bits)
+                if not qw.symmetric:
+                    t["qzeros"] = pack_bits(zeros.reshape(-1), qw.bits)
+            else:
+                widths = [int(b) for b in qw.bit_map]
+                kept_per_group = g * codes.shape[1] // d
+                if kept_per_group * d != g * codes.shape[1]:
+                    raise ValueError(f"group size {g} does not split the stored columns of an N:M weight")
+                t["bit_map"] = qw.bit_map.to(torch.uint8)
+                t["qweight"] = _group_streams(codes, widths, kept_per_group)
+                if not qw.symmetric:
+                    t["qzeros"] = _group_streams(zeros, widths, 1)
+    if state is not None and state.act is not None:
+        a = state.act
+        meta["act"] = {"bits": a.bits, "granularity": a.granularity, "group_size": a.group_size}
+    if lin.bias is not None:
+        t["bias"] = lin.bias.detach().half()
+    return meta, t
+
+
+def storage_bits(tensors: dict[str, torch.Tensor]) -> int:
+    """Bits of the packed tensors that count toward avg_bits (all but the bias)."""
+    return sum(v.numel() * v.element_size() * 8 for k, v in tensors.items() if k != "bias")
+
+
+def dequantize_weight(meta: dict, t: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The (out, in) float32 weight (without adapters), or None when the factors replace it."""
+    out, d = meta["shape"]
+    if meta.get("adapter", {}).get("replaces"):
+        return None
+    nm = meta.get("nm")
+    kept = d * nm[0] // nm[1] if nm else d
+    pos = (unpack_bits(t["nm_pos"], math.ceil(math.log2(nm[1])), out * kept).reshape(out, kept)
+           if nm else None)
+    q = meta.get("quant")
+    if q is None:
+        vals = t["weight"].float()
+    else:
+        g, scales = q["group_size"], t["scales"].float()
+        cols = nm_columns(pos, *nm) if nm else torch.arange(d, device=scales.device).expand(out, d)
+        group = cols // g  # (out, kept) group of each stored value
+        if q["mixed"]:
+            widths = [int(b) for b in t["bit_map"]]
+            codes = _unpack_group_streams(t["qweight"], widths, out, g * kept // d)
+            zeros = (_unpack_group_streams(t["qzeros"], widths, out, 1) if not q["symmetric"] else
+                     torch.tensor([2 ** (b - 1) for b in widths]).expand(out, -1))
+        else:
+            codes = unpack_bits(t["qweight"], q["bits"], out * kept).reshape(out, kept)
+            zeros = (unpack_bits(t["qzeros"], q["bits"], scales.numel()).reshape(scales.shape)
+                     if not q["symmetric"] else torch.full(scales.shape, 2 ** (q["bits"] - 1)))
+        vals = scales.gather(1, group) * (codes.float() - zeros.float().gather(1, group))
+    W = expand_nm(vals, pos, *nm, d) if nm else vals
+    if "input_scale" in t:
+        W = W / t["input_scale"].float()[None, :]
+    return W
+
+
+class PackedLinear(nn.Module):
+    """A Linear rebuilt from its packed tensors: y = W x (+ b) + B(A x), W dequantized on the fly.
+
+    `cache_weight=True` keeps the dequantized weight after the first call (faster on the CPU,
+    but then the layer holds a dense weight in memory)."""
+
+    def __init__(self, meta: dict, tensors: dict[str, torch.Tensor], cache_weight: bool = False):
+        super().__init__()
+        self.meta = meta
+        self.in_features, self.out_features = meta["shape"][1], meta["shape"][0]
+        self.packed = nn.Module()  # the stored tensors as buffers, so .to(device) moves them
+        self._keys = []
+        for k, v in tensors.items():
+            self.packed.register_buffer(k.replace(".", "__"), v)
+            self._keys.append(k)
+        self.cache_weight, self._w = cache_weight, None
+        self.act = None
+        if meta.get("act"):
+            from ..quantizer.activations import ActQuant
+
+            a = meta["act"]
+            self.act = ActQuant(a["bits"], a["granularity"], a["group_size"])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self.packed, k.replace(".", "__")) for k in self._keys}
+
+    def weight_and_adapters(self):
+        t = self.tensors()
+        W = self._w if self._w is not None else dequantize_weight(self.meta, t)
+        if self.cache_weight and W is not None:
+            self._w = W
+        ad = self.meta.get("adapter")
+        A = B = None
+        if ad is not None:
+            r = ad["rank"]
+            A = _unpack_adapter("lora_A", t, (r, self.in_features), ad["bits"], ad["pruned"])
+            B = _unpack_adapter("lora_B", t, (self.out_features, r), ad["bits"], False)
+        return W, A, B
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            x = self.act(self, (x,))[0]
+        W, A, B = self.weight_and_adapters()
+        bias = self.tensors().get("bias")
+        dtype = x.dtype
+        y = F.linear(x, W.to(dtype), None) if W is not None else 0
+        if A is not None:
+            y = y + F.linear(F.linear(x, A.to(dtype)), B.to(dtype))
+        if bias is not None:
+            y = y + bias.to(dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        q = self.meta.get("quant")
+        return (f"in={self.in_features}, out={self.out_features}, quant={q and (q['bits'], q['group_size'])}, "
+                f"nm={self.meta.get('nm')}, adapter={self.meta.get('adapter')}")
