@@ -34,7 +34,7 @@ demo: install
 		eval=ppl eval.dense_baseline=true eval.max_windows=8
 
 test: install
-	$(PY) -m pytest -q -ra
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra
 
 clean:
 	rm -rf $(VENV) outputs multirun

@@ -13,6 +13,7 @@ if not os.environ.get("COMPRESSLAB_DATA_DIR") and (ROOT.parent / "shared" / "dat
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU in tests (read at import)
 
 
 def has_data() -> bool:

@@ -1,0 +1,51 @@
+"""Triton import guard, autotune configs per GPU generation, and the dispatch log line."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("compresslab.kernels")
+
+try:  # Triton is optional: without it every op runs its torch reference
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - depends on the install
+    triton = tl = None
+
+
+def interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def autotune_configs():
+    """Tile configs: small-M (GEMV/small batch) friendly, per generation; one config when interpreting."""
+    if triton is None:
+        return []
+    if interpret() or not torch.cuda.is_available():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
+    major = torch.cuda.get_device_capability()[0]
+    if major >= 9:  # Hopper: wider N tiles, deeper pipelines
+        shapes = [(16, 128, 128, 4, 4), (16, 256, 64, 8, 4), (32, 128, 128, 4, 5), (64, 128, 64, 4, 4),
+                  (64, 256, 64, 8, 3)]
+    else:  # Ampere (sm_80/86) and older
+        shapes = [(16, 64, 128, 4, 3), (16, 128, 64, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 3),
+                  (64, 128, 32, 4, 4)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in shapes]
+
+
+_warned: set[str] = set()
+
+
+def use_triton(x: torch.Tensor, op: str) -> bool:
+    """Triton on a CUDA tensor (or under TRITON_INTERPRET=1); otherwise log once and use the reference."""
+    if triton is not None and (x.is_cuda or interpret()):
+        return True
+    if op not in _warned:
+        _warned.add(op)
+        why = "Triton is not installed" if triton is None else "no GPU (set TRITON_INTERPRET=1 to run it on the CPU)"
+        log.info("%s: %s; using the torch reference", op, why)
+    return False

@@ -1,0 +1,101 @@
+"""Every kernel against its torch reference, under TRITON_INTERPRET=1 on the CPU (set in conftest),
+on small shapes including odd ones and group edges; and the packed layouts against the checkpoint's."""
+
+import pytest
+import torch
+
+from compresslab.checkpoint.pack import compact_nm, pack_bits
+from compresslab.kernels import sparse24_w4_matmul, w4a16_matmul
+from compresslab.kernels._triton import triton
+from compresslab.kernels.sparse24_w4 import dequantize_24, sparse24_w4_ref, sparse24_w4_triton
+from compresslab.kernels.w4a16 import dequantize_w4, w4a16_ref, w4a16_triton
+
+needs_triton = pytest.mark.skipif(triton is None, reason="triton not installed")
+
+
+def w4_operands(N, K, g, sym, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (N, K), generator=gen)
+    qweight = pack_bits(codes.reshape(-1), 4).reshape(N, K // 8)  # the checkpoint's stream, row-aligned
+    scales = torch.rand(N, -(-K // g), generator=gen) * 0.1 + 0.01
+    zeros = None if sym else torch.randint(0, 16, scales.shape, generator=gen).float()
+    return codes, qweight, scales, zeros
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_w4_layout_matches_the_checkpoint_stream(sym):
+    codes, qweight, scales, zeros = w4_operands(8, 64, 32, sym)
+    W = dequantize_w4(qweight, scales, zeros, 32, 64)
+    z = 8.0 if sym else zeros.repeat_interleave(32, 1)
+    torch.testing.assert_close(W, scales.repeat_interleave(32, 1) * (codes.float() - z))
+
+
+@needs_triton
+@pytest.mark.parametrize("M,N,K,g", [(1, 64, 128, 32), (3, 40, 96, 32), (16, 33, 64, 64), (5, 17, 192, 64)])
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("lowrank", [0, 5])
+def test_w4a16_kernel_matches_reference(M, N, K, g, sym, lowrank):
+    _, qweight, scales, zeros = w4_operands(N, K, g, sym)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(1))
+    A = B = None
+    if lowrank:
+        A, B = torch.randn(lowrank, K) * 0.1, torch.randn(N, lowrank) * 0.1
+    want = w4a16_ref(x, qweight, scales, zeros, g, A, B)
+    got = w4a16_triton(x, qweight, scales, zeros, g, A, B)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def s24_operands(N, K, g, sym, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.zeros(N, K // 4, 4, dtype=torch.bool)
+    for i, j in enumerate(torch.randint(0, 6, (N * K // 4,), generator=gen).tolist()):
+        a, b = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)][j]
+        keep.view(-1, 4)[i, a] = keep.view(-1, 4)[i, b] = True
+    keep = keep.reshape(N, K)
+    idx, pos = compact_nm(keep, 2, 4)
+    codes = torch.randint(0, 16, (N, K // 2), generator=gen)
+    qkept = pack_bits(codes.reshape(-1), 4).reshape(N, K // 16)
+    meta = pack_bits(pos.reshape(-1), 2).reshape(N, K // 32)
+    scales = torch.rand(N, K // g, generator=gen) * 0.1 + 0.01
+    zeros = None if sym else torch.randint(0, 16, scales.shape, generator=gen).float()
+    return keep, idx, codes, qkept, meta, scales, zeros
+
+
+def test_24_layout_matches_the_checkpoint_stream():
+    keep, idx, codes, qkept, meta, scales, zeros = s24_operands(6, 64, 32, False)
+    W = dequantize_24(qkept, meta, scales, zeros, 32, 64)
+    assert torch.equal(W != 0, keep & (W != 0)) and ((W != 0).reshape(6, -1, 4).sum(-1) <= 2).all()
+    g = idx // 32
+    want = scales.gather(1, g) * (codes.float() - zeros.gather(1, g))
+    torch.testing.assert_close(W.gather(1, idx), want)
+
+
+@needs_triton
+@pytest.mark.parametrize("M,N,K,g", [(1, 32, 64, 32), (3, 19, 128, 64), (16, 40, 96, 32)])
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("lowrank", [0, 3])
+def test_sparse24_kernel_matches_reference(M, N, K, g, sym, lowrank):
+    _, _, _, qkept, meta, scales, zeros = s24_operands(N, K, g, sym)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(2))
+    A = B = None
+    if lowrank:
+        A, B = torch.randn(lowrank, K) * 0.1, torch.randn(N, lowrank) * 0.1
+    want = sparse24_w4_ref(x, qkept, meta, scales, zeros, g, A, B)
+    got = sparse24_w4_triton(x, qkept, meta, scales, zeros, g, A, B)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_dispatch_falls_back_with_a_log_line(monkeypatch, caplog):
+    import compresslab.kernels._triton as kt
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    kt._warned.clear()
+    _, qweight, scales, zeros = w4_operands(8, 64, 32, False)
+    x = torch.randn(2, 64)
+    with caplog.at_level("INFO", logger="compresslab.kernels"):
+        y = w4a16_matmul(x, qweight, scales, zeros, 32)
+        w4a16_matmul(x, qweight, scales, zeros, 32)
+    torch.testing.assert_close(y, w4a16_ref(x, qweight, scales, zeros, 32))
+    assert sum("torch reference" in r.message for r in caplog.records) == 1  # logged once
+    _, _, _, qkept, meta, s, z = s24_operands(4, 64, 32, True)
+    torch.testing.assert_close(sparse24_w4_matmul(x, qkept, meta, s, z, 32), sparse24_w4_ref(x, qkept, meta, s, z, 32))
