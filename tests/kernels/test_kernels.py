@@ -99,3 +99,32 @@ def test_dispatch_falls_back_with_a_log_line(monkeypatch, caplog):
     assert sum("torch reference" in r.message for r in caplog.records) == 1  # logged once
     _, _, _, qkept, meta, s, z = s24_operands(4, 64, 32, True)
     torch.testing.assert_close(sparse24_w4_matmul(x, qkept, meta, s, z, 32), sparse24_w4_ref(x, qkept, meta, s, z, 32))
+
+
+@needs_triton
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_packed_linear_kernel_path_matches_dequantized_path(pattern):
+    """The checkpoint's PackedLinear through the kernels equals its dequantize-on-the-fly path."""
+    from torch import nn
+
+    from compresslab.checkpoint.layer import PackedLinear, pack_linear
+    from compresslab.lowrank.naive import NaiveSVD
+    from compresslab.pruner.magnitude import Magnitude
+    from compresslab.quantizer.rtn import RTN
+    from compresslab.stages import layer_state
+
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 48)
+    layer_state(lin, create=True).original = lin.weight.detach().float().clone()
+    if pattern:
+        Magnitude(sparsity=0.5, pattern=pattern).compress("l", lin)
+    RTN(bits=4, group_size=32).compress("l", lin)
+    NaiveSVD(rank=4).compress("l", lin)
+    packed = PackedLinear(*pack_linear(lin))
+    ops = packed.kernel_operands()
+    assert ops is not None and ops[0] == ("sparse24" if pattern else "w4a16")
+    x = torch.randn(3, 128)
+    W, A, B = packed.weight_and_adapters()
+    kernel = sparse24_w4_triton if pattern else w4a16_triton
+    got = kernel(x, *ops[1:], A=A, B=B) + packed.tensors()["bias"].float()
+    torch.testing.assert_close(got, packed(x), atol=1e-4, rtol=1e-4)

@@ -226,9 +226,11 @@ class PackedLinear(nn.Module):
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self.packed, k.replace(".", "__")) for k in self._keys}
 
-    def weight_and_adapters(self):
+    def weight_and_adapters(self, need_weight: bool = True):
         t = self.tensors()
-        W = self._w if self._w is not None else dequantize_weight(self.meta, t)
+        W = None
+        if need_weight:
+            W = self._w if self._w is not None else dequantize_weight(self.meta, t)
         if self.cache_weight and W is not None:
             self._w = W
         ad = self.meta.get("adapter")
@@ -239,9 +241,45 @@ class PackedLinear(nn.Module):
             B = _unpack_adapter("lora_B", t, (self.out_features, r), ad["bits"], False)
         return W, A, B
 
+    def kernel_operands(self):
+        """Operands of the int4 kernels (compresslab.kernels), or None when this layer's layout has
+        none (other bit widths, bit maps, AWQ input scales, widths the row-aligned streams need)."""
+        if getattr(self, "_kops", False) is not False:
+            return self._kops
+        self._kops = None
+        q, nm, t = self.meta.get("quant"), self.meta.get("nm"), self.tensors()
+        N, K = self.out_features, self.in_features
+        ok = (q is not None and q["bits"] == 4 and not q["mixed"] and "input_scale" not in t
+              and (nm is None and K % 8 == 0 or nm == [2, 4] and K % 32 == 0))
+        if ok:
+            zeros = None
+            if not q["symmetric"]:
+                zeros = unpack_bits(t["qzeros"], 4, t["scales"].numel()).reshape(t["scales"].shape).float()
+                zeros = zeros.to(t["scales"].device)
+            scales = t["scales"]
+            if nm is None:
+                self._kops = ("w4a16", t["qweight"].view(N, K // 8), scales, zeros, q["group_size"])
+            else:
+                self._kops = ("sparse24", t["qweight"].view(N, K // 16), t["nm_pos"].view(N, K // 32), scales,
+                              zeros, q["group_size"])
+        return self._kops
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is not None:
             x = self.act(self, (x,))[0]
+        ops = self.kernel_operands() if x.is_cuda else None
+        if ops is not None:  # fused int4 kernels on the GPU (Triton), low-rank path in the epilogue
+            from .. import kernels
+
+            _, A, B = self.weight_and_adapters(need_weight=False)
+            x2 = x.reshape(-1, self.in_features)
+            if ops[0] == "w4a16":
+                y = kernels.w4a16_matmul(x2, *ops[1:], A=A, B=B)
+            else:
+                y = kernels.sparse24_w4_matmul(x2, *ops[1:], A=A, B=B)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+            bias = self.tensors().get("bias")
+            return y + bias.to(y.dtype) if bias is not None else y
         W, A, B = self.weight_and_adapters()
         bias = self.tensors().get("bias")
         dtype = x.dtype
