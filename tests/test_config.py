@@ -70,5 +70,5 @@ def test_cli_bad_option_and_help():
     help_ = subprocess.run([sys.executable, "run.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert help_.returncode == 0
     for line in ("pruner: jsq, magnitude, mask, sparsegpt, wanda", "quantizer: awq, gptq, rtn, slim_llm, slim_llm_plus, slim_quant",
-                 "lowrank: asvd, eora, l2qer, naive, slim, svd_llm", "recovery: beam, finetune", "eval: ppl", "logger: none, wandb", "data: calibration"):
+                 "lowrank: asvd, eora, l2qer, naive, slim, svd_llm", "recovery: beam, finetune", "eval: full, ppl, zeroshot", "logger: none, wandb", "data: calibration"):
         assert line in help_.stdout, line

@@ -17,7 +17,7 @@ def brute_force_rtn(w: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor
     if symmetric:
         hi = max(-lo, hi)
         lo = -hi if lo < 0 else lo
-    s = (hi - lo) / maxq
+    s = float(torch.tensor((hi - lo) / maxq).half())  # scales are fp16 values (stored as fp16)
     z = (maxq + 1) / 2 if symmetric else round(-lo / s)
     levels = torch.tensor([s * (q - z) for q in range(maxq + 1)], dtype=torch.float64)
     return levels[(w.double()[:, None] - levels[None]).abs().argmin(1)].float()

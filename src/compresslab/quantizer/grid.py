@@ -42,7 +42,8 @@ def qparams(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, symmetric: bool):
     empty = (wmin == 0) & (wmax == 0)
     wmin = torch.where(empty, -1.0, wmin)
     wmax = torch.where(empty, 1.0, wmax)
-    scale = (wmax - wmin) / maxq
+    # fp16-representable, as stored in the packed checkpoint (the in-memory model is the stored one)
+    scale = ((wmax - wmin) / maxq).half().float().clamp_min(2**-24)
     if symmetric:
         zero = torch.zeros_like(scale) + (maxq + 1) / 2
     else:
