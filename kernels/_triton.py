@@ -37,6 +37,39 @@ def autotune_configs():
             for m, n, k, w, s in shapes]
 
 
+def matmul_ref(x: torch.Tensor, W: torch.Tensor, A=None, B=None) -> torch.Tensor:
+    """x Wᵀ (+ (x Aᵀ) Bᵀ) in fp32, returned in x's dtype: the tail of every torch reference."""
+    y = x.float() @ W.T
+    if A is not None:
+        y = y + (x.float() @ A.float().T) @ B.float().T
+    return y.to(x.dtype)
+
+
+def lowrank_operands(x: torch.Tensor, A, B):
+    """(T = x Aᵀ (M, r), B, r, r padded to a power of two ≥ 16) for the fused epilogue; dummies
+    (and r = 0) when there is no low-rank path."""
+    if A is None:
+        return x, x, 0, 16
+    t = (x @ A.to(x.dtype).T).contiguous()  # the small half of the low-rank path
+    return t, B.contiguous(), t.shape[1], max(16, triton.next_power_of_2(t.shape[1]))
+
+
+if triton is not None:
+
+    @triton.jit
+    def lowrank_epilogue(acc, t_ptr, b_ptr, rm, rn, M, N, R, stm, sbn, RP: tl.constexpr):
+        """acc (BM, BN) += T[rm, :R] · B[rn, :R]ᵀ: the low-rank path, fused into the output tile."""
+        rr = tl.arange(0, RP)
+        t = tl.load(t_ptr + rm[:, None] * stm + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R),
+                    other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + rn[:, None] * sbn + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R),
+                    other=0.0).to(tl.float32)
+        return acc + tl.dot(t, tl.trans(b))
+
+else:  # pragma: no cover
+    lowrank_epilogue = None
+
+
 _warned: set[str] = set()
 
 

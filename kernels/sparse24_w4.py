@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import autotune_configs, triton, tl
+from ._triton import autotune_configs, lowrank_epilogue, lowrank_operands, matmul_ref, triton, tl
 from .w4a16 import unpack_int4
 
 
@@ -36,11 +36,7 @@ def dequantize_24(qkept, meta, scales, zeros, group_size: int, K: int) -> torch.
 
 
 def sparse24_w4_ref(x, qkept, meta, scales, zeros, group_size: int, A=None, B=None) -> torch.Tensor:
-    K = x.shape[-1]
-    y = x.float() @ dequantize_24(qkept, meta, scales, zeros, group_size, K).T
-    if A is not None:
-        y = y + (x.float() @ A.float().T) @ B.float().T
-    return y.to(x.dtype)
+    return matmul_ref(x, dequantize_24(qkept, meta, scales, zeros, group_size, x.shape[-1]), A, B)
 
 
 if triton is not None:
@@ -75,12 +71,7 @@ if triton is not None:
                          mask=(rm[:, None, None] < M) & nmask[None, :, :], other=0.0).to(tl.float32)
             acc += tl.sum(xg * w[None, :, :], axis=2)  # (BM, BN)
         if HAS_LR:
-            rr = tl.arange(0, RP)
-            t = tl.load(t_ptr + rm[:, None] * stm + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R),
-                        other=0.0).to(tl.float32)
-            b = tl.load(b_ptr + rn[:, None] * sbn + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R),
-                        other=0.0).to(tl.float32)
-            acc += tl.dot(t, tl.trans(b))
+            acc = lowrank_epilogue(acc, t_ptr, b_ptr, rm, rn, M, N, R, stm, sbn, RP)
         tl.store(y_ptr + rm[:, None] * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
 
@@ -94,12 +85,7 @@ def sparse24_w4_triton(x, qkept, meta, scales, zeros, group_size: int, A=None, B
         raise ValueError(f"the 2:4 kernel needs K divisible by 32, got {K}")
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     has_lr = A is not None
-    if has_lr:
-        t = (x @ A.to(x.dtype).T).contiguous()
-        R, RP, b = t.shape[1], max(16, triton.next_power_of_2(t.shape[1])), B.contiguous()
-    else:
-        t = b = x
-        R, RP = 0, 16
+    t, b, R, RP = lowrank_operands(x, A, B)
     z = zeros if zeros is not None else scales
     grid = lambda meta_: (triton.cdiv(M, meta_["BLOCK_M"]), triton.cdiv(N, meta_["BLOCK_N"]))  # noqa: E731
     _sparse24_kernel[grid](x, qkept, meta, scales, z, t, b, y, M, N, K, group_size, R,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import autotune_configs, triton, tl
+from ._triton import autotune_configs, lowrank_epilogue, lowrank_operands, matmul_ref, triton, tl
 
 
 def unpack_int4(qweight: torch.Tensor, K: int) -> torch.Tensor:
@@ -32,12 +32,7 @@ def dequantize_w4(qweight, scales, zeros, group_size: int, K: int) -> torch.Tens
 
 def w4a16_ref(x, qweight, scales, zeros, group_size: int, A=None, B=None) -> torch.Tensor:
     """Torch reference: (M, K) x -> (M, N)."""
-    K = x.shape[-1]
-    W = dequantize_w4(qweight, scales, zeros, group_size, K)
-    y = x.float() @ W.T
-    if A is not None:
-        y = y + (x.float() @ A.float().T) @ B.float().T
-    return y.to(x.dtype)
+    return matmul_ref(x, dequantize_w4(qweight, scales, zeros, group_size, x.shape[-1]), A, B)
 
 
 if triton is not None:
@@ -69,12 +64,7 @@ if triton is not None:
             w = s * (code - z)  # (BN, BK) dequantized in registers
             acc += tl.dot(x, tl.trans(w))
         if HAS_LR:  # fused low-rank epilogue: acc += T Bᵀ with T = x Aᵀ (M, R) computed beforehand
-            rr = tl.arange(0, RP)
-            t = tl.load(t_ptr + rm[:, None] * stm + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R),
-                        other=0.0).to(tl.float32)
-            b = tl.load(b_ptr + rn[:, None] * sbn + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R),
-                        other=0.0).to(tl.float32)
-            acc += tl.dot(t, tl.trans(b))
+            acc = lowrank_epilogue(acc, t_ptr, b_ptr, rm, rn, M, N, R, stm, sbn, RP)
         tl.store(y_ptr + rm[:, None] * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
 
@@ -86,14 +76,7 @@ def w4a16_triton(x, qweight, scales, zeros, group_size: int, A=None, B=None) -> 
     N = qweight.shape[0]
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     has_lr = A is not None
-    if has_lr:
-        t = (x @ A.to(x.dtype).T).contiguous()  # (M, r): the small half of the low-rank path
-        R = t.shape[1]
-        RP = max(16, triton.next_power_of_2(R))
-        b = B.contiguous()
-    else:
-        t = b = x  # unused
-        R, RP = 0, 16
+    t, b, R, RP = lowrank_operands(x, A, B)
     z = zeros if zeros is not None else scales
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
     _w4a16_kernel[grid](x, qweight, scales, z, t, b, y, M, N, K, group_size, R,

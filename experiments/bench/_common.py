@@ -1,5 +1,6 @@
 """Shared helpers for the benchmark scripts: JSON out, Markdown table out."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -43,6 +44,23 @@ def _fmt(v):
 
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def table_args(name: str) -> argparse.ArgumentParser:
+    """The options every run_table benchmark takes: --only, --nsamples, --calib-seqlen, --windows, --out."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="*", help="method names to run (default: all)")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--out", default=str(ROOT / "outputs" / f"bench_{name}"))
+    return ap
+
+
+def table_overrides(args) -> list[str]:
+    """run.py overrides for those options (quiet, no W&B)."""
+    return [f"data.nsamples={args.nsamples}", f"data.seqlen={args.calib_seqlen}", "eval.seqlen=2048",
+            f"eval.max_windows={args.windows}", "logger=none", "engine.progress=false", "eval.progress=false"]
 
 
 def run_dir_for(out: Path, method: str) -> Path:

@@ -9,11 +9,10 @@ C(W)=0): naive vs svd_llm vs asvd at a 20% parameter cut (lowrank.param_ratio=0.
 Each row is its own `run.py` process; figures come back from each run's metrics.json.
 """
 
-import argparse
 import json
 from pathlib import Path
 
-from _common import ROOT, emit, run_dir_for, run_table
+from _common import emit, run_dir_for, run_table, table_args, table_overrides
 
 BASE = ["pruner=sparsegpt", "pruner.pattern=2:4", "quantizer=gptq", "quantizer.bits=4", "quantizer.group_size=64"]
 R = "lowrank.rank_ratio=0.1"
@@ -49,16 +48,10 @@ def _recovery_summary(run_dir: Path) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--only", nargs="*", help="method names to run (default: all)")
+    ap = table_args("lowrank")
     ap.add_argument("--table", choices=["lowrank", "lowrank_only", "both"], default="both")
-    ap.add_argument("--nsamples", type=int, default=128)
-    ap.add_argument("--calib-seqlen", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--out", default=str(ROOT / "outputs" / "bench_lowrank"))
     args = ap.parse_args()
-    common = [f"data.nsamples={args.nsamples}", f"data.seqlen={args.calib_seqlen}", "eval.seqlen=2048",
-              f"eval.max_windows={args.windows}", "logger=none", "engine.progress=false", "eval.progress=false"]
+    common = table_overrides(args)
     meta = {
         "model": "SmolLM2-135M-Instruct (dense weights dequantized from GGUF Q4_1), fp32, CPU, 2 threads",
         "calibration": f"wikitext2 valid, {args.nsamples}x{args.calib_seqlen}",

@@ -7,10 +7,9 @@ Each method runs as its own `run.py` process (so peak RSS is per method); result
 from each run's metrics.json. SmolLM2 widths (576, 1536) are multiples of 64, not 128: g64.
 """
 
-import argparse
 from pathlib import Path
 
-from _common import ROOT, emit, run_table
+from _common import emit, run_table, table_args, table_overrides
 G = "quantizer.group_size=64"
 METHODS = {
     "dense": [],
@@ -31,15 +30,8 @@ METHODS = {
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--only", nargs="*", help="method names to run (default: all)")
-    ap.add_argument("--nsamples", type=int, default=128)
-    ap.add_argument("--calib-seqlen", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--out", default=str(ROOT / "outputs" / "bench_oneshot"))
-    args = ap.parse_args()
-    common = [f"data.nsamples={args.nsamples}", f"data.seqlen={args.calib_seqlen}", "eval.seqlen=2048",
-              f"eval.max_windows={args.windows}", "logger=none", "engine.progress=false", "eval.progress=false"]
+    args = table_args("oneshot").parse_args()
+    common = table_overrides(args)
     rows = run_table("oneshot", METHODS, common, Path(args.out), args.only)
     emit("oneshot", rows, {
         "model": "SmolLM2-135M-Instruct (dense weights dequantized from GGUF Q4_1), fp32, CPU",
