@@ -20,14 +20,20 @@ def interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def autotune_configs():
-    """Tile configs: small-M (GEMV/small batch) friendly, per generation; one config when interpreting."""
+def autotune_configs(gather: bool = False):
+    """Tile configs: small-M (GEMV/small batch) friendly, per generation; one config when interpreting.
+    `gather`: the 2:4 kernel reduces a (BLOCK_M, BLOCK_N, BLOCK_K) gathered tile in registers, so its
+    tiles stay small."""
     if triton is None:
         return []
     if interpret() or not torch.cuda.is_available():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
     major = torch.cuda.get_device_capability()[0]
-    if major >= 9:  # Hopper: wider N tiles, deeper pipelines
+    if gather:
+        shapes = [(1, 64, 64, 4, 3), (1, 128, 32, 4, 3), (4, 64, 32, 4, 3), (16, 32, 32, 4, 2), (16, 64, 16, 4, 2)]
+        if major >= 9:
+            shapes += [(1, 128, 64, 8, 4), (4, 128, 32, 8, 3)]
+    elif major >= 9:  # Hopper: wider N tiles, deeper pipelines
         shapes = [(16, 128, 128, 4, 4), (16, 256, 64, 8, 4), (32, 128, 128, 4, 5), (64, 128, 64, 4, 4),
                   (64, 256, 64, 8, 3)]
     else:  # Ampere (sm_80/86) and older
@@ -57,14 +63,17 @@ def lowrank_operands(x: torch.Tensor, A, B):
 if triton is not None:
 
     @triton.jit
-    def lowrank_epilogue(acc, t_ptr, b_ptr, rm, rn, M, N, R, stm, sbn, RP: tl.constexpr):
-        """acc (BM, BN) += T[rm, :R] · B[rn, :R]ᵀ: the low-rank path, fused into the output tile."""
+    def lowrank_epilogue(acc, t_ptr, b_ptr, rm, rn, M, N, R, stm, sbn, RP: tl.constexpr, BLOCK_M: tl.constexpr):
+        """acc (BM, BN) += T[rm, :R] · B[rn, :R]ᵀ: the low-rank path, fused into the output tile
+        (tl.dot needs 16 rows; GEMV tiles reduce in registers)."""
         rr = tl.arange(0, RP)
         t = tl.load(t_ptr + rm[:, None] * stm + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R),
                     other=0.0).to(tl.float32)
         b = tl.load(b_ptr + rn[:, None] * sbn + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R),
                     other=0.0).to(tl.float32)
-        return acc + tl.dot(t, tl.trans(b))
+        if BLOCK_M >= 16:
+            return acc + tl.dot(t, tl.trans(b))
+        return acc + tl.sum(t[:, None, :] * b[None, :, :], axis=2)
 
 else:  # pragma: no cover
     lowrank_epilogue = None

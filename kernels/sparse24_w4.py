@@ -41,7 +41,7 @@ def sparse24_w4_ref(x, qkept, meta, scales, zeros, group_size: int, A=None, B=No
 
 if triton is not None:
 
-    @triton.autotune(configs=autotune_configs(), key=["M", "N", "K"])
+    @triton.autotune(configs=autotune_configs(gather=True), key=["M", "N", "K"])
     @triton.jit
     def _sparse24_kernel(x_ptr, qk_ptr, mt_ptr, s_ptr, z_ptr, t_ptr, b_ptr, y_ptr,
                          M, N, K, G, R,
@@ -71,7 +71,7 @@ if triton is not None:
                          mask=(rm[:, None, None] < M) & nmask[None, :, :], other=0.0).to(tl.float32)
             acc += tl.sum(xg * w[None, :, :], axis=2)  # (BM, BN)
         if HAS_LR:
-            acc = lowrank_epilogue(acc, t_ptr, b_ptr, rm, rn, M, N, R, stm, sbn, RP)
+            acc = lowrank_epilogue(acc, t_ptr, b_ptr, rm, rn, M, N, R, stm, sbn, RP, BLOCK_M)
         tl.store(y_ptr + rm[:, None] * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
 

@@ -64,7 +64,7 @@ if triton is not None:
             w = s * (code - z)  # (BN, BK) dequantized in registers
             acc += tl.dot(x, tl.trans(w))
         if HAS_LR:  # fused low-rank epilogue: acc += T Bᵀ with T = x Aᵀ (M, R) computed beforehand
-            acc = lowrank_epilogue(acc, t_ptr, b_ptr, rm, rn, M, N, R, stm, sbn, RP)
+            acc = lowrank_epilogue(acc, t_ptr, b_ptr, rm, rn, M, N, R, stm, sbn, RP, BLOCK_M)
         tl.store(y_ptr + rm[:, None] * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
 
