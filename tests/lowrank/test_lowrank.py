@@ -138,3 +138,21 @@ def test_slim_requantize_holds_grid_and_mask_and_moves_each_weight_closer():
             assert ((target - Wq).abs() <= (target - C).abs() + 1e-5).all()
             assert (Wq != C).any()  # it did move some weights
     assert runs[True] <= runs[False]
+
+
+def test_slim_requantize_never_raises_the_output_error_of_a_gptq_layer():
+    """Re-rounding W − BA would discard GPTQ's error shaping; with the Hessian at hand SLiM keeps the
+    re-quantized weight only when the output error (through H) goes down."""
+    from compresslab.quantizer.gptq import GPTQ
+
+    X, stats, lin = _setup(d=128, out=64)
+    W0 = lin.weight.detach().float().clone()
+    layer_state(lin, create=True).original = W0
+    GPTQ(bits=2, group_size=32).compress("l", lin, stats)
+    C = lin.weight.detach().float().clone()
+    SLiMLoRA(rank=4).compress("l", lin, stats)
+    layer_state(lin).original = None
+    BA = (lin.lora_B @ lin.lora_A).float()
+    H = stats.hessian
+    F_new, F_old = W0 - BA - lin.weight.detach().float(), W0 - BA - C
+    assert ((F_new @ H) * F_new).sum() <= ((F_old @ H) * F_old).sum() + 1e-6

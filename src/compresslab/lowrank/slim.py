@@ -3,7 +3,8 @@
 D = diag(√s) with s = mean x² per input channel; SVD of E·D at rank r; L = D⁻¹V_rΣ_r,
 R = U_rᵀ (here A = Lᵀ, B = Rᵀ). As in the seed, W − (LR)ᵀ is then re-quantized on the layer's
 grid, holding the pruning mask. Unlike the seed (whose AbsMax/SLiM-Quant ranges barely move),
-the grid's scales and zeros are kept rather than recomputed; see `after_factor`.
+the grid's scales and zeros are kept rather than recomputed, and when the layer's Hessian is at
+hand (GPTQ ran) the re-quantized weight is kept only if it lowers the output error; see `after_factor`.
 """
 
 from __future__ import annotations
@@ -30,12 +31,21 @@ class SLiMLoRA(LowRank):
         if not self.requantize or qw is None:
             return
         # Same scales and zeros as C(W): W − BA = C(W) + (E − BA), so each weight moves to the grid
-        # point nearest its compensated value. Elementwise this is never farther than C(W) was, and
-        # it keeps whatever an error-compensating quantizer (GPTQ) put into C(W). (Fresh ranges
-        # would re-round every weight and undo that compensation.)
-        new = qw.encode(W - B @ A)
-        C = new.dequantize()
+        # point nearest its compensated value (elementwise never farther than C(W) was).
+        C_old = layer.weight.detach().float()
+        C = qw.encode(W - B @ A).dequantize()
         keep = state.keep_mask(layer.weight.detach())  # the pruner's mask: pruned weights stay 0
         if keep is not None:
             C = C * keep
+        H = stats.hessian if stats is not None and stats.has_hessian else None
+        if H is not None:
+            # An error-compensating quantizer (GPTQ) shaped E to be small in the output ‖E X‖, not
+            # elementwise; plain re-rounding would trade that for RTN-like noise. Keep whichever
+            # residual W − BA − C is smaller through H = XᵀX.
+            def out_err(Cq):
+                F = W - B @ A - Cq
+                return float(((F @ H) * F).sum())
+
+            if out_err(C) >= out_err(C_old):
+                return
         layer.weight.data.copy_(C.to(layer.weight.dtype))
