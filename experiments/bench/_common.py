@@ -77,7 +77,9 @@ def run_table(name: str, methods: dict[str, list[str]], common: list[str], out: 
             continue
         run_dir = run_dir_for(out, method)
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *overrides, *common, f"hydra.run.dir={run_dir}"],
+        # force=true: always recompute (the sweep skip rule keys on the config, not the code)
+        proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *overrides, *common, f"hydra.run.dir={run_dir}",
+                               "force=true"],
                               cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
         wall = time.perf_counter() - t0
         rec = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
