@@ -22,6 +22,7 @@ from compresslab.quantizer.awq import AWQ
 from compresslab.quantizer.gptq import GPTQ
 from compresslab.quantizer.rtn import RTN
 from compresslab.quantizer.slim_llm import SliMLLM
+from compresslab.quantizer.slim_quant import SLiMQuant
 from compresslab.stages import layer_state
 from compresslab.stats import LayerStats
 from conftest import correlated_inputs
@@ -72,6 +73,8 @@ KINDS = {
     "gptq3-sym": [GPTQ(bits=3, group_size=32, symmetric=True)],
     "awq4": [AWQ(bits=4, group_size=32)],
     "rtn4-act8": [RTN(bits=4, group_size=32, act_bits=8)],
+    "slim_quant4-per-tensor": [SLiMQuant(bits=4)],
+    "slim_quant4-g32": [SLiMQuant(bits=4, group_size=32)],
     "wanda24": [Wanda(sparsity=0.5, pattern="2:4")],
     "wanda24+rtn4": [Wanda(sparsity=0.5, pattern="2:4"), RTN(bits=4, group_size=32)],
     "slim_llm2": [SliMLLM(bits=2, group_size=32)],

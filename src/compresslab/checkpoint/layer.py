@@ -181,18 +181,19 @@ def dequantize_weight(meta: dict, t: dict[str, torch.Tensor]) -> torch.Tensor | 
     if q is None:
         vals = t["weight"].float()
     else:
-        g, scales = q["group_size"], t["scales"].float()
+        g, scales = q["group_size"], t["scales"].float().expand(out, -1)  # (1, C) when per tensor
         cols = nm_columns(pos, *nm) if nm else torch.arange(d, device=scales.device).expand(out, d)
         group = cols // g  # (out, kept) group of each stored value
         if q["mixed"]:
             widths = [int(b) for b in t["bit_map"]]
             codes = _unpack_group_streams(t["qweight"], widths, out, g * kept // d)
-            zeros = (_unpack_group_streams(t["qzeros"], widths, out, 1) if not q["symmetric"] else
-                     torch.tensor([2 ** (b - 1) for b in widths]).expand(out, -1))
+            zeros = (_unpack_group_streams(t["qzeros"], widths, t["scales"].shape[0], 1) if not q["symmetric"] else
+                     torch.tensor([2 ** (b - 1) for b in widths])[None]).expand(out, -1)
         else:
             codes = unpack_bits(t["qweight"], q["bits"], out * kept).reshape(out, kept)
-            zeros = (unpack_bits(t["qzeros"], q["bits"], scales.numel()).reshape(scales.shape)
-                     if not q["symmetric"] else torch.full(scales.shape, 2 ** (q["bits"] - 1)))
+            zshape = t["scales"].shape
+            zeros = (unpack_bits(t["qzeros"], q["bits"], t["scales"].numel()).reshape(zshape)
+                     if not q["symmetric"] else torch.full(zshape, 2 ** (q["bits"] - 1))).expand(out, -1)
         vals = scales.gather(1, group) * (codes.float() - zeros.float().gather(1, group))
     W = expand_nm(vals, pos, *nm, d) if nm else vals
     if "input_scale" in t:
