@@ -30,6 +30,10 @@ class Pipeline:
         self.engine = engine or SequentialEngine(device=str(getattr(model, "device", "auto")))
         self.seed = seed
         self.save = dict(save or {})
+        if self.save.get("path"):  # a bad shard size fails now, not after compression
+            from .checkpoint.io import parse_size
+
+            parse_size(self.save.get("max_shard_size"))
 
     @property
     def stages(self):

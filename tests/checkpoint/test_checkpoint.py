@@ -222,3 +222,15 @@ def test_smollm2_save_load_same_ppl(tmp_path):
     assert after == pytest.approx(before, rel=5e-3)
     assert manifest["compressed"]["avg_bits"] == pytest.approx(4 + (16 + 4) / 64)  # codes + fp16 scale + 4-bit zero per 64
     assert disk < 0.5 * 134.5e6 * 2  # well under the fp16 model (embeddings stay fp16)
+
+
+def test_bad_shard_size_fails_before_loading(tmp_path):
+    from compresslab.errors import ConfigError
+    from compresslab.pipeline import Pipeline
+
+    with pytest.raises(ConfigError, match="max_shard_size"):
+        Pipeline(model=TinyModel(device="cpu"), save={"path": str(tmp_path), "max_shard_size": "lots"})
+    from compresslab.checkpoint.io import parse_size
+
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("1GiB") == 2**30 and parse_size(4096) == 4096
+    assert parse_size(None) is None

@@ -34,15 +34,20 @@ class CheckpointError(ConfigError):
     """A checkpoint that is missing, truncated, corrupted or inconsistent with its manifest."""
 
 
-def _parse_size(size: int | str | None) -> int | None:
-    if size is None or isinstance(size, int):
-        return size
+def parse_size(size: int | str | None) -> int | None:
+    """Bytes of a shard-size setting: an int, or '2GB' / '500MB' / '1GiB' ...; None: no limit."""
+    if size is None:
+        return None
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
     s = str(size).strip().upper()
-    for u in sorted(units, key=len, reverse=True):
-        if s.endswith(u):
-            return int(float(s[: -len(u)]) * units[u])
-    return int(s)
+    unit = next((u for u in sorted(units, key=len, reverse=True) if s.endswith(u)), "B")
+    try:
+        nbytes = int(float(s[: len(s) - len(unit)] if s.endswith(unit) else s) * units[unit])
+    except ValueError:
+        nbytes = 0
+    if nbytes <= 0:
+        raise ConfigError(f"save.max_shard_size={size!r} is not a positive size; use e.g. 2GB, 500MB or null")
+    return nbytes
 
 
 def _sha256(path: Path) -> str:
@@ -101,7 +106,7 @@ def save_compressed(model: nn.Module, path: str | Path, tokenizer=None, max_shar
     other, aliases, buffers = _other_tensors(model, set(layers))
     tensors.update(other)
 
-    limit = _parse_size(max_shard_size)
+    limit = parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key in tensors:
