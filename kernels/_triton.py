@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -51,13 +52,30 @@ def matmul_ref(x: torch.Tensor, W: torch.Tensor, A=None, B=None) -> torch.Tensor
     return y.to(x.dtype)
 
 
-def lowrank_operands(x: torch.Tensor, A, B):
-    """(T = x Aᵀ (M, r), B, r, r padded to a power of two ≥ 16) for the fused epilogue; dummies
-    (and r = 0) when there is no low-rank path."""
+class Launch(NamedTuple):
+    """What both int4 kernels' launches share: the output, the zeros operand, the low-rank
+    epilogue's operands and the grid."""
+
+    y: torch.Tensor  # (M, N) output
+    z: torch.Tensor  # zeros, or the scales as a never-read stand-in when symmetric
+    t: torch.Tensor  # T = x Aᵀ (M, r), or x as a stand-in when there is no low-rank path
+    b: torch.Tensor  # B (N, r), or x
+    r: int  # rank (0: no low-rank path)
+    rp: int  # rank padded to a power of two >= 16
+    grid: Callable
+
+
+def launch_operands(x: torch.Tensor, N: int, scales, zeros, A, B) -> Launch:
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    M = x.shape[0]
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    z = zeros if zeros is not None else scales
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
     if A is None:
-        return x, x, 0, 16
+        return Launch(y, z, x, x, 0, 16, grid)
     t = (x @ A.to(x.dtype).T).contiguous()  # the small half of the low-rank path
-    return t, B.contiguous(), t.shape[1], max(16, triton.next_power_of_2(t.shape[1]))
+    return Launch(y, z, t, B.contiguous(), t.shape[1], max(16, triton.next_power_of_2(t.shape[1])), grid)
 
 
 if triton is not None:

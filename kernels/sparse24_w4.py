@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import autotune_configs, lowrank_epilogue, lowrank_operands, matmul_ref, triton, tl
+from ._triton import autotune_configs, launch_operands, lowrank_epilogue, matmul_ref, triton, tl
 from .w4a16 import unpack_int4
 
 
@@ -77,19 +77,12 @@ if triton is not None:
 
 
 def sparse24_w4_triton(x, qkept, meta, scales, zeros, group_size: int, A=None, B=None) -> torch.Tensor:
-    if triton is None:
-        raise RuntimeError("triton is not installed")
     M, K = x.shape
-    N = qkept.shape[0]
     if K % 32:
         raise ValueError(f"the 2:4 kernel needs K divisible by 32, got {K}")
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    has_lr = A is not None
-    t, b, R, RP = lowrank_operands(x, A, B)
-    z = zeros if zeros is not None else scales
-    grid = lambda meta_: (triton.cdiv(M, meta_["BLOCK_M"]), triton.cdiv(N, meta_["BLOCK_N"]))  # noqa: E731
-    _sparse24_kernel[grid](x, qkept, meta, scales, z, t, b, y, M, N, K, group_size, R,
-                           x.stride(0), x.stride(1), qkept.stride(0), meta.stride(0), scales.stride(0),
-                           z.stride(0), t.stride(0), b.stride(0), y.stride(0),
-                           HAS_ZEROS=zeros is not None, HAS_LR=has_lr, RP=RP)
-    return y
+    L = launch_operands(x, qkept.shape[0], scales, zeros, A, B)
+    _sparse24_kernel[L.grid](x, qkept, meta, scales, L.z, L.t, L.b, L.y, M, L.y.shape[1], K, group_size, L.r,
+                             x.stride(0), x.stride(1), qkept.stride(0), meta.stride(0), scales.stride(0),
+                             L.z.stride(0), L.t.stride(0), L.b.stride(0), L.y.stride(0),
+                             HAS_ZEROS=zeros is not None, HAS_LR=A is not None, RP=L.rp)
+    return L.y

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import resource
@@ -18,8 +17,6 @@ from torch import nn
 from .models.adapters import adapter_for
 from .pruner.masks import nm_valid, parse_pattern
 from .stages import layer_state
-
-DENSE_BITS = 16  # an uncompressed weight is stored as fp16/bf16
 
 
 def layer_storage_bits(layer: nn.Linear) -> int:

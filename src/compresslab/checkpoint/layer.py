@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..lowrank.base import ADAPTER_TILE, absmax_codes
 from ..pruner.masks import parse_pattern
 from ..quantizer.format import QuantizedWeight
 from ..stages import layer_state
 from .pack import compact_nm, expand_nm, nm_columns, pack_bits, packed_words, unpack_bits
 
-ADAPTER_TILE = 128
 
 
 def _nm(state, d: int):
@@ -59,7 +59,7 @@ def _unpack_group_streams(words: torch.Tensor, widths: list[int], rows: int, col
     return torch.cat(out, dim=1)
 
 
-def _pack_adapter(name: str, T: torch.Tensor, bits: int | None, pruned: bool, meta: dict) -> dict:
+def _pack_adapter(name: str, T: torch.Tensor, bits: int | None, pruned: bool) -> dict:
     """A (r, in) or B (out, r), fp16 or 4-bit AbsMax per tile of 128 inputs; A optionally 2:4."""
     T = T.detach().float()
     out: dict[str, torch.Tensor] = {}
@@ -71,15 +71,9 @@ def _pack_adapter(name: str, T: torch.Tensor, bits: int | None, pruned: bool, me
     if bits is None:
         out[name] = T.half()
         return out
-    rows, cols = T.shape
-    g = min(tile, cols)
-    pad = (-cols) % g
-    Tp = F.pad(T, (0, pad)).reshape(rows, -1, g)
-    qmax = 2 ** (bits - 1) - 1
-    scale = (Tp.abs().amax(-1) / qmax).clamp_min(1e-12).half()  # (rows, tiles)
-    codes = torch.round(Tp / scale.float()[..., None]).clamp(-qmax, qmax).reshape(rows, -1)[:, :cols]
-    out[f"{name}.codes"] = pack_bits((codes + qmax + 1).to(torch.int64).reshape(-1), bits)
-    out[f"{name}.scales"] = scale
+    codes, scale = absmax_codes(T, bits, tile)
+    out[f"{name}.codes"] = pack_bits((codes + 2 ** (bits - 1)).to(torch.int64).reshape(-1), bits)
+    out[f"{name}.scales"] = scale.half()
     return out
 
 
@@ -115,8 +109,8 @@ def pack_linear(lin: nn.Linear) -> tuple[dict, dict[str, torch.Tensor]]:
             B, A = state.factors
         else:
             B, A = lin.lora_B, lin.lora_A
-        t.update(_pack_adapter("lora_A", A, adapter.quantized_bits, adapter.pruned, meta))
-        t.update(_pack_adapter("lora_B", B, adapter.quantized_bits, False, meta))
+        t.update(_pack_adapter("lora_A", A, adapter.quantized_bits, adapter.pruned))
+        t.update(_pack_adapter("lora_B", B, adapter.quantized_bits, False))
     if adapter is None or not adapter.replaces:
         W = lin.weight.detach().float()
         nm = _nm(state, d)
@@ -217,6 +211,7 @@ class PackedLinear(nn.Module):
             self.packed.register_buffer(k.replace(".", "__"), v)
             self._keys.append(k)
         self.cache_weight, self._w = cache_weight, None
+        self._kops: tuple | None | bool = False  # kernel operands, built on first use (False: not yet)
         self.act = None
         if meta.get("act"):
             from ..quantizer.activations import ActQuant
@@ -245,7 +240,7 @@ class PackedLinear(nn.Module):
     def kernel_operands(self):
         """Operands of the int4 kernels (compresslab.kernels), or None when this layer's layout has
         none (other bit widths, bit maps, AWQ input scales, widths the row-aligned streams need)."""
-        if getattr(self, "_kops", False) is not False:
+        if self._kops is not False:
             return self._kops
         self._kops = None
         q, nm, t = self.meta.get("quant"), self.meta.get("nm"), self.tensors()

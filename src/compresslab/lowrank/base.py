@@ -65,27 +65,24 @@ def resolve_rank(rank: int | None, rank_ratio: float | None, out: int, inp: int,
     return min(r, min(out, inp))
 
 
-def absmax_fake_quant(T: torch.Tensor, bits: int = 4, tile: int = ADAPTER_TILE) -> torch.Tensor:
-    """Symmetric AbsMax fake quantization per tile of `tile` consecutive elements along dim 1."""
+def absmax_codes(T: torch.Tensor, bits: int = 4, tile: int = ADAPTER_TILE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric AbsMax quantization per tile of `tile` consecutive elements along dim 1:
+    (integer codes in [-(2^(b-1)-1), 2^(b-1)-1] (rows, cols) as float, scales (rows, tiles))."""
     rows, cols = T.shape
     g = min(tile, cols)
     pad = (-cols) % g
     Tp = F.pad(T.float(), (0, pad)).reshape(rows, -1, g)
     qmax = 2 ** (bits - 1) - 1
-    scale = Tp.abs().amax(-1, keepdim=True).clamp_min(1e-12) / qmax
-    return (torch.round(Tp / scale).clamp(-qmax, qmax) * scale).reshape(rows, -1)[:, :cols].to(T.dtype)
+    scale = Tp.abs().amax(-1).clamp_min(1e-12) / qmax  # (rows, tiles)
+    codes = torch.round(Tp / scale[..., None]).clamp(-qmax, qmax).reshape(rows, -1)[:, :cols]
+    return codes, scale
 
 
-def adapter_storage_bits(A: torch.Tensor, B: torch.Tensor, info: AdapterInfo) -> int:
-    """Bits to store B (out, r) and A (r, in): 16 each, or `bits` plus an fp16 scale per tile;
-    a 2:4-pruned A stores its kept half plus 2 bits of position each."""
-    def tensor_bits(T, sparse):
-        n = T.numel()
-        vbits = info.quantized_bits or 16
-        tiles = T.shape[0] * math.ceil(T.shape[1] / min(ADAPTER_TILE, T.shape[1])) if info.quantized_bits else 0
-        values = n // 2 * (vbits + 2) if sparse else n * vbits
-        return values + tiles * 16
-    return tensor_bits(A, info.pruned) + tensor_bits(B, False)
+def absmax_fake_quant(T: torch.Tensor, bits: int = 4, tile: int = ADAPTER_TILE) -> torch.Tensor:
+    """T on its AbsMax grid (see absmax_codes)."""
+    codes, scale = absmax_codes(T, bits, tile)
+    g = min(tile, T.shape[1])
+    return (codes * scale.repeat_interleave(g, dim=1)[:, : T.shape[1]]).to(T.dtype)
 
 
 def refit_B(E: torch.Tensor, A: torch.Tensor, B: torch.Tensor, H: torch.Tensor | None, iters: int, lr: float = 1e-3):

@@ -33,7 +33,8 @@ class SLiMLoRA(LowRank):
         # Same scales and zeros as C(W): W − BA = C(W) + (E − BA), so each weight moves to the grid
         # point nearest its compensated value (elementwise never farther than C(W) was).
         C_old = layer.weight.detach().float()
-        C = qw.encode(W - B @ A).dequantize()
+        target = W - B @ A
+        C = qw.encode(target).dequantize()
         keep = state.keep_mask(layer.weight.detach())  # the pruner's mask: pruned weights stay 0
         if keep is not None:
             C = C * keep
@@ -43,7 +44,7 @@ class SLiMLoRA(LowRank):
             # elementwise; plain re-rounding would trade that for RTN-like noise. Keep whichever
             # residual W − BA − C is smaller through H = XᵀX.
             def out_err(Cq):
-                F = W - B @ A - Cq
+                F = target - Cq
                 return float(((F @ H) * F).sum())
 
             if out_err(C) >= out_err(C_old):
