@@ -22,7 +22,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from compresslab.cli import register_hydra_plugins
+    from compresslab.cli import register_hydra_plugins, sweep_overrides
 
     register_hydra_plugins(Path(__file__).parent)  # hydra/launcher=slurm, +experiment=<name> presets
+    sys.argv[1:] = sweep_overrides(sys.argv[1:])  # `-m pruner=a,b pruner.pattern=2:4` (see its docstring)
     main()

@@ -65,3 +65,27 @@ def hessian_of(X: torch.Tensor) -> torch.Tensor:
 
 def out_err(W: torch.Tensor, W_hat: torch.Tensor, X: torch.Tensor) -> float:
     return float(((W - W_hat) @ X.T).norm() / (W @ X.T).norm())
+
+
+def small_data_dir(dest: Path, docs: int = 4) -> Path:
+    """A copy of $COMPRESSLAB_DATA_DIR with the first `docs` documents of every zero-shot task and the
+    first 200 lines of wikitext-2, so that jobs with eval=zeroshot or a full ppl eval run in seconds."""
+    import bz2
+
+    src = Path(os.environ["COMPRESSLAB_DATA_DIR"])
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "wikitext-2").mkdir(exist_ok=True)
+    for rel in ("wikitext-2/wiki.valid.tokens", "wikitext-2/wiki.test.raw"):
+        with open(src / rel, encoding="utf-8") as f:
+            (dest / rel).write_text("".join(f.readline() for _ in range(200)), encoding="utf-8")
+    for rel in ("piqa/valid.jsonl", "piqa/valid-labels.lst", "arc/ARC-Easy-Test.jsonl", "arc/ARC-Challenge-Test.jsonl",
+                "winogrande/dev.jsonl", "boolq/dev.jsonl"):
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        with open(src / rel, encoding="utf-8") as f:
+            (dest / rel).write_text("".join(f.readline() for _ in range(docs)), encoding="utf-8")
+    (dest / "hellaswag").mkdir(exist_ok=True)
+    with bz2.open(src / "hellaswag/hellaswag_val_full.txt.bz2", "rt", encoding="utf-8") as f:
+        lines = [f.readline() for _ in range(6 * docs)]
+    with bz2.open(dest / "hellaswag/hellaswag_val_full.txt.bz2", "wt", encoding="utf-8") as f:
+        f.write("".join(lines))
+    return dest

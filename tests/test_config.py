@@ -10,13 +10,17 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 
-from compresslab.cli import GROUPS, build_pipeline
+from hydra.utils import get_class
+from omegaconf import DictConfig, ListConfig
+
+from compresslab.cli import GROUPS, build_pipeline, check_options
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 ROOT = CONF.parent
 
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))] if CONF.is_dir() else []
 EXTRA = {("model", "hf"): ["model.name_or_path=some/model"]}
+NO_SCALAR_ATTRS = {"full"}  # eval=full holds two evaluators
 
 
 def _compose(overrides):
@@ -31,16 +35,34 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_instantiates(group, option, tmp_path):
+    """Each conf/<group>/<option>.yaml builds exactly its `_target_` class, every key of the file is
+    an argument of that class (check_options), and the values reach the object unchanged wherever it
+    keeps them under the same name."""
     extra = list(EXTRA.get((group, option), []))
     if (group, option) == ("pruner", "mask"):  # needs a real file of masks
         from safetensors.torch import save_file
 
         save_file({"m": torch.ones(2, 4, dtype=torch.uint8)}, str(tmp_path / "m.safetensors"))
         extra.append(f"pruner.path={tmp_path / 'm.safetensors'}")
-    cfg = _compose([f"{group}={option}", *extra])
+    cfg = _compose([f"{group}='{option}'", *extra])
+    if option == "null":  # conf/<group>/null.yaml: the stage is skipped
+        assert cfg[group] is None
+        return
+    check_options(group, cfg[group])
     obj = instantiate(cfg[group])
-    assert obj is not None
-    assert type(obj).__module__.startswith("compresslab.")
+    assert type(obj) is get_class(cfg[group]._target_)
+    kept = 0
+    for key, value in cfg[group].items():
+        if key.startswith("_") or not hasattr(obj, key) or isinstance(value, DictConfig) or value is None:
+            continue  # (null means "derive it": static_groups, sparsity from the pattern, ...)
+        got = getattr(obj, key)
+        if isinstance(value, ListConfig):
+            value, got = list(value), list(got)
+        if isinstance(got, (str, int, float, bool, list, type(None))):
+            assert got == value, (key, got, value)
+            kept += 1
+    options = [k for k in cfg[group] if not k.startswith("_")]
+    assert kept or not options or option in NO_SCALAR_ATTRS, f"{group}={option}: no option reached the object"
 
 
 def test_defaults_build_a_pipeline_with_skipped_stages():
@@ -69,6 +91,7 @@ def test_cli_bad_option_and_help():
     assert "no_such_pruner" in out.stderr and "magnitude" in out.stderr
     help_ = subprocess.run([sys.executable, "run.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert help_.returncode == 0
-    for line in ("pruner: jsq, magnitude, mask, sparsegpt, wanda", "quantizer: awq, gptq, rtn, slim_llm, slim_llm_plus, slim_quant",
-                 "lowrank: asvd, eora, l2qer, naive, slim, svd_llm", "recovery: beam, finetune", "eval: full, ppl, zeroshot", "logger: none, wandb", "data: calibration"):
+    for line in ("pruner: jsq, magnitude, mask, null, sparsegpt, wanda",
+                 "quantizer: awq, gptq, null, rtn, slim_llm, slim_llm_plus, slim_quant",
+                 "lowrank: asvd, eora, l2qer, naive, null, slim, svd_llm", "recovery: beam, finetune, null", "eval: full, ppl, zeroshot", "logger: none, wandb", "data: calibration"):
         assert line in help_.stdout, line

@@ -35,14 +35,109 @@ def register_hydra_plugins(root: str | Path) -> None:
     Plugins.instance().register(ExperimentPresets)
 
 
+STAGE_GROUPS = ("pruner", "quantizer", "lowrank", "recovery")  # groups with a conf/<group>/null.yaml
+
+
+def sweep_overrides(args: list[str]) -> list[str]:
+    """Command-line overrides rewritten so that what the README prints composes in Hydra.
+
+    - `pruner=null` (also inside a sweep, `lowrank=null,slim`): Hydra reads an unquoted null as
+      None and rejects it as a group choice, so it is quoted ('null' selects conf/<group>/null.yaml,
+      which sets the group to null: no stage).
+    - `-m pruner=magnitude,wanda pruner.pattern=2:4`: in a multirun Hydra first composes one base
+      config WITHOUT the swept group choices (the group keeps its default, e.g. `pruner: null`), so
+      `pruner.pattern` has nothing to override there and the sweep stops before any job runs.
+      Written as `++pruner.pattern=2:4`, the option composes in the base config and sets the
+      option in every job; `build_pipeline` then rejects an option the chosen method does not have
+      (the check Hydra's struct mode makes for a plain override).
+    Other arguments pass unchanged."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep
+
+    parser = OverridesParser.create()
+    parsed = {}
+    for i, arg in enumerate(args):
+        if "=" in arg and not arg.startswith("-"):
+            try:
+                parsed[i] = parser.parse_override(arg)
+            except Exception:  # noqa: BLE001 - Hydra reports it properly when it parses argv itself
+                continue
+    out = list(args)
+    swept = set()
+    for i, o in parsed.items():
+        if o.key_or_group not in GROUPS or o.is_delete():
+            continue
+        if o.is_sweep_override():
+            swept.add(o.key_or_group)
+        value = o.value()
+        if o.key_or_group in STAGE_GROUPS and not o.is_add() and not o.is_force_add():
+            if value is None:
+                out[i] = f"{o.key_or_group}='null'"
+            elif isinstance(value, ChoiceSweep) and None in value.list:
+                items = ",".join("'null'" if v == "null" else v for v in o.sweep_string_iterator())
+                out[i] = f"{o.key_or_group}={items}"  # (Hydra's choice() refuses null itself)
+    for i, o in parsed.items():
+        group = o.key_or_group.split(".", 1)[0]
+        if group in swept and "." in o.key_or_group and not (o.is_add() or o.is_force_add() or o.is_delete()):
+            out[i] = "++" + args[i]
+    return out
+
+
+def check_options(key: str, node) -> None:
+    """Fail (ConfigError) on an option the `_target_` class does not take, naming the valid ones.
+
+    Hydra's struct mode catches a misspelt option for a plain override, but not for the force-adds
+    of `sweep_overrides`, nor for an option a sweep carries to a method that lacks it."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    from .errors import ConfigError
+
+    if not isinstance(node, DictConfig):
+        return
+    for k in node:
+        if isinstance(node.get(k), DictConfig):
+            check_options(f"{key}.{k}", node[k])
+    target = node.get("_target_")
+    if target is None:
+        return
+    try:
+        params = inspect.signature(get_object(target)).parameters
+    except (ValueError, TypeError, ImportError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = [k for k in node if not str(k).startswith("_") and k not in params]
+    if unknown:
+        valid = [p for p in params if p != "self" and params[p].kind is not inspect.Parameter.VAR_POSITIONAL]
+        raise ConfigError(f"{key} ({target.rsplit('.', 1)[-1]}) has no option(s) {', '.join(unknown)}; "
+                          f"its options are {', '.join(valid)} (see conf/{key.split('.')[0]}/)")
+
+
+def drop_null_group_options(cfg: DictConfig) -> None:
+    """Set to null a group left with options but no `_target_`: a null choice in a sweep that
+    carries the options of the group's other choices (`pruner=null,magnitude pruner.pattern=2:4`)."""
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        for g in GROUPS:
+            node = cfg.get(g)
+            if isinstance(node, DictConfig) and "_target_" not in node:
+                log.info("%s=null: ignoring its options %s", g, ", ".join(map(str, node)))
+                cfg[g] = None
+
+
 def build_pipeline(cfg: DictConfig):
     """Pipeline(**groups) via hydra's instantiate; a null group is a skipped stage."""
     from hydra.utils import instantiate
 
     spec = {"_target_": "compresslab.pipeline.Pipeline", "seed": cfg.get("seed", 0)}
     for g in GROUPS:
+        check_options(g, cfg.get(g))
         spec[g] = cfg.get(g)
     if cfg.get("engine") is not None:
+        check_options("engine", cfg.engine)
         spec["engine"] = cfg.engine
     if cfg.get("save") is not None:
         spec["save"] = cfg.save
@@ -86,11 +181,13 @@ def run_from_config(cfg: DictConfig, output_dir: str | Path, choices: dict | Non
 
     output_dir = Path(output_dir)
     path = output_dir / "metrics.json"
+    drop_null_group_options(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     for g in GROUPS:  # a skipped stage shows as null
         config.setdefault(g, None)
     digest = config_hash(config)
-    meta = {"method": method_string(choices or {}), "choices": {g: (choices or {}).get(g) for g in GROUPS}, "sweep": sweep,
+    choices = {g: (None if v == "null" else v) for g, v in (choices or {}).items()}  # conf/<group>/null.yaml
+    meta = {"method": method_string(choices), "choices": {g: choices.get(g) for g in GROUPS}, "sweep": sweep,
             "config_hash": digest}
     if not cfg.get("force", False) and finished(path, digest):
         log.info("skipping: %s already holds an ok result for this config (force=true reruns it)", path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -80,7 +81,8 @@ def _git_sha() -> str | None:
         return None
 
 
-def environment() -> dict[str, Any]:
+@functools.lru_cache(maxsize=1)
+def _environment() -> dict[str, Any]:
     import transformers
 
     from . import __version__
@@ -92,6 +94,11 @@ def environment() -> dict[str, Any]:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
     }
     return env
+
+
+def environment() -> dict[str, Any]:
+    """Versions, git sha, host and device: computed once per process (a sweep's jobs share it)."""
+    return dict(_environment())
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:

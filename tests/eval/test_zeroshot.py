@@ -112,11 +112,42 @@ def test_bad_options_fail_early(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match="eval.limit"):
         ZeroShot(limit=0)
     monkeypatch.setenv("COMPRESSLAB_DATA_DIR", str(tmp_path))
-    with pytest.raises(ConfigError, match="no local copy"):
+    with pytest.raises(ConfigError, match=r"unknown zero-shot task\(s\) \['mmlu'\].*piqa, arc_easy, arc_challenge, winogrande"):
         ZeroShot(tasks=["mmlu"]).check()
     with pytest.raises(ConfigError, match="piqa/valid.jsonl"):
         ZeroShot(tasks=["piqa"]).check()
-    ZeroShot(tasks=["mmlu"], source="hub").check()  # hub tasks are lm-eval's business
+
+
+def test_unknown_hub_task_fails_at_check(monkeypatch):
+    """With the hub (no data dir), names are checked against lm-eval's task index (here a stand-in:
+    indexing lm-eval's ~15,000 stock tasks takes ~17 s), with close matches in the message."""
+    monkeypatch.delenv("COMPRESSLAB_DATA_DIR", raising=False)
+
+    class Index:
+        all_tasks = ["mmlu", "piqa", "arc_easy", "hellaswag"]
+
+    z = ZeroShot(tasks=["piqa", "hellaswg"])
+    monkeypatch.setattr(z, "_manager", Index(), raising=False)
+    with pytest.raises(ConfigError, match=r"\['hellaswg'\].*hellaswg -> \['hellaswag'\]"):
+        z.check()
+    z.tasks = ["mmlu", "piqa"]
+    z.check()
+
+
+@needs_data
+def test_unknown_task_fails_before_the_model_loads(tmp_path):
+    """`eval=zeroshot eval.tasks=[nosuchtask]`: a ConfigError from validate(), metrics.json says so,
+    and the loader is never called."""
+    from compresslab.pipeline import Pipeline
+
+    class Loader:
+        def load(self):
+            raise AssertionError("the model was loaded before the bad task name was caught")
+
+    with pytest.raises(ConfigError, match="nosuchtask"):
+        Pipeline(Loader(), eval=ZeroShot(tasks=["nosuchtask"])).run(tmp_path)
+    rec = json.loads((tmp_path / "metrics.json").read_text())
+    assert rec["status"] == "failed" and "nosuchtask" in rec["error"] and "piqa" in rec["error"]
 
 
 @pytest.mark.real_model
