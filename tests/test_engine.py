@@ -147,3 +147,60 @@ def test_engine_outputs_include_low_rank_adapters():
         model, ids, [GPTQ(bits=2, group_size=32), SLiMLoRA(rank=4)], keep_outputs=True)
     torch.testing.assert_close(res["outputs"], last_block_output(model, ids), atol=1e-5, rtol=1e-5)
     assert adapter_for(model).block_list(model)[0].mlp.down_proj.lora_A.shape[0] == 4
+
+
+def direct_errors(model, dense, ids):
+    """‖(W_d − Ŵ)X‖ / ‖W_d X‖ per Linear, X captured in a plain forward of the final compressed model:
+    written from the definition, without the engine's Hessians or its ErrorMeter."""
+    from compresslab.stages import effective_weight
+
+    xs = {}
+    named = dict(adapter_for(model).named_linears(model))
+    hooks = [lin.register_forward_pre_hook(lambda m, a, n=n: xs.setdefault(n, []).append(a[0].detach()))
+             for n, lin in named.items()]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    out = {}
+    for n, lin in named.items():
+        X = torch.cat(xs[n]).reshape(-1, lin.in_features)
+        Wd = dense.get_submodule(n).weight.detach()
+        out[n] = float((X @ (Wd - effective_weight(lin)).T).norm() / (X @ Wd.T).norm())
+    return out
+
+
+@pytest.mark.parametrize("recovery", [None, "beam", "finetune"])
+def test_rel_error_is_measured_on_the_final_layers(recovery):
+    """Without recovery the Hessian-based error equals the direct one (the one-pass forward's inputs are
+    the final model's); after BEAM or finetune the reported error is that of the trained layers (the
+    one-shot value kept as rel_error_oneshot), again equal to the direct one."""
+    import copy
+
+    from compresslab import compress
+    from compresslab.lowrank.slim import SLiMLoRA
+    from compresslab.quantizer.gptq import GPTQ
+    from compresslab.recovery.beam import Beam
+    from compresslab.recovery.finetune import Finetune
+
+    model = tiny("llama")
+    dense = copy.deepcopy(model)
+    ids = torch.randint(0, 256, (16, 32), generator=torch.Generator().manual_seed(3))
+    rec = {None: None, "beam": Beam(epochs=4, lr=1e-3, batch_size=4),
+           "finetune": Finetune(steps=4, seqlen=32, batch_size=2, lr=1e-2)}[recovery]
+    report = compress(model, quantizer=GPTQ(bits=2, group_size=32), lowrank=SLiMLoRA(rank=4), recovery=rec,
+                      calibration=ids, engine=SequentialEngine("cpu", progress=False))
+    want = direct_errors(model, dense, ids)
+    rows = {r["name"]: r for r in report.layers}
+    changed = 0
+    for n, err in want.items():
+        assert rows[n]["rel_error"] == pytest.approx(err, rel=2e-3), n
+        if recovery is None:
+            assert "rel_error_oneshot" not in rows[n]
+        else:
+            changed += rows[n]["rel_error_oneshot"] != pytest.approx(err, rel=1e-3)  # training changed it
+    if recovery == "beam":
+        trained = [r["block"] for r in report.recovery if r["kept"] == "trained"]
+        assert trained and changed >= 7 * len(trained) // 2, (trained, changed)
+    elif recovery == "finetune":
+        assert changed == len(want)

@@ -61,7 +61,7 @@ def test_missing_model():
 
 
 @pytest.mark.parametrize("build,match", [
-    (lambda: AWQ(grid=0), "quantizer.grid"),
+    (lambda: AWQ(n_grid=0), "quantizer.n_grid"),
     (lambda: SparseGPT(percdamp=2.0), "percdamp"),
     (lambda: JSQ(rho=-1.0), "rho"),
     (lambda: Beam(lr_grid=(1e-3, -1.0)), "lr_grid"),

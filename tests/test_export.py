@@ -22,8 +22,8 @@ def _compressed(**stages):
 
 
 @pytest.mark.parametrize("stages", [
-    {"quantizer": RTN(bits=4, group_size=32, symmetric=True)},
-    {"pruner": Wanda(sparsity=0.5, pattern="2:4"), "quantizer": GPTQ(bits=4, group_size=32, symmetric=True)},
+    {"quantizer": RTN(bits=4, group_size=32, grid="sym")},
+    {"pruner": Wanda(sparsity=0.5, pattern="2:4"), "quantizer": GPTQ(bits=4, group_size=32, grid="sym")},
 ], ids=["rtn-w4-g32", "wanda24-gptq-w4"])
 def test_export_loads_in_plain_transformers_with_same_logits(stages, tmp_path):
     from transformers import AutoModelForCausalLM
@@ -45,10 +45,10 @@ def test_export_loads_in_plain_transformers_with_same_logits(stages, tmp_path):
 
 
 def test_what_the_format_cannot_hold_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="symmetric"):
+    with pytest.raises(ConfigError, match="symmetric grid"):
         export_compressed_tensors(_compressed(quantizer=RTN(bits=4, group_size=32)), tmp_path)
     with pytest.raises(ConfigError, match="low-rank adapters"):
-        export_compressed_tensors(_compressed(quantizer=RTN(bits=4, group_size=32, symmetric=True),
+        export_compressed_tensors(_compressed(quantizer=RTN(bits=4, group_size=32, grid="sym"),
                                               lowrank=NaiveSVD(rank=4)), tmp_path)
     with pytest.raises(ConfigError, match="not quantized"):
         export_compressed_tensors(_compressed(pruner=Wanda(sparsity=0.5, pattern="2:4")), tmp_path)

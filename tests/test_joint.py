@@ -71,3 +71,24 @@ def test_same_seed_same_weights():
 
     for a, b in zip(run(), run()):
         assert torch.equal(a, b)
+
+
+def test_joint_pass_needs_one_damping_and_one_block_size():
+    """SparseGPT+GPTQ is ONE sweep: it uses the shared percdamp/blocksize, and a disagreement fails
+    (before the model loads) naming both values, instead of silently dropping the quantizer's."""
+    from compresslab.errors import ConfigError
+    from compresslab.pipeline import Pipeline
+    from tests.test_errors import NoLoad
+
+    fused = fuse_stages([SparseGPT(0.5, "2:4", percdamp=0.05, blocksize=64), GPTQ(bits=4, percdamp=0.05, blocksize=64)])
+    assert isinstance(fused[0], JointSparseGPTQ)
+    with pytest.raises(ConfigError, match=r"pruner.percdamp=0.01 and quantizer.percdamp=0.1"):
+        fuse_stages([SparseGPT(0.5, "2:4"), GPTQ(bits=4, percdamp=0.1)])
+    with pytest.raises(ConfigError, match=r"pruner.blocksize=128 and quantizer.blocksize=32"):
+        fuse_stages([SparseGPT(0.5, "2:4"), GPTQ(bits=4, blocksize=32)])
+    from compresslab.data.calibration import CalibrationData
+
+    p = Pipeline(model=NoLoad(device="cpu"), data=CalibrationData(nsamples=2, seqlen=16), pruner=SparseGPT(0.5, "2:4"),
+                 quantizer=GPTQ(bits=4, group_size=32, percdamp=0.1))
+    with pytest.raises(ConfigError, match="ONE pass"):
+        p.run()

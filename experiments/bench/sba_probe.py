@@ -9,7 +9,8 @@ from compresslab.data.calibration import CalibrationData
 from compresslab.engine import SequentialEngine
 from compresslab.models.loaders import GGUFModel
 from compresslab.obs import GridSpec, obs_compress
-from compresslab.quantizer.slim_llm import group_salience, hinv_diag, sba_bit_map, output_kl, rtn_mixed
+from compresslab.quantizer.slim_llm import group_salience, sba_bit_map, output_kl, rtn_mixed
+from compresslab.obs import hinv_chol_diag
 
 class Stop(Exception): pass
 class Probe:
@@ -19,7 +20,7 @@ class Probe:
     def compress(self, name, layer, stats):
         if ".2." in name: raise Stop
         W, H, X = layer.weight.data.float(), stats.hessian, stats.input_sample
-        sal = group_salience(W, hinv_diag(H, 0.01), 64)
+        sal = group_salience(W, hinv_chol_diag(H, 0.01), 64)
         C = sal.numel()
         den = ((W @ H) * W).sum()
         for k in sorted({0, 1, C // 8, C // 4, C // 2}):

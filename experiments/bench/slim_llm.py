@@ -37,7 +37,7 @@ def main():
         "model": "SmolLM2-135M-Instruct (dense weights dequantized from GGUF Q4_1), fp32, CPU",
         "calibration": "wikitext2 valid, 128x512", "eval": f"wikitext2 test, seqlen 2048, first {args.windows} windows",
         "group_size": 64, "dense_ppl_16_windows": 20.43,
-    })
+    }, merge=bool(args.only))
 
 
 if __name__ == "__main__":

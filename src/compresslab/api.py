@@ -37,11 +37,13 @@ def _calibration_ids(calibration, tokenizer) -> torch.Tensor | None:
     raise TypeError(f"calibration must be None, an (N, T) LongTensor or a CalibrationData, got {type(calibration)}")
 
 
-def _finish_model(recovery, model, ids, result: dict) -> None:
-    """End-to-end recovery (finetune) after the block loop, its time counted with the compression."""
+def _finish_model(recovery, model, ids, result: dict, engine: SequentialEngine) -> None:
+    """End-to-end recovery (finetune) after the block loop, on the engine's device, its time counted
+    with the compression; then every Linear's error is measured again (it changed)."""
     if recovery is not None and hasattr(recovery, "finish_model"):
         t0 = time.perf_counter()
-        result["recovery"].append(recovery.finish_model(model, ids))
+        result["recovery"].append(recovery.finish_model(model, ids, engine.device))
+        engine.measure_model(model, ids)
         result["time/compress_s"] += time.perf_counter() - t0
 
 
@@ -52,7 +54,7 @@ def compress(model, tokenizer=None, *, pruner=None, quantizer=None, lowrank=None
     engine = engine or SequentialEngine()
     ids = _calibration_ids(calibration, tokenizer)
     result = engine.run(model, ids, [pruner, quantizer, lowrank], recovery)
-    _finish_model(recovery, model, ids, result)
+    _finish_model(recovery, model, ids, result, engine)
     summary, layers = compression_summary(model)
     peak = peak_rss_gb()
     metrics = {**summary, "time/compress_s": result["time/compress_s"], "memory/peak_rss_gb": peak,
@@ -69,7 +71,7 @@ def recover(dense_model, compressed_model, tokenizer=None, *, recovery, calibrat
     if ids is None:
         raise ValueError("recover() needs calibration=(N, T) token ids or a CalibrationData")
     result = engine.run(compressed_model, ids, [], recovery, dense_model=dense_model)
-    _finish_model(recovery, compressed_model, ids, result)
+    _finish_model(recovery, compressed_model, ids, result, engine)
     summary, layers = compression_summary(compressed_model)
     metrics = {**summary, "time/recover_s": result["time/compress_s"], "memory/peak_rss_gb": peak_rss_gb()}
     return CompressionReport(metrics, layers, result["recovery"])

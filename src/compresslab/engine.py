@@ -19,12 +19,14 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .layer_error import ErrorMeter, hessian_rel_error
 from .models.adapters import Adapter, adapter_for
 from .stages import effective_weight, fuse_stages, layer_state
 from .stats import LayerStats
@@ -35,6 +37,17 @@ log = logging.getLogger(__name__)
 
 class _Stop(Exception):
     """Raised from a hook to end a forward early."""
+
+
+@dataclass
+class _Held:
+    """A block on the compute device, with its dense copy (or the dense model's block) and homes."""
+
+    index: int
+    block: nn.Module
+    home: torch.device
+    dense: nn.Module | None
+    dense_home: torch.device | None
 
 
 def _block_out(out):
@@ -78,6 +91,7 @@ class SequentialEngine:
         self.chunk_size = chunk_size
         self.progress = progress
         self.layer_error = layer_error
+        self._keep_dense = False  # set per run: an end-to-end recovery measures errors after the loop
 
     # -- public -------------------------------------------------------------------------------
     def check(self, model_or_meta: nn.Module, stages: Sequence) -> None:
@@ -93,7 +107,14 @@ class SequentialEngine:
         """Compress `model` in place. Returns {'time/compress_s', 'recovery': [...], 'outputs'?}.
 
         `dense_model`: for recovery of a model compressed elsewhere, its dense blocks are the
-        targets (instead of copies taken before compression)."""
+        targets (instead of copies taken before compression).
+
+        A block stays on the compute device until nothing will change it any more: with a block-wise
+        recovery that trains `block_granularity` blocks together (it answers {"deferred": True}
+        until the group's last block), the group's blocks and their dense copies wait there, and are
+        released together once the group is trained. A block that a finisher or a recovery changed
+        is propagated again from its input with an ErrorMeter attached, so each Linear's
+        `rel_error` is measured on the layer as it finally is."""
         t0 = time.perf_counter()
         adapter = adapter_for(model)
         stages = fuse_stages([s for s in stages if s is not None])
@@ -106,6 +127,9 @@ class SequentialEngine:
         result: dict[str, Any] = {"recovery": [], "blocks": []}
         finishers = [s for s in stages if hasattr(s, "finish_block")]  # block-level stages (BlockStage)
         uses_data = uses_data or bool(finishers)
+        block_recovery = recovery if hasattr(recovery, "recover") else None
+        # an end-to-end recovery changes every layer after the loop: keep the dense weights to measure then
+        self._keep_dense = hasattr(recovery, "finish_model")
 
         if not uses_data:  # pure weight methods (magnitude, RTN): no forward at all
             for i, block in enumerate(tqdm(blocks, desc="compress", disable=not self.progress)):
@@ -113,42 +137,61 @@ class SequentialEngine:
                 block.to(self.device)
                 for group in adapter.linear_groups(block):
                     self._compress_group(adapter, i, group, stages, None)
-                block.to(home)
+                self._release(block, home)
         else:
             if calibration is None:
                 raise ValueError("these stages need calibration data; pass calibration=(N, T) token ids")
             hidden, kwargs = self._capture(model, adapter, calibration)
-            if recovery is not None and hasattr(recovery, "begin"):
-                recovery.begin(len(blocks))
+            for s in [*finishers, block_recovery]:
+                if s is not None and hasattr(s, "begin"):
+                    s.begin(len(blocks))
+            held: list[_Held] = []  # blocks of a recovery group not yet trained (on the device)
+            group_in = None  # the hidden states entering the first of them
             for i, block in enumerate(tqdm(blocks, desc="compress", disable=not self.progress)):
                 home = next(block.parameters()).device
                 block.to(self.device)
                 if dense_model is not None:
-                    dense = adapter.block_list(dense_model)[i].to(self.device)
+                    dense = adapter.block_list(dense_model)[i]
+                    dense_home = next(dense.parameters()).device
+                    dense.to(self.device)
                 else:
-                    dense = copy.deepcopy(block) if hasattr(recovery, "recover") or finishers else None
+                    dense = copy.deepcopy(block) if block_recovery is not None or finishers else None
+                    dense_home = None
+                entry = _Held(i, block, home, dense, dense_home)
                 groups = adapter.linear_groups(block)
                 if self.chunk_size is None:
                     out = self._one_pass(adapter, i, block, groups, stages, needs, hidden, kwargs)
                 else:
                     self._sequential(adapter, i, block, groups, stages, needs, hidden, kwargs)
                     out = None
+                changed = False
                 for stage in finishers:
                     rep = stage.finish_block(dense, block, hidden, self._block_fn(kwargs))
                     if rep:
                         result["blocks"].append({"block": i, **rep})
-                    out = None  # the block changed: propagate again
-                if recovery is not None and hasattr(recovery, "recover"):  # block-wise recovery
-                    rep = dict(recovery.recover(dense, block, hidden, self._block_fn(kwargs)) or {})
-                    deferred, outputs = rep.pop("deferred", False), rep.pop("outputs", None)
-                    if not deferred:
-                        result["recovery"].append({"block": i, **rep})
-                    out = outputs  # None: propagate the (recovered) block below
-                if dense_model is not None:
-                    dense.to(home)
-                dense = None
-                hidden = self._propagate(block, hidden, kwargs) if out is None else out
-                block.to(home)
+                    changed = True
+                if block_recovery is None:
+                    if changed:  # measure the finished block and propagate it
+                        hidden = self._measure_and_propagate(adapter, [entry], hidden, kwargs)
+                    elif out is None:
+                        hidden = self._propagate(block, hidden, kwargs)
+                    else:
+                        hidden = out
+                    self._release_entry(entry)
+                    continue
+                if not held:
+                    group_in = hidden
+                held.append(entry)
+                rep = dict(block_recovery.recover(dense, block, hidden, self._block_fn(kwargs)) or {})
+                if rep.pop("deferred", False):  # the group goes on: the next block needs this one's outputs
+                    hidden = self._propagate(block, hidden, kwargs) if out is None or changed else out
+                    continue
+                result["recovery"].append({"block": i, **rep})
+                # the group is trained: its blocks are final; measure them on the recovered stream
+                hidden = self._measure_and_propagate(adapter, held, group_in, kwargs)
+                for e in held:
+                    self._release_entry(e)
+                held, group_in = [], None
             if keep_outputs:
                 result["outputs"] = hidden
             del hidden
@@ -156,6 +199,51 @@ class SequentialEngine:
             torch.cuda.empty_cache()
         result["time/compress_s"] = time.perf_counter() - t0
         return result
+
+    @torch.no_grad()
+    def measure_model(self, model: nn.Module, ids: torch.Tensor) -> None:
+        """After an end-to-end recovery: every Linear's error against the dense weight kept for it
+        (`state.dense`), over the calibration ids on the compute device; the kept weights are freed."""
+        layers = {}
+        for name, lin in adapter_for(model).named_linears(model):
+            st = layer_state(lin)
+            if st is not None and st.dense is not None:
+                layers[name] = (lin, st.dense)
+        if not layers:
+            return
+        home = next(model.parameters()).device
+        model.to(self.device)
+        try:
+            with ErrorMeter(layers) as meter:
+                for sl in self._chunks(ids.shape[0]):
+                    model(input_ids=ids[sl].to(self.device), use_cache=False)
+            meter.record()
+        finally:
+            model.to(home)
+            for lin, _ in layers.values():
+                layer_state(lin).dense = None
+
+    # -- placement ----------------------------------------------------------------------------
+    def _release(self, module: nn.Module, home: torch.device) -> None:
+        """A block (or its dense copy) is done on the compute device: back to where it lived."""
+        module.to(home)
+
+    def _release_entry(self, e: "_Held") -> None:
+        self._release(e.block, e.home)
+        if e.dense is not None and e.dense_home is not None:  # a dense model's block (recover())
+            self._release(e.dense, e.dense_home)
+        e.dense = None
+
+    def _measure_and_propagate(self, adapter, entries: list["_Held"], hidden, kwargs):
+        """Run final blocks one after another from `hidden`, measuring each target Linear's error
+        against its dense copy; returns the last block's outputs."""
+        for e in entries:
+            layers = {name: (lin, e.dense.get_submodule(name).weight.detach())
+                      for group in adapter.linear_groups(e.block) for name, lin in group}
+            with ErrorMeter(layers) as meter:
+                hidden = self._propagate(e.block, hidden, kwargs)
+            meter.record()
+        return hidden
 
     # -- steps --------------------------------------------------------------------------------
     def _chunks(self, n: int) -> list[slice]:
@@ -221,7 +309,8 @@ class SequentialEngine:
 
     def _compress_group(self, adapter, i, group, stages, stats):
         H = stats.hessian if stats is not None and stats.has_hessian else None
-        keep_original = H is not None or any(getattr(s, "uses_original", False) for s in stages)
+        keep_original = (H is not None or self._keep_dense
+                         or any(getattr(s, "uses_original", False) for s in stages))
         for name, lin in group:
             original = lin.weight.detach().float().clone() if keep_original else None
             if original is not None:  # the dense weight, for stages that compensate the error (low-rank)
@@ -229,13 +318,12 @@ class SequentialEngine:
             for stage in stages:
                 stage.compress(f"{adapter.blocks}.{i}.{name}", lin, stats)
             state = layer_state(lin)
-            if state is not None:  # the dense weight and the pruner's mask live only while the group runs
-                state.original = state.mask = None
-            if H is not None:  # ‖(W − Ŵ)X‖ / ‖WX‖ = sqrt(tr(ΔHΔᵀ) / tr(WHWᵀ)), Ŵ the effective weight
-                delta = original - effective_weight(lin)
-                num = ((delta @ H) * delta).sum()
-                den = ((original @ H) * original).sum().clamp_min(1e-30)
-                layer_state(lin).rel_error = float((num / den).clamp_min(0).sqrt())
+            if state is not None:  # the dense weight lives only while the group runs (the mask stays)
+                if self._keep_dense and original is not None:
+                    state.dense = original.half().cpu()  # for the error after an end-to-end recovery
+                state.original = None
+            if H is not None:  # ‖(W − Ŵ)X‖ / ‖WX‖ through H, Ŵ the effective weight
+                layer_state(lin).rel_error = hessian_rel_error(original, effective_weight(lin), H)
 
     def _one_pass(self, adapter, i, block, groups, stages, needs, hidden, kwargs):
         handles = []

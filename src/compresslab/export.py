@@ -9,7 +9,7 @@ package installed and serves it with vLLM and others.
 
 What the format cannot hold is refused with the reason: low-rank adapters, SliM-LLM mixed bit maps,
 AWQ's explicit input scales, activation quantization, and asymmetric grids (transformers 5.24 refuses
-their packed zero points at load time, so quantize with quantizer.symmetric=true to export). 2:4 sparse weights export with their zeros
+their packed zero points at load time, so quantize with quantizer.grid=sym or absmax to export). 2:4 sparse weights export with their zeros
 kept (compressed-tensors has no 2:4 compressor), so only compresslab's own packed checkpoint
 (`python -m compresslab.save`) stores 2:4 compactly.
 """
@@ -27,6 +27,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .models.adapters import adapter_for
+from .quantizer.grid import symmetric_zero
 from .stages import layer_state
 
 log = logging.getLogger(__name__)
@@ -59,14 +60,15 @@ def export_compressed_tensors(model: nn.Module, out: str | Path, tokenizer=None)
     out.mkdir(parents=True, exist_ok=True)
     linears = dict(adapter_for(model).named_linears(model))
     grids = {name: _grid_of(name, lin) for name, lin in linears.items()}
-    kinds = {(q.bits, q.group_size if q.group_size < q.shape[1] else -1, q.symmetric) for q in grids.values()}
+    kinds = {(q.bits, q.group_size if q.group_size < q.shape[1] else -1, q.grid) for q in grids.values()}
     if len(kinds) != 1:
         raise ConfigError(f"compressed-tensors export needs one grid for all Linears, found {sorted(kinds)}")
-    ((bits, group, symmetric),) = kinds
+    ((bits, group, grid),) = kinds
+    symmetric = grid != "asym"
     if not symmetric:
         # compressed-tensors writes asymmetric zero points packed (ceil(out·b/32), groups), but
         # transformers 5.24 sizes the placeholder unpacked (out, groups) and refuses the load.
-        raise ConfigError("compressed-tensors export needs a symmetric grid (quantizer.symmetric=true): plain "
+        raise ConfigError("compressed-tensors export needs a symmetric grid (quantizer.grid=sym or absmax): plain "
                           "transformers cannot load packed asymmetric zero points; compresslab's own checkpoint "
                           "(python -m compresslab.save) stores either")
     dtype = next(model.parameters()).dtype
@@ -75,7 +77,9 @@ def export_compressed_tensors(model: nn.Module, out: str | Path, tokenizer=None)
         state[key] = v
     for name, lin in linears.items():
         qw = grids[name]
-        offset = 1 << (bits - 1)  # compressed-tensors stores signed codes: q − 2^(b−1)
+        # compressed-tensors stores signed codes q − z (w = s·code): z = 2^(b−1) on GPTQ's grid (codes
+        # −2^(b−1)…2^(b−1)−1), 2^(b−1)−1 on AbsMax's (codes ±(2^(b−1)−1), inside the same range)
+        offset = symmetric_zero(bits, grid) if symmetric else 1 << (bits - 1)
         codes = qw.encode(lin.weight.float()).codes.to(torch.int16) - offset
         del state[f"{name}.weight"]
         state[f"{name}.weight_packed"] = pack_to_int32(codes.to(torch.int8), bits)
@@ -102,7 +106,7 @@ def export_compressed_tensors(model: nn.Module, out: str | Path, tokenizer=None)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     log.info("exported %d Linears (W%d, %s %s) to %s", len(linears), bits, strategy,
-             "sym" if symmetric else "asym", out)
+             grid, out)
     return out
 
 

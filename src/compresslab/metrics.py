@@ -43,28 +43,46 @@ def layer_params(layer: nn.Linear) -> int:
 
 
 def compression_summary(model: nn.Module) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """({'sparsity', 'avg_bits', 'params/compressed'}, per-layer rows) over every target Linear."""
-    zeros = numel = bits = stored = 0
+    """({'sparsity', 'zero_fraction', 'avg_bits', 'fallbacks', ...}, per-layer rows) over every target Linear.
+
+    `sparsity` is the pruned fraction, from the pruners' masks; `zero_fraction` counts every weight
+    that is exactly 0 (pruned, or rounded to 0 by quantization). `nm_valid`: the mask is N:M and
+    every pruned weight is 0. `fallbacks`: Linears whose OBS sweep fell back to the diagonal (no
+    error propagation); `damp_raised`: Linears whose Hessian needed more damping than configured."""
+    pruned = zeros = numel = bits = stored = fallbacks = raised = 0
     rows = []
     for name, lin in adapter_for(model).named_linears(model):
-        w = lin.weight
+        w = lin.weight.detach()
+        state = layer_state(lin)
+        mask = state.keep_mask() if state is not None else None
+        p = int((~mask).sum()) if mask is not None else 0
         z = int((w == 0).sum())
         b = layer_storage_bits(lin)
-        state = layer_state(lin)
-        rows.append({
-            "name": name, "shape": list(w.shape), "sparsity": z / w.numel(), "avg_bits": b / w.numel(),
-            "pattern": state.pattern if state else None,
+        nm = parse_pattern(state.pattern) if state and state.pattern else None
+        row = {
+            "name": name, "shape": list(w.shape), "sparsity": p / w.numel(), "zero_fraction": z / w.numel(),
+            "avg_bits": b / w.numel(), "pattern": state.pattern if state else None,
             "bits": state.quant.bits if state and state.quant is not None else None,
             "group_size": state.quant.group_size if state and state.quant is not None else None,
-            "nm_valid": (nm_valid(w.detach() != 0, parse_pattern(state.pattern))
-                         if state and state.pattern and state.pattern != "unstructured" else None),
+            "grid": state.quant.grid if state and state.quant is not None else None,
+            "nm_valid": (nm_valid(mask, nm) and not bool(w[~mask.to(w.device)].any())
+                         if nm is not None and mask is not None else None),
             "rel_error": state.rel_error if state else None,
-        })
+        }
+        if state is not None and state.rel_error_oneshot is not None:
+            row["rel_error_oneshot"] = state.rel_error_oneshot  # before SliM-LLM+ clipping / recovery
+        if state is not None and state.numerics:
+            row["damp"], row["fallback"] = state.damp, state.fallback
+            fallbacks += state.fallback
+            raised += any(n.retries for n in state.numerics)
         if state is not None and state.adapter is not None:
-            rows[-1]["rank"] = state.adapter.rank
-        zeros, numel, bits, stored = zeros + z, numel + w.numel(), bits + b, stored + layer_params(lin)
-    return {"sparsity": zeros / numel, "avg_bits": bits / numel, "params/compressed": float(numel),
-            "params/ratio": stored / numel}, rows
+            row["rank"] = state.adapter.rank
+        rows.append(row)
+        pruned, zeros, numel = pruned + p, zeros + z, numel + w.numel()
+        bits, stored = bits + b, stored + layer_params(lin)
+    return {"sparsity": pruned / numel, "zero_fraction": zeros / numel, "avg_bits": bits / numel,
+            "params/compressed": float(numel), "params/ratio": stored / numel, "fallbacks": float(fallbacks),
+            "damp_raised": float(raised)}, rows
 
 
 def peak_rss_gb() -> float:

@@ -14,6 +14,7 @@ from .api import compress, evaluate
 from .engine import SequentialEngine
 from .errors import ConfigError
 from .metrics import environment, peak_rss_gb, write_json_atomic
+from .stages import fuse_stages
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class Pipeline:
             self.evaluator.check()
         if not self.stages:
             return
+        stages = fuse_stages(self.stages)  # a pair that cannot share one pass as configured fails here
         try:
             from transformers import AutoModelForCausalLM
 
@@ -63,7 +65,7 @@ class Pipeline:
         except Exception as e:  # the engine checks again after loading
             log.warning("could not build %s on the meta device for early checks (%s)", self.model_loader, e)
             return
-        self.engine.check(meta, self.stages)
+        self.engine.check(meta, stages)
 
     def _log_recovery(self, rows) -> None:
         """Per-block loss before/after and the training curves, to W&B (metrics.json has `recovery`)."""

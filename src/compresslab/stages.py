@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import nn
 
 from .stats import LayerStats
@@ -35,11 +36,28 @@ class BlockStage(Protocol):
 
 @runtime_checkable
 class Recovery(Protocol):
-    """Block-wise: `recover` per block (`forward(block, x, params=None)` runs a block); it may
-    return {"deferred": True} or {"outputs": hidden}. End-to-end recoveries define
-    `finish_model(model, calibration_ids)` instead."""
+    """Block-wise: `recover` per block (`forward(block, x, params=None)` runs a block); it returns its
+    report, or {"deferred": True} while it gathers a group of blocks to train together (they stay on
+    the compute device until it reports). The engine then propagates the recovered blocks itself.
+    End-to-end recoveries define `finish_model(model, calibration_ids, device)` instead, run on
+    the engine's device after the loop."""
 
     def recover(self, dense: nn.Module, compressed: nn.Module, inputs, forward) -> dict[str, Any]: ...
+
+
+def pack_mask(keep: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A bool (out, in) mask as 1 bit per weight: (uint8 (out, ⌈in/8⌉), shape)."""
+    out, d = keep.shape
+    pad = (-d) % 8
+    k = torch.nn.functional.pad(keep.to(torch.uint8), (0, pad)).reshape(out, -1, 8)
+    weights = (1 << torch.arange(8, device=keep.device, dtype=torch.uint8))
+    return (k * weights).sum(-1, dtype=torch.uint8), (out, d)
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    out, d = shape
+    bits = (packed[..., None] >> torch.arange(8, device=packed.device, dtype=torch.uint8)) & 1
+    return bits.reshape(out, -1)[:, :d].bool()
 
 
 @dataclass
@@ -50,26 +68,48 @@ class LayerState:
     quant: Any = None  # quantizer.format.QuantizedWeight (codes dropped; they follow from W)
     act: Any = None  # quantizer.activations.ActQuant applied to the input, if any
     input_scale: Any = None  # (in,) explicit per-input-channel scale (AWQ), stored in fp16
-    rel_error: float | None = None  # ‖WX − ŴX‖ / ‖WX‖ on the calibration inputs
-    pending_lwc: bool = False  # SliM-LLM+: clip ranges still to be trained at the end of the block
+    rel_error: float | None = None  # ‖WX − ŴX‖ / ‖WX‖ on the calibration inputs, after the last stage
+    rel_error_oneshot: float | None = None  # the same right after the one-shot stages, when a later
+    #                                          stage (SliM-LLM+ clipping, recovery) changed the layer
+    numerics: list = field(default_factory=list)  # obs.Numerics of each Hessian factorization (damping, fallback)
+    lwc_latent: Any = None  # SliM-LLM+: the weight whose clip range is still to be trained at the end of the block
     original: Any = None  # the dense weight while the layer's stages run (then dropped)
-    mask: Any = None  # the pruner's keep-mask (bool, out × in) while the layer's stages run (then dropped)
+    dense: Any = None  # the dense weight (fp16, CPU) kept for an end-to-end recovery's error measurement
+    packed_mask: Any = None  # the pruner's keep-mask, 1 bit per weight: (uint8, shape); see `mask`
     adapter: Any = None  # lowrank.base.AdapterInfo when low-rank adapters are attached
     factors: Any = None  # (B, A) in fp16 when the layer is replaced by its low-rank factors
 
-    def keep_mask(self, W):
-        """The pruning mask to hold in later stages (None when the layer was not pruned). While the
-        layer's group is being compressed it is the pruner's own mask; later (recovery, a reloaded
-        model) it is W != 0, which also counts weights that quantization rounded to exactly 0."""
-        if self.pattern is None:
-            return None
-        return self.mask if self.mask is not None else W != 0
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """The pruner's keep-mask (bool, out × in), kept for the layer's whole life: later stages,
+        recovery, metrics and the checkpoint hold it (a weight that quantization rounded to exactly 0
+        is still kept, and still trains)."""
+        return None if self.packed_mask is None else unpack_mask(*self.packed_mask)
+
+    @mask.setter
+    def mask(self, keep: torch.Tensor | None) -> None:
+        self.packed_mask = None if keep is None else pack_mask(keep.bool())
+
+    def keep_mask(self):
+        """The pruning mask to hold in later stages, None when the layer was not pruned."""
+        return self.mask if self.pattern is not None else None
+
+    @property
+    def damp(self) -> float | None:
+        """The largest damping (percdamp units) any factorization of this layer's Hessian used."""
+        return max((n.damp for n in self.numerics), default=None)
+
+    @property
+    def fallback(self) -> bool:
+        """True when some OBS sweep of this layer fell back to the diagonal (no error propagation)."""
+        return any(n.fallback for n in self.numerics)
 
 
 def fuse_stages(stages: list) -> list:
     """Let a stage absorb the next one when it can do both in one pass (SparseGPT + GPTQ).
 
-    A stage opts in with ``fuse(next_stage) -> fused stage or None``; nothing is keyed on names."""
+    A stage opts in with ``fuse(next_stage) -> fused stage or None`` (or raises ConfigError when the
+    two cannot share a pass as configured); nothing is keyed on names."""
     out: list = []
     for stage in stages:
         fuse = getattr(out[-1], "fuse", None) if out else None

@@ -18,6 +18,7 @@ from compresslab.lowrank.svd_llm import SVDLLM
 from compresslab.metrics import compression_summary, layer_storage_bits
 from compresslab.models.loaders import TinyModel
 from compresslab.pruner.wanda import Wanda
+from compresslab.quantizer.absmax import AbsMax
 from compresslab.quantizer.awq import AWQ
 from compresslab.quantizer.gptq import GPTQ
 from compresslab.quantizer.rtn import RTN
@@ -62,15 +63,14 @@ def _layer(stages, d=128, out=64):
     layer_state(lin, create=True).original = lin.weight.detach().float().clone()
     for s in stages:
         s.compress("l", lin, stats)
-    st = layer_state(lin)
-    st.original = st.mask = None
+    layer_state(lin).original = None  # as the engine does once the group is done (the mask stays)
     return lin, X
 
 
 KINDS = {
     "dense": [],
     "rtn4-g32": [RTN(bits=4, group_size=32)],
-    "gptq3-sym": [GPTQ(bits=3, group_size=32, symmetric=True)],
+    "gptq3-sym": [GPTQ(bits=3, group_size=32, grid="sym")],
     "awq4": [AWQ(bits=4, group_size=32)],
     "rtn4-act8": [RTN(bits=4, group_size=32, act_bits=8)],
     "slim_quant4-per-tensor": [SLiMQuant(bits=4)],
@@ -82,6 +82,12 @@ KINDS = {
     "wanda24+gptq4+slim-q-pruned": [Wanda(sparsity=0.5, pattern="2:4"), GPTQ(bits=4, group_size=32),
                                     SLiMLoRA(rank=8, quantize_adapters=True, prune_adapters=True, prune_iters=5)],
     "svd_llm-only": [SVDLLM(rank=16)],
+    "absmax4-g32": [AbsMax(bits=4, group_size=32)],
+    "wanda24+absmax3": [Wanda(sparsity=0.5, pattern="2:4"), AbsMax(bits=3, group_size=32)],
+    "wanda50": [Wanda(sparsity=0.5)],
+    "wanda60+rtn4": [Wanda(sparsity=0.6), RTN(bits=4, group_size=32)],
+    "wanda50+gptq2-absmax": [Wanda(sparsity=0.5), GPTQ(bits=2, group_size=32, grid="absmax")],
+    "wanda50+slim_llm3": [Wanda(sparsity=0.5), SliMLLM(bits=3, group_size=32)],
 }
 
 
@@ -97,8 +103,45 @@ def test_every_layer_kind_round_trips(kind):
     W = dequantize_weight(meta, t)
     if W is not None:
         assert torch.equal(W == 0, lin.weight.detach() == 0) or kind.startswith("awq")  # zeros exactly where they were
+    mask = layer_state(lin).keep_mask()
+    if mask is None:
+        assert packed.keep_mask() is None
+    else:  # the PRUNER's mask is stored, not W != 0 (which would drop kept weights rounded to 0)
+        assert torch.equal(packed.keep_mask(), mask)
     assert storage_bits(t) == layer_storage_bits(lin)  # avg_bits is the packed size
     assert all(v.dtype in (torch.int32, torch.float16, torch.uint8) for v in t.values())
+
+
+def test_stored_mask_keeps_weights_rounded_to_zero():
+    """2-bit grids put many kept weights on exactly 0: the checkpoint's mask must still say they are
+    kept (N:M positions and the unstructured bitmap alike), with the unstructured layer's storage
+    1 bit per weight for the bitmap plus the kept codes only."""
+    for pruner in (Wanda(sparsity=0.5, pattern="2:4"), Wanda(sparsity=0.5)):
+        lin, _ = _layer([pruner, RTN(bits=2, group_size=32)])
+        mask = layer_state(lin).keep_mask()
+        rounded = mask & (lin.weight.detach() == 0)
+        assert rounded.sum() > 100  # the case under test happens
+        meta, t = pack_linear(lin)
+        assert torch.equal(PackedLinear(meta, t).keep_mask(), mask)
+        if pruner.nm is None:
+            out, d = lin.weight.shape
+            assert t["mask"].numel() * 32 == math.ceil(out * d / 32) * 32  # the 1-bit bitmap
+            assert t["qweight"].numel() == packed_words(int(mask.sum()), 2)  # kept codes only
+
+
+def test_bitmap_layer_feeds_the_int4_kernel_with_dense_codes():
+    """Unstructured + W4 is stored compactly, yet the GPU path reads dense int4 codes: the operands
+    rebuilt from the bitmap must give the same weight (pruned entries at the zero point)."""
+    from compresslab.kernels.w4a16 import dequantize_w4
+
+    for grid in ("asym", "sym", "absmax"):
+        lin, _ = _layer([Wanda(sparsity=0.5), RTN(bits=4, group_size=32, grid=grid)])
+        meta, t = pack_linear(lin)
+        packed = PackedLinear(meta, t)
+        kind, qweight, scales, zeros, g = packed.kernel_operands()
+        assert kind == "w4a16"
+        W = dequantize_w4(qweight, scales.float(), zeros, g, lin.in_features)
+        torch.testing.assert_close(W, dequantize_weight(meta, t), atol=1e-6, rtol=0)
 
 
 def _tiny_compressed(**stages):

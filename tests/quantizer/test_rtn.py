@@ -10,27 +10,36 @@ from compresslab.quantizer.format import QuantizedWeight
 from compresslab.quantizer.rtn import RTN, rtn_quantize
 
 
-def brute_force_rtn(w: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
-    """Nearest point of the grid {s·(q − z)} for one group, found by trying every level."""
-    maxq = 2**bits - 1
+def grid_levels(w: torch.Tensor, bits: int, grid: str) -> torch.Tensor:
+    """Every value the grid of one group can take, written out from the definitions."""
     lo, hi = min(w.min().item(), 0.0), max(w.max().item(), 0.0)
-    if symmetric:
-        hi = max(-lo, hi)
-        lo = -hi if lo < 0 else lo
-    s = float(torch.tensor((hi - lo) / maxq).half())  # scales are fp16 values (stored as fp16)
-    z = (maxq + 1) / 2 if symmetric else round(-lo / s)
-    levels = torch.tensor([s * (q - z) for q in range(maxq + 1)], dtype=torch.float64)
+    amax = max(-lo, hi)
+    fp16 = lambda v: float(torch.tensor(v).half())  # noqa: E731 - scales are fp16 values (stored as fp16)
+    if grid == "asym":  # min/max, 2^b levels
+        s = fp16((hi - lo) / (2**bits - 1))
+        return torch.tensor([s * (q - round(-lo / s)) for q in range(2**bits)], dtype=torch.float64)
+    if grid == "sym":  # GPTQ: 2·max/(2^b − 1) steps, codes 0..2^b−1 around 2^(b−1)
+        s = fp16(2 * amax / (2**bits - 1))
+        return torch.tensor([s * (q - 2 ** (bits - 1)) for q in range(2**bits)], dtype=torch.float64)
+    k = 2 ** (bits - 1) - 1  # absmax: max/(2^(b−1) − 1) steps, levels −k..k
+    s = fp16(amax / k)
+    return torch.tensor([s * q for q in range(-k, k + 1)], dtype=torch.float64)
+
+
+def brute_force_rtn(w: torch.Tensor, bits: int, grid: str) -> torch.Tensor:
+    """Nearest point of the grid for one group, found by trying every level."""
+    levels = grid_levels(w, bits, grid)
     return levels[(w.double()[:, None] - levels[None]).abs().argmin(1)].float()
 
 
-@pytest.mark.parametrize("bits,symmetric", itertools.product([2, 3, 4, 8], [False, True]))
-def test_rtn_matches_brute_force_nearest_level(bits, symmetric):
+@pytest.mark.parametrize("bits,grid", itertools.product([2, 3, 4, 8], ["asym", "sym", "absmax"]))
+def test_rtn_matches_brute_force_nearest_level(bits, grid):
     W = torch.randn(4, 64)
-    deq = rtn_quantize(W, bits, group_size=16, symmetric=symmetric).dequantize()
+    deq = rtn_quantize(W, bits, group_size=16, grid=grid).dequantize()
     for r in range(4):
         for g in range(4):
             w = W[r, g * 16 : (g + 1) * 16]
-            ref = brute_force_rtn(w, bits, symmetric)
+            ref = brute_force_rtn(w, bits, grid)
             # same distance to the grid (exact ties may round either way)
             torch.testing.assert_close((deq[r, g * 16 : (g + 1) * 16] - w).abs(), (ref - w).abs(), atol=1e-5, rtol=0)
 
@@ -64,8 +73,21 @@ def test_pruned_zeros_stay_exactly_zero():
     for bits in (2, 3, 4):
         RTN(bits=bits, group_size=16).compress("l", lin, None)
         assert (lin.weight[zeros] == 0).all()
-    RTN(bits=3, symmetric=True).compress("l", lin, None)
-    assert (lin.weight[zeros] == 0).all()
+    for grid in ("sym", "absmax"):
+        RTN(bits=3, grid=grid).compress("l", lin, None)
+        assert (lin.weight[zeros] == 0).all()
+
+
+def test_absmax_grid_is_mirror_symmetric_and_gptqs_is_not():
+    """The SLiM seed's AbsMax grid maps ±max|w| to ±max|w| exactly (levels ±7 at 4 bits); GPTQ's
+    symmetric grid has 16 levels from −8 to 7 steps of 2·max/15, so +max lands on 14/15·max."""
+    w = torch.tensor([[-7.0, -2.0, 1.4, 7.0]])  # max 7: AbsMax's 4-bit step is exactly 1
+    a = rtn_quantize(w, 4, -1, "absmax")
+    assert a.dequantize().tolist() == [[-7.0, -2.0, 1.0, 7.0]]
+    assert a.codes.tolist() == [[0, 5, 8, 14]] and a.zeros.item() == 7  # code 15 is never used
+    g = rtn_quantize(w, 4, -1, "sym")
+    assert g.dequantize()[0, 3].item() == pytest.approx(7 * 14 / 15, rel=1e-3)  # 7 steps of 2·7/15
+    assert g.dequantize()[0, 0].item() == pytest.approx(-8 * 14 / 15, rel=1e-3)  # −7.5 steps round to −8: −7.47
 
 
 def test_w8_is_nearly_lossless_and_w2_is_not():
@@ -78,7 +100,8 @@ def test_w8_is_nearly_lossless_and_w2_is_not():
 def test_storage_bits():
     W = torch.randn(8, 128)
     assert rtn_quantize(W, 4, 64).avg_bits() == pytest.approx(4 + (16 + 4) / 64)
-    assert rtn_quantize(W, 4, 64, symmetric=True).avg_bits() == pytest.approx(4 + 16 / 64)
+    assert rtn_quantize(W, 4, 64, "sym").avg_bits() == pytest.approx(4 + 16 / 64)
+    assert rtn_quantize(W, 4, 64, "absmax").avg_bits() == pytest.approx(4 + 16 / 64)
     assert rtn_quantize(W, 3, -1).avg_bits() == pytest.approx(3 + (16 + 3) / 128)
 
 

@@ -5,13 +5,17 @@ rebuilds the layer from exactly those tensors and, on the CPU, dequantizes its w
 Every tensor except `bias` counts toward avg_bits, so `metrics.layer_storage_bits` is their size.
 
 Per-layer tensors (key suffixes):
-    qweight   int32  bit stream of the codes (only the kept n of each m when N:M sparse); with a
-                     SliM-LLM bit map, one stream per input group at that group's width
+    qweight   int32  bit stream of the codes (only the kept entries when pruned); with a SliM-LLM
+                     bit map, one stream per input group at that group's width
     scales    fp16   (out, groups)
     qzeros    int32  bit stream of the zero points (asymmetric grids only), same widths as codes
     bit_map   uint8  (groups,) bits per input group (mixed precision)
-    weight    fp16   values when not quantized (again only the kept ones when N:M sparse)
-    nm_pos    int32  bit stream of the kept entries' positions inside their group (⌈log2 m⌉ bits)
+    weight    fp16   values when not quantized (again only the kept ones when pruned)
+    nm_pos    int32  N:M: bit stream of the kept entries' positions inside their group (⌈log2 m⌉ bits)
+    mask      int32  unstructured sparsity: the pruner's keep-mask, 1 bit per weight (row-major);
+                     the kept entries follow in row-major order
+    The positions and the bitmap are the PRUNER's mask, so a kept weight that quantization rounded
+    to 0 stays kept (recovery after loading trains it; `PackedLinear.keep_mask()`).
     input_scale fp16 (in,) explicit per-input-channel scale (AWQ): W = dequant(codes) / s
     lora_A / lora_B  low-rank adapters (or the factors, when they replace the weight): fp16, or
                      `<name>.codes` (4-bit, code + 8) with `<name>.scales` per tile of 128 inputs;
@@ -31,6 +35,7 @@ from ..lowrank.base import ADAPTER_TILE, absmax_codes
 from ..pruner.masks import parse_pattern
 from ..quantizer.format import QuantizedWeight
 from ..stages import layer_state
+from ..quantizer.grid import symmetric_zero
 from .pack import compact_nm, expand_nm, nm_columns, pack_bits, packed_words, unpack_bits
 
 
@@ -114,39 +119,52 @@ def pack_linear(lin: nn.Linear) -> tuple[dict, dict[str, torch.Tensor]]:
     if adapter is None or not adapter.replaces:
         W = lin.weight.detach().float()
         nm = _nm(state, d)
+        mask = state.keep_mask() if state is not None else None
+        if mask is not None:
+            mask = mask.to(W.device)
+        idx = bitmap = None
         if nm is not None:
-            idx, pos = compact_nm(W != 0, *nm)
+            idx, pos = compact_nm(mask if mask is not None else W != 0, *nm)
             meta["nm"] = list(nm)
             t["nm_pos"] = pack_bits(pos.reshape(-1), math.ceil(math.log2(nm[1])))
-        else:
-            idx = None
+        elif mask is not None:  # unstructured: a bitmap, then only the kept entries
+            bitmap = mask
+            meta["sparse"] = "bitmap"
+            t["mask"] = pack_bits(mask.reshape(-1).to(torch.int64), 1)
         qw: QuantizedWeight | None = state.quant if state is not None else None
         if state is not None and state.input_scale is not None:
             s = state.input_scale.float()
             t["input_scale"] = state.input_scale.half()
             W = W * s[None, :]
+
+        def kept(M):  # the stored entries of an (out, d) matrix: all, the N:M kept ones, or the bitmap's
+            return M if idx is None and bitmap is None else M.gather(1, idx) if idx is not None else M[bitmap]
+
         if qw is None:
-            t["weight"] = (W if idx is None else W.gather(1, idx)).half()
+            t["weight"] = kept(W).half()
         else:
             g = qw.group_size
-            meta["quant"] = {"bits": qw.bits, "group_size": g, "symmetric": qw.symmetric,
+            meta["quant"] = {"bits": qw.bits, "group_size": g, "grid": qw.grid, "symmetric": qw.symmetric,
                              "mixed": qw.bit_map is not None}
             codes = qw.encode(W).codes.to(torch.int64)
-            if idx is not None:
-                codes = codes.gather(1, idx)
             t["scales"] = qw.scales.half()
             zeros = qw.zeros.round().to(torch.int64)
             if qw.bit_map is None:
-                t["qweight"] = pack_bits(codes.reshape(-1), qw.bits)
+                t["qweight"] = pack_bits(kept(codes).reshape(-1), qw.bits)
                 if not qw.symmetric:
                     t["qzeros"] = pack_bits(zeros.reshape(-1), qw.bits)
             else:
                 widths = [int(b) for b in qw.bit_map]
-                kept_per_group = g * codes.shape[1] // d
-                if kept_per_group * d != g * codes.shape[1]:
-                    raise ValueError(f"group size {g} does not split the stored columns of an N:M weight")
                 t["bit_map"] = qw.bit_map.to(torch.uint8)
-                t["qweight"] = _group_streams(codes, widths, kept_per_group)
+                if bitmap is not None:  # one stream per group: the group's kept codes, row-major
+                    t["qweight"] = torch.cat([pack_bits(codes[:, j * g:(j + 1) * g][bitmap[:, j * g:(j + 1) * g]], b)
+                                              for j, b in enumerate(widths)])
+                else:
+                    codes = kept(codes)
+                    kept_per_group = g * codes.shape[1] // d
+                    if kept_per_group * d != g * codes.shape[1]:
+                        raise ValueError(f"group size {g} does not split the stored columns of an N:M weight")
+                    t["qweight"] = _group_streams(codes, widths, kept_per_group)
                 if not qw.symmetric:
                     t["qzeros"] = _group_streams(zeros, widths, 1)
     if state is not None and state.act is not None:
@@ -162,34 +180,90 @@ def storage_bits(tensors: dict[str, torch.Tensor]) -> int:
     return sum(v.numel() * v.element_size() * 8 for k, v in tensors.items() if k != "bias")
 
 
+def stored_mask(meta: dict, t: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The pruner's keep-mask (out, in) bool, from the N:M positions or the bitmap; None if unpruned."""
+    out, d = meta["shape"]
+    nm = meta.get("nm")
+    if nm:
+        kept = d * nm[0] // nm[1]
+        pos = unpack_bits(t["nm_pos"], math.ceil(math.log2(nm[1])), out * kept).reshape(out, kept)
+        return torch.zeros(out, d, dtype=torch.bool, device=pos.device).scatter_(1, nm_columns(pos, *nm), True)
+    if meta.get("sparse") == "bitmap":
+        return unpack_bits(t["mask"], 1, out * d).reshape(out, d).bool()
+    return None
+
+
+def _grid_of(q: dict) -> str:
+    return q.get("grid") or ("sym" if q["symmetric"] else "asym")  # checkpoints before `grid` existed
+
+
+def dense_codes(meta: dict, t: dict[str, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+    """The (out, in) int64 codes, with the pruned entries' codes set to 0 (they are masked anyway)."""
+    out, d = meta["shape"]
+    q, nm, g = meta["quant"], meta.get("nm"), meta["quant"]["group_size"]
+    widths = [int(b) for b in t["bit_map"]] if q["mixed"] else None
+    if nm:
+        kept = d * nm[0] // nm[1]
+        pos = unpack_bits(t["nm_pos"], math.ceil(math.log2(nm[1])), out * kept).reshape(out, kept)
+        stored = (_unpack_group_streams(t["qweight"], widths, out, g * kept // d) if widths else
+                  unpack_bits(t["qweight"], q["bits"], out * kept).reshape(out, kept))
+        return expand_nm(stored, pos, *nm, d)
+    if mask is None:
+        return (_unpack_group_streams(t["qweight"], widths, out, g) if widths else
+                unpack_bits(t["qweight"], q["bits"], out * d).reshape(out, d))
+    codes = torch.zeros(out, d, dtype=torch.int64, device=mask.device)
+    if widths is None:
+        codes[mask] = unpack_bits(t["qweight"], q["bits"], int(mask.sum()))
+        return codes
+    at = 0
+    for j, b in enumerate(widths):  # one stream per group: its kept codes, row-major
+        m = mask[:, j * g:(j + 1) * g]
+        n = int(m.sum())
+        block = torch.zeros(out, g, dtype=torch.int64, device=mask.device)
+        block[m] = unpack_bits(t["qweight"][at:], b, n)
+        codes[:, j * g:(j + 1) * g] = block
+        at += packed_words(n, b)
+    if at != t["qweight"].numel():
+        raise ValueError(f"packed stream has {t['qweight'].numel()} words, the layout needs {at}")
+    return codes
+
+
+def dense_zeros(meta: dict, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(R, C) zero points: stored for asymmetric grids, the grid's constant otherwise."""
+    q = meta["quant"]
+    grid = _grid_of(q)
+    shape = t["scales"].shape
+    if q["mixed"]:
+        widths = [int(b) for b in t["bit_map"]]
+        if grid == "asym":
+            return _unpack_group_streams(t["qzeros"], widths, shape[0], 1)
+        return torch.tensor([symmetric_zero(b, grid) for b in widths])[None].expand(shape[0], -1)
+    if grid == "asym":
+        return unpack_bits(t["qzeros"], q["bits"], t["scales"].numel()).reshape(shape)
+    return torch.full(shape, symmetric_zero(q["bits"], grid))
+
+
 def dequantize_weight(meta: dict, t: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """The (out, in) float32 weight (without adapters), or None when the factors replace it."""
     out, d = meta["shape"]
     if meta.get("adapter", {}).get("replaces"):
         return None
-    nm = meta.get("nm")
-    kept = d * nm[0] // nm[1] if nm else d
-    pos = (unpack_bits(t["nm_pos"], math.ceil(math.log2(nm[1])), out * kept).reshape(out, kept)
-           if nm else None)
+    mask = stored_mask(meta, t)
     q = meta.get("quant")
     if q is None:
         vals = t["weight"].float()
-    else:
-        g, scales = q["group_size"], t["scales"].float().expand(out, -1)  # (1, C) when per tensor
-        cols = nm_columns(pos, *nm) if nm else torch.arange(d, device=scales.device).expand(out, d)
-        group = cols // g  # (out, kept) group of each stored value
-        if q["mixed"]:
-            widths = [int(b) for b in t["bit_map"]]
-            codes = _unpack_group_streams(t["qweight"], widths, out, g * kept // d)
-            zeros = (_unpack_group_streams(t["qzeros"], widths, t["scales"].shape[0], 1) if not q["symmetric"] else
-                     torch.tensor([2 ** (b - 1) for b in widths])[None]).expand(out, -1)
+        if mask is None:
+            W = vals
         else:
-            codes = unpack_bits(t["qweight"], q["bits"], out * kept).reshape(out, kept)
-            zshape = t["scales"].shape
-            zeros = (unpack_bits(t["qzeros"], q["bits"], t["scales"].numel()).reshape(zshape)
-                     if not q["symmetric"] else torch.full(zshape, 2 ** (q["bits"] - 1))).expand(out, -1)
-        vals = scales.gather(1, group) * (codes.float() - zeros.float().gather(1, group))
-    W = expand_nm(vals, pos, *nm, d) if nm else vals
+            W = torch.zeros(out, d, device=vals.device)
+            W[mask] = vals.reshape(-1)  # N:M and bitmap both store the kept entries row-major
+    else:
+        g = q["group_size"]
+        scales = t["scales"].float().expand(out, -1).repeat_interleave(g, dim=1)[:, :d]  # (1, C) when per tensor
+        zeros = dense_zeros(meta, t).float().to(scales.device).expand(out, -1).repeat_interleave(g, dim=1)[:, :d]
+        W = scales * (dense_codes(meta, t, mask).float() - zeros)
+        if mask is not None:
+            W = W * mask
     if "input_scale" in t:
         W = W / t["input_scale"].float()[None, :]
     return W
@@ -222,6 +296,10 @@ class PackedLinear(nn.Module):
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self.packed, k.replace(".", "__")) for k in self._keys}
 
+    def keep_mask(self) -> torch.Tensor | None:
+        """The pruner's keep-mask as stored (None when the layer was not pruned)."""
+        return stored_mask(self.meta, self.tensors())
+
     def weight_and_adapters(self, need_weight: bool = True):
         t = self.tensors()
         W = None
@@ -248,13 +326,19 @@ class PackedLinear(nn.Module):
         ok = (q is not None and q["bits"] == 4 and not q["mixed"] and "input_scale" not in t
               and (nm is None and K % 8 == 0 or nm == [2, 4] and K % 32 == 0))
         if ok:
-            zeros = None
-            if not q["symmetric"]:
-                zeros = unpack_bits(t["qzeros"], 4, t["scales"].numel()).reshape(t["scales"].shape).float()
-                zeros = zeros.to(t["scales"].device)
-            scales = t["scales"]
+            grid, scales = _grid_of(q), t["scales"]
+            zeros = None  # GPTQ's symmetric grid: the kernels' constant zero 8
+            if grid != "sym":
+                zeros = dense_zeros(self.meta, t).float().to(scales.device)
             if nm is None:
-                self._kops = ("w4a16", t["qweight"].view(N, K // 8), scales, zeros, q["group_size"])
+                qweight = t["qweight"]
+                mask = stored_mask(self.meta, t)
+                if mask is not None:  # bitmap-stored: the kernel reads dense codes, a pruned one at the zero point
+                    z = dense_zeros(self.meta, t).to(mask.device).expand(N, -1)
+                    z = z.repeat_interleave(q["group_size"], dim=1)[:, :K]
+                    codes = torch.where(mask, dense_codes(self.meta, t, mask), z.to(torch.int64))
+                    qweight = pack_bits(codes.reshape(-1), 4)
+                self._kops = ("w4a16", qweight.view(N, K // 8), scales, zeros, q["group_size"])
             else:
                 self._kops = ("sparse24", t["qweight"].view(N, K // 16), t["nm_pos"].view(N, K // 32), scales,
                               zeros, q["group_size"])

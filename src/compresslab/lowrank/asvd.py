@@ -14,7 +14,7 @@ class ASVD(LowRank):
         super().__init__(*args, **kwargs)
         self.alphas = tuple(alphas)
 
-    def factor(self, W, E, stats, r):
+    def factor(self, W, E, stats, r, numerics=None):
         H = stats.hessian
         a = stats.act_absmean.float().clamp_min(1e-8)
         best = None

@@ -29,15 +29,16 @@ class Pruner:
     def scores(self, name: str, W: torch.Tensor, stats) -> torch.Tensor:
         raise NotImplementedError
 
-    def prune(self, name: str, W: torch.Tensor, stats) -> tuple[torch.Tensor, torch.Tensor]:
+    def prune(self, name: str, W: torch.Tensor, stats, numerics: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pruned W, keep-mask); Hessian-based pruners append their obs.Numerics to `numerics`."""
         keep = keep_mask(self.scores(name, W, stats).float(), self.sparsity, self.nm)
         return W * keep, keep
 
     @torch.no_grad()
     def compress(self, name: str, layer: nn.Linear, stats=None) -> None:
-        W_hat, keep = self.prune(name, layer.weight.data.float(), stats)
-        layer.weight.data.copy_(W_hat.to(layer.weight.dtype))
         state = layer_state(layer, create=True)
+        W_hat, keep = self.prune(name, layer.weight.data.float(), stats, state.numerics)
+        layer.weight.data.copy_(W_hat.to(layer.weight.dtype))
         state.pattern, state.mask = self.pattern, keep.bool()
 
     def __repr__(self):

@@ -63,6 +63,6 @@ class MaskFile(Pruner):
                 raise ConfigError(f"the mask for {name} has sparsity {got:.3f}, expected {self.sparsity}")
         return keep
 
-    def prune(self, name, W, stats=None):
+    def prune(self, name, W, stats=None, numerics=None):
         keep = self.load(name).to(W.device)
         return W * keep, keep

@@ -2,7 +2,9 @@
 
 `sparsegpt_prune(W, H, ...)` is the maths (the shared OBS sweep in `compresslab.obs`). With
 `quantizer=gptq`, the pruner absorbs the quantizer (`fuse`) and prunes and quantizes in one pass
-over the Hessian, as SparseGPT's joint mode does.
+over the Hessian, as SparseGPT's joint mode does. One pass has one damping and one block size:
+the joint mode needs `pruner.percdamp == quantizer.percdamp` and `pruner.blocksize ==
+quantizer.blocksize` (both default to 0.01 and 128) and fails before loading the model otherwise.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from .base import Pruner
 
 def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None,
                     percdamp: float = 0.01, blocksize: int = 128, quant: GridSpec | None = None,
-                    name: str = ""):
+                    name: str = "", numerics: list | None = None):
     """Prune W (out, in) to `sparsity` (or N:M) given H = 2/n·XᵀX. Returns (W_hat, keep, qw or None)."""
     W_hat, qw, keep = obs_compress(W, H, quant=quant, prune=PruneSpec(sparsity, nm), percdamp=percdamp,
-                                   blocksize=blocksize, name=name)
+                                   blocksize=blocksize, name=name, numerics=numerics)
     return W_hat, keep, qw
 
 
@@ -36,18 +38,26 @@ class SparseGPT(Pruner):
             raise ConfigError(f"pruner.percdamp={percdamp} must be in [0, 1) and pruner.blocksize={blocksize} >= 1")
         self.percdamp, self.blocksize = percdamp, blocksize
 
-    def prune(self, name, W, stats):
+    def prune(self, name, W, stats, numerics=None):
         W_hat, keep, _ = sparsegpt_prune(W, stats.hessian, self.sparsity, self.nm, self.percdamp,
-                                         self.blocksize, name=name)
+                                         self.blocksize, name=name, numerics=numerics)
         return W_hat, keep
 
     def fuse(self, quantizer):
-        """Absorb `quantizer=gptq`: one OBS pass that prunes and quantizes."""
+        """Absorb `quantizer=gptq`: one OBS pass that prunes and quantizes (same damping and block
+        size for both, or a ConfigError naming the two values)."""
         from ..quantizer.gptq import GPTQ
 
-        if isinstance(quantizer, GPTQ) and not quantizer.act_order:
-            return JointSparseGPTQ(self, quantizer)
-        return None
+        if not isinstance(quantizer, GPTQ) or quantizer.act_order:
+            return None
+        for key in ("percdamp", "blocksize"):
+            p, q = getattr(self, key), getattr(quantizer, key)
+            if p != q:
+                raise ConfigError(
+                    f"pruner=sparsegpt with quantizer=gptq prunes and quantizes in ONE pass over the Hessian, "
+                    f"which has one {key}: got pruner.{key}={p} and quantizer.{key}={q}. Set both to the same "
+                    f"value (e.g. pruner.{key}={q} quantizer.{key}={q})")
+        return JointSparseGPTQ(self, quantizer)
 
 
 class JointSparseGPTQ:
@@ -64,10 +74,10 @@ class JointSparseGPTQ:
     @torch.no_grad()
     def compress(self, name, layer, stats=None):
         p, q = self.pruner, self.quantizer
-        spec = GridSpec(q.bits, q.group_size, q.symmetric, q.static_groups)
-        W_hat, keep, qw = sparsegpt_prune(layer.weight.data, stats.hessian, p.sparsity, p.nm, p.percdamp,
-                                          p.blocksize, quant=spec, name=name)
+        spec = GridSpec(q.bits, q.group_size, q.grid, q.static_groups)
         state = layer_state(layer, create=True)
+        W_hat, keep, qw = sparsegpt_prune(layer.weight.data, stats.hessian, p.sparsity, p.nm, p.percdamp,
+                                          p.blocksize, quant=spec, name=name, numerics=state.numerics)
         state.pattern, state.mask = p.pattern, keep.bool()
         q.finish(layer, W_hat, qw)
 

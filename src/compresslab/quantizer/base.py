@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..stages import layer_state
-from . import grid
+from . import grid as _grid
 from .activations import ActQuant
 from .format import QuantizedWeight
 
@@ -17,7 +17,7 @@ class WeightQuantizer:
     Args:
         bits: weight bits, 2..8.
         group_size: input columns per (scale, zero); -1 = one per output row.
-        symmetric: symmetric (AbsMax) or asymmetric (min/max) grid.
+        grid: asym (min/max) | sym (GPTQ's symmetric) | absmax (levels ±(2^(b−1)−1)); see grid.py.
         act_bits: quantize each compressed Linear's input to this many bits (null = off);
             8 is FP8 e4m3 per tensor, fewer bits are int per token or per group.
         act_granularity: tensor | token | group (null: tensor for 8 bits, else token).
@@ -26,14 +26,17 @@ class WeightQuantizer:
 
     needs: frozenset[str] = frozenset()
 
-    def __init__(self, bits: int = 4, group_size: int = -1, symmetric: bool = False,
+    grids: tuple[str, ...] = _grid.GRIDS  # the grids a method supports
+
+    def __init__(self, bits: int = 4, group_size: int = -1, grid: str = "asym",
                  act_bits: int | None = None, act_granularity: str | None = None, act_group_size: int = 64):
-        grid.check_bits(bits)
-        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        _grid.check_bits(bits)
+        _grid.check_grid(grid, self.grids)
+        self.bits, self.group_size, self.grid = bits, group_size, grid
         self.act = ActQuant(act_bits, act_granularity, act_group_size) if act_bits is not None else None
 
     def check(self, name: str, layer: nn.Module) -> None:
-        grid.check_group_size(name, layer.in_features, self.group_size)
+        _grid.check_group_size(name, layer.in_features, self.group_size)
         if self.act is not None:
             self.act.check(name, layer)
 
@@ -57,4 +60,4 @@ class WeightQuantizer:
 
     def _tag(self) -> str:
         act = f", A{self.act.bits}" if self.act is not None else ""
-        return f"W{self.bits}, g{self.group_size}, {'sym' if self.symmetric else 'asym'}{act}"
+        return f"W{self.bits}, g{self.group_size}, {self.grid}{act}"

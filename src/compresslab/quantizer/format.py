@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .grid import GRIDS, max_code
+
 SCALE_BITS = 16  # scales are stored as fp16/bf16
 
 
@@ -21,19 +23,27 @@ class QuantizedWeight:
     zeros: torch.Tensor  # (R, C) float holding integers in [0, 2^bits - 1]
     bits: int
     group_size: int  # input columns per group (in_features for one group per row)
-    symmetric: bool  # symmetric zeros are the constant 2^(bits-1) and are not stored
+    grid: str  # asym | sym | absmax (quantizer.grid); symmetric grids' zeros are constants, not stored
     shape: tuple[int, int]
     bit_map: torch.Tensor | None = None  # (C,) bits of each input group (mixed precision); None: `bits`
 
+    def __post_init__(self):
+        if self.grid not in GRIDS:
+            raise ValueError(f"QuantizedWeight.grid={self.grid!r}; use one of {GRIDS}")
+
+    @property
+    def symmetric(self) -> bool:
+        return self.grid != "asym"
+
     @property
     def maxq(self) -> int:
-        return 2**self.bits - 1
+        return max_code(self.bits, self.grid)
 
     def _maxq_full(self):
         """Largest code per element: a scalar, or (1, in) with a bit map."""
         if self.bit_map is None:
             return self.maxq
-        return self.expand((2 ** self.bit_map.to(self.scales.device).float() - 1)[None, :])
+        return self.expand(max_code(self.bit_map.to(self.scales.device).float(), self.grid)[None, :])
 
     def code_bits(self) -> int:
         """Bits of the integer codes alone."""

@@ -19,21 +19,21 @@ from .format import QuantizedWeight
 log = logging.getLogger(__name__)
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1, symmetric: bool = False,
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1, grid: str = "asym",
                   act_order: bool = False, static_groups: bool = False, percdamp: float = 0.01,
                   blocksize: int = 128, keep: torch.Tensor | None = None,
-                  name: str = "") -> tuple[torch.Tensor, QuantizedWeight]:
+                  name: str = "", numerics: list | None = None) -> tuple[torch.Tensor, QuantizedWeight]:
     """Quantize W (out, in) given H = 2/n·XᵀX (in, in); `keep` holds an existing sparsity mask."""
-    spec = GridSpec(bits, group_size, symmetric, static_groups)
+    spec = GridSpec(bits, group_size, grid, static_groups)
     W_hat, qw, _ = obs_compress(W, H, quant=spec, keep=keep, act_order=act_order, percdamp=percdamp,
-                                blocksize=blocksize, name=name)
+                                blocksize=blocksize, name=name, numerics=numerics)
     return W_hat, qw
 
 
 class GPTQ(WeightQuantizer):
     """`quantizer=gptq`.
 
-    Args (beyond bits, group_size, symmetric and the act_* options):
+    Args (beyond bits, group_size, grid and the act_* options):
         act_order: quantize columns by decreasing H_jj.
         static_groups: fix the group ranges from W before the sweep. null = auto, i.e. on when
             act_order is on with groups: groups then stay contiguous, which the packed format
@@ -47,11 +47,11 @@ class GPTQ(WeightQuantizer):
 
     needs = frozenset({"hessian"})
 
-    def __init__(self, bits: int = 4, group_size: int = -1, symmetric: bool = False, act_order: bool = False,
+    def __init__(self, bits: int = 4, group_size: int = -1, grid: str = "asym", act_order: bool = False,
                  static_groups: bool | None = None, true_sequential: bool = True, percdamp: float = 0.01,
                  blocksize: int = 128, act_bits: int | None = None, act_granularity: str | None = None,
                  act_group_size: int = 64):
-        super().__init__(bits, group_size, symmetric, act_bits, act_granularity, act_group_size)
+        super().__init__(bits, group_size, grid, act_bits, act_granularity, act_group_size)
         if static_groups is None:
             static_groups = act_order and group_size > 0
         if act_order and group_size > 0 and not static_groups:
@@ -65,15 +65,16 @@ class GPTQ(WeightQuantizer):
         self.act_order, self.static_groups, self.true_sequential = act_order, static_groups, true_sequential
         self.percdamp, self.blocksize = percdamp, blocksize
 
-    def quantize(self, name, W, stats, keep=None):
-        return gptq_quantize(W, stats.hessian, self.bits, self.group_size, self.symmetric, self.act_order,
-                             self.static_groups, self.percdamp, self.blocksize, keep=keep, name=name)
+    def quantize(self, name, W, stats, keep=None, numerics=None):
+        return gptq_quantize(W, stats.hessian, self.bits, self.group_size, self.grid, self.act_order,
+                             self.static_groups, self.percdamp, self.blocksize, keep=keep, name=name,
+                             numerics=numerics)
 
     @torch.no_grad()
     def compress(self, name, layer, stats=None):
-        state = layer_state(layer)
-        keep = state.keep_mask(layer.weight.data) if state else None  # hold an earlier pruner's mask
-        W_hat, qw = self.quantize(name, layer.weight.data, stats, keep)
+        state = layer_state(layer, create=True)
+        keep = state.keep_mask()  # hold an earlier pruner's mask
+        W_hat, qw = self.quantize(name, layer.weight.data, stats, keep, state.numerics)
         self.finish(layer, W_hat, qw)
 
     def __repr__(self):

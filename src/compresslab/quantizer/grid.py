@@ -1,7 +1,14 @@
-"""Uniform integer grids: min/max quantization parameters and round-to-nearest, as pure functions.
+"""Uniform integer grids: quantization parameters and round-to-nearest, as pure functions.
 
-Conventions follow GPTQ's quantizer: the range always contains 0 (so pruned zeros stay exactly
-zero), asymmetric zeros are round(−min/scale), symmetric ones are (maxq+1)/2.
+Every grid is s·(q − z) with unsigned codes q, and its range always contains 0 (so pruned zeros
+stay exactly zero). Three grids, by name (`quantizer.grid`):
+
+- ``asym``: min/max, scale (max − min)/(2^b − 1), zero round(−min/s) (GPTQ's default).
+- ``sym``: GPTQ's symmetric grid, scale 2·max|w|/(2^b − 1), zero 2^(b−1): codes 0..2^b−1, so
+  −max maps to code 0 exactly and +max to 0.933·max at 4 bits (the grid is not mirror-symmetric).
+- ``absmax``: the true symmetric (AbsMax) grid of the SLiM seed's Group AbsMax and SLiM-Quant:
+  scale max|w|/(2^(b−1) − 1), levels −(2^(b−1) − 1)…(2^(b−1) − 1), i.e. codes 0..2^b−2 with
+  zero 2^(b−1) − 1 (one code of the 2^b unused).
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import torch
 from ..errors import ConfigError
 
 GRANULARITIES = ("row", "column", "tensor")
+GRIDS = ("asym", "sym", "absmax")
 
 
 def check_bits(bits: int, lo: int = 2, hi: int = 8) -> None:
@@ -29,25 +37,45 @@ def check_group_size(name: str, in_features: int, group_size: int) -> None:
         )
 
 
-def qparams(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, symmetric: bool):
-    """Scale and zero for ranges [wmin, wmax] (elementwise), widened to contain 0.
+def check_grid(grid: str, allowed: tuple[str, ...] = GRIDS, key: str = "quantizer.grid") -> None:
+    if grid not in allowed:
+        raise ConfigError(f"{key}={grid!r} is not a grid here; use one of {', '.join(allowed)} "
+                          "(asym: min/max; sym: GPTQ's symmetric; absmax: levels ±(2^(b-1)-1), the SLiM seed's)")
+
+
+def max_code(bits, grid: str):
+    """Largest code of the grid: 2^b − 1, or 2^b − 2 for absmax (an int, or a tensor like `bits`)."""
+    return 2**bits - (2 if grid == "absmax" else 1)
+
+
+def symmetric_zero(bits, grid: str):
+    """The constant zero point of a symmetric grid (not stored): 2^(b−1), or 2^(b−1) − 1 for absmax."""
+    return 2 ** (bits - 1) - (1 if grid == "absmax" else 0)
+
+
+def qparams(wmin: torch.Tensor, wmax: torch.Tensor, bits, grid: str):
+    """Scale and zero for ranges [wmin, wmax] (elementwise), widened to contain 0, on `grid`.
 
     `bits` may be an int or a tensor broadcastable to the ranges (mixed precision)."""
-    maxq = 2**bits - 1
+    if grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r}; use one of {GRIDS}")
     wmin = torch.clamp(wmin, max=0)
     wmax = torch.clamp(wmax, min=0)
-    if symmetric:
-        wmax = torch.maximum(-wmin, wmax)
-        wmin = torch.where(wmin < 0, -wmax, wmin)
-    empty = (wmin == 0) & (wmax == 0)
-    wmin = torch.where(empty, -1.0, wmin)
-    wmax = torch.where(empty, 1.0, wmax)
-    # fp16-representable, as stored in the packed checkpoint (the in-memory model is the stored one)
-    scale = ((wmax - wmin) / maxq).half().float().clamp_min(2**-24)
-    if symmetric:
-        zero = torch.zeros_like(scale) + (maxq + 1) / 2
+    if grid == "asym":
+        empty = (wmin == 0) & (wmax == 0)
+        wmin = torch.where(empty, -1.0, wmin)
+        wmax = torch.where(empty, 1.0, wmax)
+        span = (wmax - wmin) / (2**bits - 1)
     else:
+        amax = torch.maximum(-wmin, wmax)
+        amax = torch.where(amax == 0, 1.0, amax)
+        span = 2 * amax / (2**bits - 1) if grid == "sym" else amax / (2 ** (bits - 1) - 1)
+    # fp16-representable, as stored in the packed checkpoint (the in-memory model is the stored one)
+    scale = span.half().float().clamp_min(2**-24)
+    if grid == "asym":
         zero = torch.round(-wmin / scale)
+    else:
+        zero = torch.zeros_like(scale) + symmetric_zero(bits, grid)
     return scale, zero
 
 

@@ -1,7 +1,8 @@
 """SliM-LLM: salience-driven mixed-precision quantization (Huang et al., "SliM-LLM: Salience-Driven
 Mixed-Precision Quantization for Large Language Models", ICML 2025), on top of GPTQ.
 
-- SBA (salience-determined bit allocation): group salience S_c = Σ_{i, j∈c} W_ij² / [H⁻¹]_jj²;
+- SBA (salience-determined bit allocation): group salience S_c = Σ_{i, j∈c} W_ij² / U_jj², U the
+  upper Cholesky factor of the damped H⁻¹ (the reference code's `Hinv`, as in GPTQ/SparseGPT);
   the k least salient groups get b−1 bits, the k most salient b+1, the rest b, so the average
   is exactly b. k is chosen per layer by the KL divergence between softmax(XWᵀ) and softmax(XŴᵀ)
   on calibration inputs, over a grid of fractions of the groups.
@@ -18,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..obs import GridSpec, hinv_diag, obs_compress
+from ..obs import GridSpec, hinv_chol_diag, obs_compress
 from ..stages import layer_state
-from . import grid
+from . import grid as _grid
 from .base import WeightQuantizer
 
 log = logging.getLogger(__name__)
@@ -30,9 +31,10 @@ SQC_P = 2.4
 SQC_Z = 2.0
 
 
-def group_salience(W: torch.Tensor, hinv_diag: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(C,) salience of each group of `group_size` input columns: Σ W_ij² / [H⁻¹]_jj²."""
-    S = W.float().square() / hinv_diag.float().square()[None, :]  # (out, in)
+def group_salience(W: torch.Tensor, u_diag: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(C,) salience of each group of `group_size` input columns: Σ W_ij² / U_jj², with
+    u_diag = diag(U), U = chol((H + λI)⁻¹) upper (`obs.hinv_chol_diag`)."""
+    S = W.float().square() / u_diag.float().square()[None, :]  # (out, in)
     return S.sum(0).reshape(-1, group_size).sum(1)
 
 
@@ -49,29 +51,29 @@ def sba_bit_map(salience: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     return bit_map
 
 
-def sqc_params(Wg: torch.Tensor, sal: torch.Tensor, bits: int, symmetric: bool = False, lam: float = 1.0,
+def sqc_params(Wg: torch.Tensor, sal: torch.Tensor, bits: int, grid_: str = "asym", lam: float = 1.0,
                factors: torch.Tensor = SQC_FACTORS, p: float = SQC_P):
     """Per-row (scale, zero) for the group Wg (out, k) after the salience-weighted range search."""
     Wg = Wg.float()
     z = (sal - sal.mean(1, keepdim=True)) / sal.std(1, keepdim=True).clamp_min(1e-12)
     omega = torch.where(z.abs() > SQC_Z, lam, 1.0)  # (out, k)
     f = factors.to(Wg.device)[:, None]  # (F, 1)
-    scale, zero = grid.qparams(Wg.amin(1)[None] * f, Wg.amax(1)[None] * f, bits, symmetric)  # (F, out)
-    q = grid.fake_quantize(Wg[None], scale[..., None], zero[..., None], 2**bits - 1)  # (F, out, k)
+    scale, zero = _grid.qparams(Wg.amin(1)[None] * f, Wg.amax(1)[None] * f, bits, grid_)  # (F, out)
+    q = _grid.fake_quantize(Wg[None], scale[..., None], zero[..., None], _grid.max_code(bits, grid_))  # (F, out, k)
     err = ((Wg[None] - q).abs().pow(p) * omega[None]).sum(-1)  # (F, out)
     best = err.argmin(0)  # (out,)
     rows = torch.arange(Wg.shape[0], device=Wg.device)
     return scale[best, rows], zero[best, rows]
 
 
-def rtn_mixed(W: torch.Tensor, bit_map: torch.Tensor | None, bits: int, group_size: int, symmetric: bool,
+def rtn_mixed(W: torch.Tensor, bit_map: torch.Tensor | None, bits: int, group_size: int, grid_: str,
               keep: torch.Tensor | None = None) -> torch.Tensor:
     """Round-to-nearest with per-group bits (a cheap stand-in used to rank SBA candidates)."""
     out, inp = W.shape
     view = W.float().reshape(out, inp // group_size, group_size)  # (out, C, g)
     b = (bit_map if bit_map is not None else torch.full((inp // group_size,), bits)).to(W.device).float()[None, :]
-    scale, zero = grid.qparams(view.amin(-1), view.amax(-1), b, symmetric)  # (out, C)
-    W_hat = grid.fake_quantize(view, scale[..., None], zero[..., None], (2**b - 1)[..., None]).reshape(out, inp)
+    scale, zero = _grid.qparams(view.amin(-1), view.amax(-1), b, grid_)  # (out, C)
+    W_hat = _grid.fake_quantize(view, scale[..., None], zero[..., None], _grid.max_code(b, grid_)[..., None]).reshape(out, inp)
     return W_hat * keep if keep is not None else W_hat
 
 
@@ -84,19 +86,19 @@ def output_kl(X: torch.Tensor, W: torch.Tensor, W_hat: torch.Tensor, bias: torch
 class SliMLLM(WeightQuantizer):
     """`quantizer=slim_llm`: GPTQ with SBA mixed precision and SQC range search.
 
-    Args: bits (target average b, 2..7), group_size (128; SmolLM2 needs 64), symmetric,
+    Args: bits (target average b, 2..7), group_size (128; SmolLM2 needs 64), grid,
         sba / sqc (turn either part off), sqc_lambda (weight of salient elements in SQC),
         sba_grid (fractions of groups moved to b±1, searched by KL), percdamp, blocksize.
     """
 
     needs = frozenset({"hessian", "input_sample"})
 
-    def __init__(self, bits: int = 2, group_size: int = 128, symmetric: bool = False, sba: bool = True,
+    def __init__(self, bits: int = 2, group_size: int = 128, grid: str = "asym", sba: bool = True,
                  sqc: bool = True, sqc_lambda: float = 1.0, sba_grid=(0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5),
                  percdamp: float = 0.01, blocksize: int = 128, act_bits: int | None = None,
                  act_granularity: str | None = None, act_group_size: int = 64):
-        grid.check_bits(bits, 2, 7)  # b−1 >= 1 and b+1 <= 8
-        super().__init__(bits, group_size, symmetric, act_bits, act_granularity, act_group_size)
+        _grid.check_bits(bits, 2, 7)  # b−1 >= 1 and b+1 <= 8
+        super().__init__(bits, group_size, grid, act_bits, act_granularity, act_group_size)
         if group_size < 1:
             raise ConfigError("quantizer=slim_llm allocates bits per group: set quantizer.group_size (e.g. 128, or 64 for SmolLM2)")
         grid_ = sorted({float(f) for f in sba_grid})
@@ -110,45 +112,45 @@ class SliMLLM(WeightQuantizer):
     def _spec(self, bit_map):
         params = None
         if self.sqc:
-            lam, sym = self.sqc_lambda, self.symmetric
-            params = lambda Wg, sal, bits: sqc_params(Wg, sal, bits, sym, lam)  # noqa: E731
-        return GridSpec(self.bits, self.group_size, self.symmetric, False, bit_map, params)
+            lam, g = self.sqc_lambda, self.grid
+            params = lambda Wg, sal, bits: sqc_params(Wg, sal, bits, g, lam)  # noqa: E731
+        return GridSpec(self.bits, self.group_size, self.grid, False, bit_map, params)
 
-    def bit_maps(self, W: torch.Tensor, H: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
+    def bit_maps(self, W: torch.Tensor, H: torch.Tensor, numerics: list | None = None) -> list[tuple[int, torch.Tensor | None]]:
         """Candidate (k, bit map) pairs of the SBA search (just uniform b when SBA is off)."""
         if not self.sba:
             return [(0, None)]
-        sal = group_salience(W, hinv_diag(H, self.percdamp), self.group_size)
+        sal = group_salience(W, hinv_chol_diag(H, self.percdamp, numerics=numerics), self.group_size)
         C = sal.numel()
         ks = sorted({min(C // 2, round(f * C)) for f in self.sba_grid})
         return [(k, sba_bit_map(sal, self.bits, k)) for k in ks]
 
-    def quantize_with(self, name, W, H, bit_map, keep=None):
+    def quantize_with(self, name, W, H, bit_map, keep=None, numerics=None, latent=None):
         W_hat, qw, _ = obs_compress(W, H, quant=self._spec(bit_map), keep=keep, percdamp=self.percdamp,
-                                    blocksize=self.blocksize, name=name)
+                                    blocksize=self.blocksize, name=name, numerics=numerics, latent=latent)
         return W_hat, qw
 
-    def search(self, name, W, stats, keep=None):
+    def search(self, name, W, stats, keep=None, numerics=None, latent=None):
         """Pick the SBA bit map with the lowest output KL (candidates rounded to nearest, which
         ranks them at a fraction of GPTQ's cost), then quantize once with it."""
         H = stats.hessian
-        cands = self.bit_maps(W, H)
+        cands = self.bit_maps(W, H, numerics)
         best = (0.0, *cands[0])
         if len(cands) > 1:
             X = stats.input_sample.to(W.device)
-            scored = [(output_kl(X, W.float(), rtn_mixed(W, bm, self.bits, self.group_size, self.symmetric, keep)), k, bm)
+            scored = [(output_kl(X, W.float(), rtn_mixed(W, bm, self.bits, self.group_size, self.grid, keep)), k, bm)
                       for k, bm in cands]
             best = min(scored, key=lambda t: t[0])
         kl, k, bit_map = best
         log.debug("%s: SBA k=%d (KL %.3g)", name, k, kl)
-        W_hat, qw = self.quantize_with(name, W, H, bit_map, keep)
+        W_hat, qw = self.quantize_with(name, W, H, bit_map, keep, numerics, latent)
         return kl, k, W_hat, qw
 
     @torch.no_grad()
     def compress(self, name, layer, stats=None):
-        state = layer_state(layer)
-        keep = state.keep_mask(layer.weight.data) if state else None
-        _, k, W_hat, qw = self.search(name, layer.weight.data.float(), stats, keep)
+        state = layer_state(layer, create=True)
+        keep = state.keep_mask()
+        _, k, W_hat, qw = self.search(name, layer.weight.data.float(), stats, keep, state.numerics)
         self.finish(layer, W_hat, qw)
 
     def __repr__(self):

@@ -2,9 +2,21 @@
 
 LWC (Shao et al., "OmniQuant: Omnidirectionally Calibrated Quantization for Large Language
 Models", ICLR 2024): per (row, group), the range is [σ(β)·min W, σ(γ)·max W]; γ and β are trained
-block by block with AdamW so that the quantized block's output matches the dense block's output
+block by block with AdamW so that the quantized block's output matches the full-precision model's
 (MSE), rounding passing gradients straight through. SliM-LLM+ (Huang et al., ICML 2025) uses the
-same SBA bit map as SliM-LLM, chosen here with round-to-nearest candidates.
+same SBA bit map as SliM-LLM (chosen here with round-to-nearest candidates).
+
+OmniQuant's protocol, followed here: the targets are the FULL-PRECISION model's block outputs on the
+full-precision stream (`fp_inps`), the inputs the quantized model's stream (`quant_inps`); 128
+samples, batch size 1, the samples in order each epoch, AdamW with lr 1e-2 and no weight decay,
+logits initialised at 4 (σ(4) ≈ 0.98), 20 epochs (40 at W2 in OmniQuant's scripts). The clipping
+is learned on the weights the quantizer received (after an earlier pruner's updates), and the
+pruner's mask is held.
+
+`init=gptq` (not in the papers) starts from SliM-LLM's GPTQ solution instead of round-to-nearest:
+the weights clipped are GPTQ's error-compensated weights as each column was just before rounding
+(so rounding them on GPTQ's grid gives GPTQ's result), and the learnable range is GPTQ's grid range
+scaled by σ(logit)/σ(4): training starts exactly at the GPTQ solution.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from ..errors import ConfigError
 from ..recovery.ste import frozen, round_ste
 from ..stages import layer_state
 from .format import QuantizedWeight
+from .grid import max_code
 from .slim_llm import SliMLLM
 
 log = logging.getLogger(__name__)
@@ -26,15 +39,24 @@ INIT_LOGIT = 4.0  # σ(4) ≈ 0.982, OmniQuant's initialization: start near the 
 
 
 def lwc_fake_quant(W: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, maxq: torch.Tensor,
-                   group_size: int, return_params: bool = False):
+                   group_size: int, return_params: bool = False, ref: tuple | None = None,
+                   fp16_scale: bool = False):
     """Differentiable asymmetric fake quantization of W (out, in) with clip logits γ, β (out, C)
-    and per-group maxq (C,)."""
+    and per-group maxq (C,). The range is [σ(β)·min, σ(γ)·max] of each group (OmniQuant), or with
+    `ref=(lo, hi)` (out, C) that given range times σ(logit)/σ(4). `fp16_scale` rounds the scale to
+    an fp16 value first (what the checkpoint stores)."""
     out, inp = W.shape
     Wg = W.reshape(out, inp // group_size, group_size)  # (out, C, g)
-    hi = Wg.amax(-1).clamp_min(0) * torch.sigmoid(gamma)  # (out, C)
-    lo = Wg.amin(-1).clamp_max(0) * torch.sigmoid(beta)
+    if ref is None:
+        hi = Wg.amax(-1).clamp_min(0) * torch.sigmoid(gamma)  # (out, C)
+        lo = Wg.amin(-1).clamp_max(0) * torch.sigmoid(beta)
+    else:
+        s0 = torch.sigmoid(torch.tensor(INIT_LOGIT))
+        hi, lo = ref[1] * torch.sigmoid(gamma) / s0, ref[0] * torch.sigmoid(beta) / s0
     mq = maxq.to(W.dtype)[None, :]  # (1, C)
     scale = ((hi - lo) / mq).clamp_min(1e-8)
+    if fp16_scale:
+        scale = scale.half().float().clamp_min(2**-24)
     zero = round_ste(-lo / scale)
     q = torch.clamp(round_ste(Wg / scale[..., None]) + zero[..., None], torch.zeros_like(mq)[..., None], mq[..., None])
     W_hat = ((q - zero[..., None]) * scale[..., None]).reshape(out, inp)
@@ -42,86 +64,111 @@ def lwc_fake_quant(W: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, max
 
 
 class SliMLLMPlus(SliMLLM):
-    """`quantizer=slim_llm_plus`: SBA bit map + LWC trained per block.
+    """`quantizer=slim_llm_plus`: SBA bit map + LWC trained per block (OmniQuant's protocol).
 
-    Args (beyond slim_llm's bits, group_size, sba, sba_grid): epochs, lr, nsamples (calibration
-    samples used for LWC), batch_size, weight_decay.
+    Args (beyond slim_llm's bits, group_size, sba, sba_grid): epochs (20), lr (1e-2), nsamples
+    (calibration samples used for LWC; null = all), batch_size (1), weight_decay (0), init (rtn:
+    OmniQuant's start | gptq: SliM-LLM's GPTQ solution, see the module docstring).
     """
 
     needs = frozenset({"hessian", "input_sample"})
+    grids = ("asym",)
 
-    def __init__(self, bits: int = 2, group_size: int = 128, symmetric: bool = False, sba: bool = True,
-                 sba_grid=(0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5), epochs: int = 5, lr: float = 5e-3,
-                 nsamples: int = 32, batch_size: int = 4, weight_decay: float = 0.0, percdamp: float = 0.01,
-                 act_bits: int | None = None, act_granularity: str | None = None, act_group_size: int = 64):
-        if symmetric:
-            raise ConfigError("quantizer=slim_llm_plus learns an asymmetric clip range; drop quantizer.symmetric=true")
-        super().__init__(bits, group_size, False, sba, False, 1.0, sba_grid, percdamp, 128,
+    def __init__(self, bits: int = 2, group_size: int = 128, grid: str = "asym", sba: bool = True,
+                 sba_grid=(0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5), epochs: int = 20, lr: float = 1e-2,
+                 nsamples: int | None = None, batch_size: int = 1, weight_decay: float = 0.0,
+                 percdamp: float = 0.01, init: str = "rtn", act_bits: int | None = None,
+                 act_granularity: str | None = None, act_group_size: int = 64):
+        # SQC only shapes the GPTQ start (init=gptq); OmniQuant's LWC replaces it otherwise
+        super().__init__(bits, group_size, grid, sba, init == "gptq", 1.0, sba_grid, percdamp, 128,
                          act_bits, act_granularity, act_group_size)
-        if epochs < 0 or lr <= 0 or nsamples < 1 or batch_size < 1:
-            raise ConfigError("quantizer.epochs >= 0, lr > 0, nsamples >= 1 and batch_size >= 1 are required")
+        if epochs < 0 or lr <= 0 or (nsamples is not None and nsamples < 1) or batch_size < 1 or weight_decay < 0:
+            raise ConfigError("quantizer.epochs >= 0, lr > 0, nsamples >= 1 (or null), batch_size >= 1 and "
+                              "weight_decay >= 0 are required")
+        if init not in ("rtn", "gptq"):
+            raise ConfigError(f"quantizer.init={init!r}: use rtn (OmniQuant's start) or gptq (SliM-LLM's solution)")
         self.epochs, self.lr, self.nsamples, self.batch_size, self.weight_decay = epochs, lr, nsamples, batch_size, weight_decay
+        self.init = init
+        self._dense_in = None
 
     def maxq(self, bit_map, C):
         bits = bit_map if bit_map is not None else torch.full((C,), self.bits)
-        return 2 ** bits.float() - 1
+        return max_code(bits.float(), "asym")
 
-    def quantize_with(self, name, W, H, bit_map, keep=None):
-        """Round-to-nearest with the bit map: LWC's starting point (and the SBA candidates)."""
+    def quantize_with(self, name, W, H, bit_map, keep=None, numerics=None, latent=None):
+        """LWC's starting point with the chosen bit map: round-to-nearest at the initial clip, or
+        (init=gptq) SliM-LLM's GPTQ sweep."""
+        if self.init == "gptq":
+            return super().quantize_with(name, W, H, bit_map, keep, numerics, latent)
         C = W.shape[1] // self.group_size
         logit = torch.full((W.shape[0], C), INIT_LOGIT, device=W.device)
         W_hat, scale, zero = lwc_fake_quant(W.float(), logit, logit, self.maxq(bit_map, C).to(W.device),
                                             self.group_size, return_params=True)
         if keep is not None:
             W_hat = W_hat * keep
-        qw = QuantizedWeight(None, scale, zero, self.bits, self.group_size, False, tuple(W.shape),
+        qw = QuantizedWeight(None, scale, zero, self.bits, self.group_size, "asym", tuple(W.shape),
                              bit_map.to(torch.uint8) if bit_map is not None else None).encode(W_hat)
         return W_hat, qw
 
     @torch.no_grad()
     def compress(self, name, layer, stats=None):
-        super().compress(name, layer, stats)
-        layer_state(layer).pending_lwc = True
+        state = layer_state(layer, create=True)
+        W = layer.weight.detach().float().clone()  # what LWC clips: the weights as this stage got them,
+        latent = [] if self.init == "gptq" else None  # or GPTQ's pre-rounding ones (init=gptq)
+        _, _, W_hat, qw = self.search(name, W, stats, state.keep_mask(), state.numerics, latent)
+        self.finish(layer, W_hat, qw)
+        state.lwc_latent = latent[0] if latent else W
 
     # -- block stage: called by the engine once every Linear of the block is compressed ----------
+    def begin(self, num_blocks: int) -> None:
+        self._dense_in = None  # the full-precision stream (OmniQuant's fp_inps), carried block to block
+
     def finish_block(self, dense: nn.Module, block: nn.Module, inputs: torch.Tensor, forward) -> dict:
-        """Train the clip logits of this block's Linears against the dense block's outputs.
+        """Train the clip logits of this block's Linears so that the block, on the quantized stream
+        `inputs`, matches the full-precision block on the full-precision stream.
 
         `forward(module, x, params=None)` runs a block (with the engine's kwargs) on a batch."""
         lins = {n: m for n, m in block.named_modules()
-                if isinstance(m, nn.Linear) and layer_state(m) is not None and layer_state(m).pending_lwc}
+                if isinstance(m, nn.Linear) and layer_state(m) is not None and layer_state(m).lwc_latent is not None}
+        x = inputs if self.nsamples is None else inputs[: self.nsamples]
+        dense_in = x if self._dense_in is None else self._dense_in
+        bs = self.batch_size
+        with torch.no_grad():
+            target = torch.cat([forward(dense, dense_in[i:i + bs]) for i in range(0, len(x), bs)])
+        self._dense_in = target  # the next block's full-precision input
         if not lins:
             return {}
-        dense_w = {n: dense.get_submodule(n).weight.detach().float() for n in lins}
         g = self.group_size
-        logits, maxqs, keeps = {}, {}, {}
+        latent, logits, maxqs, keeps, refs = {}, {}, {}, {}, {}
         for n, m in lins.items():
-            qw = layer_state(m).quant
+            st = layer_state(m)
             C = m.in_features // g
+            latent[n] = st.lwc_latent.to(m.weight.device)
+            refs[n] = None
+            if self.init == "gptq":  # GPTQ's grid range per (row, group): [s·(0 − z), s·(maxq − z)]
+                qs, qz = st.quant.scales.to(m.weight.device), st.quant.zeros.to(m.weight.device)
+                refs[n] = (qs * (0 - qz), qs * (self.maxq(st.quant.bit_map, C).to(qs.device)[None] - qz))
             logits[n] = (torch.full((m.out_features, C), INIT_LOGIT, device=m.weight.device, requires_grad=True),
                          torch.full((m.out_features, C), INIT_LOGIT, device=m.weight.device, requires_grad=True))
-            maxqs[n] = self.maxq(qw.bit_map, C).to(m.weight.device)
-            keeps[n] = m.weight.detach() != 0 if layer_state(m).pattern else None
+            maxqs[n] = self.maxq(st.quant.bit_map, C).to(m.weight.device)
+            keeps[n] = st.keep_mask()  # the pruner's own mask: a weight rounded to 0 still trains
 
         def weights():
             out = {}
             for n in lins:
-                W_hat = lwc_fake_quant(dense_w[n], *logits[n], maxqs[n], g)
+                W_hat = lwc_fake_quant(latent[n], *logits[n], maxqs[n], g, ref=refs[n])
                 out[n + ".weight"] = (W_hat * keeps[n] if keeps[n] is not None else W_hat).to(lins[n].weight.dtype)
             return out
 
-        x = inputs[: self.nsamples]
-        with torch.no_grad():
-            target = torch.cat([forward(dense, x[i:i + self.batch_size]) for i in range(0, len(x), self.batch_size)])
         params = [t for pair in logits.values() for t in pair]
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
 
         def loss_over_data(train: bool) -> float:
             total = 0.0
-            for i in range(0, len(x), self.batch_size):
+            for i in range(0, len(x), bs):  # in order, as OmniQuant
                 with torch.set_grad_enabled(train):
-                    y = forward(block, x[i:i + self.batch_size], weights())
-                    loss = F.mse_loss(y.float(), target[i:i + self.batch_size].float())
+                    y = forward(block, x[i:i + bs], weights())
+                    loss = F.mse_loss(y.float(), target[i:i + bs].float())
                 if train:
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -131,20 +178,20 @@ class SliMLLMPlus(SliMLLM):
 
         with frozen(block):  # only the clip logits train
             before = loss_over_data(False)
-            for _ in range(self.epochs):
-                loss_over_data(True)
+            curve = [loss_over_data(True) for _ in range(self.epochs)]
             after = loss_over_data(False)
         with torch.no_grad():
             for n, m in lins.items():
-                W_hat, scale, zero = lwc_fake_quant(dense_w[n], *logits[n], maxqs[n], g, return_params=True)
+                W_hat, scale, zero = lwc_fake_quant(latent[n], *logits[n], maxqs[n], g, return_params=True,
+                                                    ref=refs[n], fp16_scale=True)
                 if keeps[n] is not None:
                     W_hat = W_hat * keeps[n]
                 m.weight.data.copy_(W_hat.to(m.weight.dtype))
                 st = layer_state(m)
-                st.quant = QuantizedWeight(None, scale, zero, self.bits, g, False, tuple(W_hat.shape),
+                st.quant = QuantizedWeight(None, scale, zero, self.bits, g, "asym", tuple(W_hat.shape),
                                            st.quant.bit_map).encode(W_hat).without_codes()
-                st.pending_lwc = False
-        return {"lwc_mse_before": before, "lwc_mse_after": after}
+                st.lwc_latent = None
+        return {"lwc_mse_before": before, "lwc_mse_after": after, "lwc_curve": curve}
 
     def __repr__(self):
-        return f"SliMLLMPlus({self._tag()}, sba={self.sba}, epochs={self.epochs}, lr={self.lr})"
+        return f"SliMLLMPlus({self._tag()}, sba={self.sba}, epochs={self.epochs}, lr={self.lr}, init={self.init})"

@@ -19,14 +19,15 @@ from .format import QuantizedWeight
 COARSE = torch.linspace(0.1, 1.0, 11)
 
 
-def _grid_err(x: torch.Tensor, weight: torch.Tensor | None, c: torch.Tensor, bits: int) -> torch.Tensor:
+def _grid_err(x: torch.Tensor, weight: torch.Tensor | None, c: torch.Tensor, bits: int,
+              grid_: str = "absmax") -> torch.Tensor:
     """Expected squared error of quantizing values x (..., k) on the symmetric grid clipped at c (...)."""
-    scale, zero = grid.qparams(-c, c, bits, symmetric=True)
-    err = (x - grid.fake_quantize(x, scale[..., None], zero[..., None], 2**bits - 1)).square()
+    scale, zero = grid.qparams(-c, c, bits, grid_)
+    err = (x - grid.fake_quantize(x, scale[..., None], zero[..., None], grid.max_code(bits, grid_))).square()
     return (err * weight).sum(-1) if weight is not None else err.mean(-1)
 
 
-def search_alpha_hist(w: torch.Tensor, bits: int, bins: int = 2048, fine: int = 11) -> float:
+def search_alpha_hist(w: torch.Tensor, bits: int, bins: int = 2048, fine: int = 11, grid_: str = "absmax") -> float:
     """α minimizing the histogram-expected error of one tensor (values w, any shape)."""
     w = w.float().flatten()
     wmax = w.abs().max().clamp_min(1e-12)
@@ -36,7 +37,7 @@ def search_alpha_hist(w: torch.Tensor, bits: int, bins: int = 2048, fine: int = 
     centres = (edges[:-1] + edges[1:]) / 2
 
     def best(alphas):
-        errs = torch.stack([_grid_err(centres, p, a * wmax, bits) for a in alphas])
+        errs = torch.stack([_grid_err(centres, p, a * wmax, bits, grid_) for a in alphas])
         i = int(errs.argmin())
         return float(alphas[i]), i
 
@@ -46,56 +47,57 @@ def search_alpha_hist(w: torch.Tensor, bits: int, bins: int = 2048, fine: int = 
     return a
 
 
-def search_alpha_groups(view: torch.Tensor, bits: int, fine: int = 11) -> torch.Tensor:
+def search_alpha_groups(view: torch.Tensor, bits: int, fine: int = 11, grid_: str = "absmax") -> torch.Tensor:
     """Per-group α (R, C) minimizing the exact MSE over each group's weights, view (R, C, k)."""
     wmax = view.abs().amax(-1).clamp_min(1e-12)  # (R, C)
 
     def errs(alphas):  # (A, R, C)
-        return torch.stack([_grid_err(view, None, a * wmax, bits) for a in alphas])
+        return torch.stack([_grid_err(view, None, a * wmax, bits, grid_) for a in alphas])
 
     e = errs(COARSE)
     a0 = COARSE[e.argmin(0)]  # (R, C)
     step = float(COARSE[1] - COARSE[0])
     offs = torch.linspace(-step, step, fine)
     cand = (a0[None] + offs[:, None, None]).clamp(1e-3, 1.0)  # (F, R, C)
-    e = torch.stack([_grid_err(view, None, cand[f] * wmax, bits) for f in range(fine)])
+    e = torch.stack([_grid_err(view, None, cand[f] * wmax, bits, grid_) for f in range(fine)])
     return cand.gather(0, e.argmin(0)[None])[0]
 
 
-def slim_quantize(W: torch.Tensor, bits: int, group_size: int = -1) -> tuple[torch.Tensor, QuantizedWeight, torch.Tensor]:
+def slim_quantize(W: torch.Tensor, bits: int, group_size: int = -1,
+                  grid_: str = "absmax") -> tuple[torch.Tensor, QuantizedWeight, torch.Tensor]:
     """Symmetric quantization of W (out, in) with searched clipping; per tensor when group_size=-1.
+    The seed's grid is AbsMax (levels ±(2^(b−1)−1)·α·max|W|/(2^(b−1)−1)); `grid_="sym"` uses GPTQ's.
 
     Returns (W_hat, QuantizedWeight, α) with α a scalar tensor or (out, in/g)."""
     W = W.float()
     out, inp = W.shape
     if group_size > 0:
         view = W.reshape(out, inp // group_size, group_size)
-        alpha = search_alpha_groups(view, bits)
+        alpha = search_alpha_groups(view, bits, grid_=grid_)
         c = alpha * view.abs().amax(-1)
         g = group_size
     else:
         nz = W[W != 0]
-        alpha = torch.tensor(search_alpha_hist(nz if nz.numel() else W, bits))
+        alpha = torch.tensor(search_alpha_hist(nz if nz.numel() else W, bits, grid_=grid_))
         c = (alpha * W.abs().max()).reshape(1, 1)
         g = inp
-    scale, zero = grid.qparams(-c, c, bits, symmetric=True)
-    qw = QuantizedWeight(None, scale, zero, bits, g, True, (out, inp)).encode(W)
+    scale, zero = grid.qparams(-c, c, bits, grid_)
+    qw = QuantizedWeight(None, scale, zero, bits, g, grid_, (out, inp)).encode(W)
     return qw.dequantize(), qw, alpha
 
 
 class SLiMQuant(WeightQuantizer):
-    """`quantizer=slim_quant`: symmetric, `bits`, `group_size` (-1 = one α per tensor)."""
+    """`quantizer=slim_quant`: `bits`, `group_size` (-1 = one α per tensor), `grid` (absmax, the
+    seed's; or sym). It clips ±α·max|W|, so the grid is symmetric."""
 
-    def __init__(self, bits: int = 4, group_size: int = -1, symmetric: bool = True, act_bits: int | None = None,
+    grids = ("absmax", "sym")
+
+    def __init__(self, bits: int = 4, group_size: int = -1, grid: str = "absmax", act_bits: int | None = None,
                  act_granularity: str | None = None, act_group_size: int = 64):
-        if not symmetric:
-            from ..errors import ConfigError
-
-            raise ConfigError("quantizer=slim_quant is symmetric (it clips ±α·max|W|); drop quantizer.symmetric=false")
-        super().__init__(bits, group_size, True, act_bits, act_granularity, act_group_size)
+        super().__init__(bits, group_size, grid, act_bits, act_granularity, act_group_size)
 
     def quantize(self, name, W, stats=None):
-        W_hat, qw, _ = slim_quantize(W, self.bits, self.group_size)
+        W_hat, qw, _ = slim_quantize(W, self.bits, self.group_size, self.grid)
         return W_hat, qw
 
     def __repr__(self):

@@ -95,10 +95,7 @@ class Beam:
             if self.mode == "offline":
                 self._dense_stream = target  # the next group's dense input
         first = self._index - len(group) + 1
-        report = self._train_or_resume(forward, group, x, target, first)
-        with torch.no_grad():  # the recovered group's output feeds the next block
-            report["outputs"] = self._run(forward, [c for _, c in group], self._group_in)
-        return report
+        return self._train_or_resume(forward, group, x, target, first)  # the engine propagates the group
 
     # -- training ----------------------------------------------------------------------------------
     def _run(self, forward, blocks, x, params=None):
@@ -168,27 +165,31 @@ class Beam:
         before = self._loss(forward, blocks, [constrained(b, self.train, self.train_scales) for b in blocks],
                             x[val], target[val])
         snapshot = [copy.deepcopy(b.state_dict()) for b in blocks] if self.lr_search else None
-        best = None
+        best, lr_losses = None, []
         for lr in (self.lr_grid if self.lr_search else (self.lr,)):
             if snapshot is not None:
                 for b, sd in zip(blocks, snapshot):
                     b.load_state_dict(sd)
             cons, curve = self._fit(forward, blocks, x, target, lr, n_train)
             val_loss = self._loss(forward, blocks, cons, x[val], target[val])
+            lr_losses.append([lr, val_loss])
             if best is None or val_loss < best[0]:
                 best = (val_loss, lr, cons, curve)
-        val_loss, lr, cons, curve = best
-        if val_loss > before:  # training made it worse on held-out data: keep the one-shot weights
-            log.warning("%s: held-out loss rose (%.4g -> %.4g); keeping the one-shot weights", name, before, val_loss)
+        trained, lr, cons, curve = best
+        kept = "trained" if trained <= before else "oneshot"
+        if kept == "oneshot":  # training made it worse on held-out data: keep the one-shot weights
+            log.warning("%s: held-out loss rose (%.4g -> %.4g); keeping the one-shot weights", name, before, trained)
             if snapshot is not None:
                 for b, sd in zip(blocks, snapshot):
                     b.load_state_dict(sd)
-            val_loss = before
         else:
             for c in cons:
                 for cl in c.values():
                     cl.commit()
-        report = {"loss_before": before, "loss_after": val_loss, "lr": lr, "curve": curve, "mode": self.mode}
+        # loss_trained: held-out loss of the trained weights, whether or not they were kept;
+        # loss_after: of the weights the block now has (loss_before when the one-shot ones were kept)
+        report = {"loss_before": before, "loss_trained": trained, "loss_after": trained if kept == "trained" else before,
+                  "kept": kept, "lr": lr, "lr_losses": lr_losses, "curve": curve, "mode": self.mode}
         if self.checkpoint_dir is not None:
             self._save(blocks, name, report)
         return report

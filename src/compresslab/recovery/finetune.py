@@ -29,14 +29,23 @@ class Finetune:
             raise ConfigError("recovery needs steps >= 0, seqlen >= 2, batch_size >= 1 and lr > 0")
         self.steps, self.seqlen, self.batch_size, self.lr, self.optimizer, self.seed = steps, seqlen, batch_size, lr, optimizer, seed
 
-    def finish_model(self, model, ids: torch.Tensor) -> dict:
+    def finish_model(self, model, ids: torch.Tensor, device: torch.device | str | None = None) -> dict:
+        """Train on `device` (the engine's; None: where the model is), then move the model back."""
         t0 = time.perf_counter()
+        home = next(model.parameters()).device
+        device = torch.device(device) if device is not None else home
+        model.to(device)
+        try:
+            return self._train(model, ids, device, t0)
+        finally:
+            model.to(home)
+
+    def _train(self, model, ids, device, t0) -> dict:
         linears = list(adapter_for(model).named_linears(model))  # (qualified name, Linear)
         has_adapters = any(getattr(lin, "lora_A", None) is not None for _, lin in linears)
         train = "adapters" if has_adapters else "all"
         cons = {f"{n}.": ConstrainedLinear(lin, train, False) for n, lin in linears}
         params = [p for c in cons.values() for p in c.parameters()]
-        device = next(model.parameters()).device
         ids = ids[:, : self.seqlen].to(device)
         torch.manual_seed(self.seed)
         opt = make_optimizer(self.optimizer, params, self.lr)

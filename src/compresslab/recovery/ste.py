@@ -10,6 +10,7 @@ zero, and the final weights are re-quantized onto the grid.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -58,8 +59,14 @@ class ConstrainedLinear:
     def __init__(self, lin: nn.Linear, train: str, train_scales: bool):
         st = layer_state(lin)
         self.lin = lin
+        dev = lin.weight.device
         self.qw = st.quant if st is not None else None
-        self.mask = (lin.weight.detach() != 0) if st is not None and st.pattern else None
+        if self.qw is not None:  # the grid where the layer is now (it may have moved since compression)
+            self.qw = replace(self.qw, scales=self.qw.scales.to(dev), zeros=self.qw.zeros.to(dev))
+        # the pruner's own mask: a kept weight that quantization rounded to 0 is not pruned and trains
+        self.mask = st.keep_mask() if st is not None else None
+        if self.mask is not None:
+            self.mask = self.mask.to(lin.weight.device)
         self.train_weight = train == "all" and not (st is not None and st.adapter is not None and st.adapter.replaces)
         if st is not None and st.input_scale is not None:  # AWQ: the grid is that of W·diag(s); keep frozen
             self.qw, self.train_weight = None, False
@@ -102,8 +109,7 @@ class ConstrainedLinear:
         W = self.weight().detach()
         self.lin.weight.data.copy_(W.to(self.lin.weight.dtype))
         if self.qw is not None and self.scales is not None and self.scales.requires_grad:
-            layer_state(self.lin).quant = type(self.qw)(None, self.scales.detach().clone(), self.qw.zeros, self.qw.bits,
-                                                        self.qw.group_size, self.qw.symmetric, self.qw.shape, self.qw.bit_map)
+            layer_state(self.lin).quant = replace(self.qw, codes=None, scales=self.scales.detach().clone())
         if self.A is not None:
             self.lin.lora_A.data.copy_(self.A.detach().to(self.lin.lora_A.dtype))
             self.lin.lora_B.data.copy_(self.B.detach().to(self.lin.lora_B.dtype))
