@@ -10,6 +10,7 @@ from compresslab.export import export_compressed_tensors
 from compresslab.lowrank.naive import NaiveSVD
 from compresslab.models.loaders import TinyModel
 from compresslab.pruner.wanda import Wanda
+from compresslab.quantizer.absmax import AbsMax
 from compresslab.quantizer.gptq import GPTQ
 from compresslab.quantizer.rtn import RTN
 
@@ -24,7 +25,8 @@ def _compressed(**stages):
 @pytest.mark.parametrize("stages", [
     {"quantizer": RTN(bits=4, group_size=32, grid="sym")},
     {"pruner": Wanda(sparsity=0.5, pattern="2:4"), "quantizer": GPTQ(bits=4, group_size=32, grid="sym")},
-], ids=["rtn-w4-g32", "wanda24-gptq-w4"])
+    {"quantizer": AbsMax(bits=4, group_size=32)},
+], ids=["rtn-w4-g32", "wanda24-gptq-w4", "absmax-w4-g32"])
 def test_export_loads_in_plain_transformers_with_same_logits(stages, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -44,7 +44,11 @@ def _recovery_summary(run_dir: Path) -> dict:
     if not rows:
         return {}
     mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
-    return {"recovery_loss_before": mean("loss_before"), "recovery_loss_after": mean("loss_after")}
+    out = {"recovery_loss_before": mean("loss_before"), "recovery_loss_after": mean("loss_after")}
+    if all("kept" in r for r in rows):  # BEAM: held-out loss of the trained weights, and how many blocks kept them
+        out["recovery_loss_trained"] = mean("loss_trained")
+        out["blocks_kept_trained"] = f"{sum(r['kept'] == 'trained' for r in rows)}/{len(rows)}"
+    return out
 
 
 def main():

@@ -35,16 +35,18 @@ def rows_from_safetensors(files: list[Path], pattern: str | None) -> list[dict]:
                 if w.dim() != 2:
                     continue
                 nz = w != 0
-                rows.append({"name": key[: -len(".weight")], "shape": list(w.shape),
-                             "sparsity": 1 - nz.float().mean().item(),
+                rows.append({"name": key[: -len(".weight")], "shape": list(w.shape),  # no mask here: zeros only
+                             "zero_fraction": 1 - nz.float().mean().item(),
                              "nm_valid": nm_valid(nz, nm) if w.shape[1] % nm[1] == 0 else None})
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = [c for c in ("name", "shape", "sparsity", "nm_valid", "pattern", "bits", "group_size", "avg_bits",
-                        "rel_error") if any(c in r for r in rows)]
-    fmt = {"sparsity": "{:.4f}", "avg_bits": "{:.3f}", "rel_error": "{:.4f}"}
+    cols = [c for c in ("name", "shape", "sparsity", "zero_fraction", "nm_valid", "pattern", "bits", "group_size",
+                        "grid", "avg_bits", "rel_error", "rel_error_oneshot", "damp", "fallback")
+            if any(c in r for r in rows)]
+    fmt = {"sparsity": "{:.4f}", "zero_fraction": "{:.4f}", "avg_bits": "{:.3f}", "rel_error": "{:.4f}",
+           "rel_error_oneshot": "{:.4f}", "damp": "{:g}"}
 
     def cell(r, c):
         v = r.get(c)
@@ -59,8 +61,14 @@ def format_table(rows: list[dict]) -> str:
     lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in table]
     if rows:
         total = sum(r["shape"][0] * r["shape"][1] for r in rows)
-        zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in rows)
-        lines.append(f"\n{len(rows)} layers, overall sparsity {zeros / total:.4f}")
+        overall = []
+        for key, label in (("sparsity", "sparsity (pruned)"), ("zero_fraction", "zero fraction")):
+            if all(key in r for r in rows):
+                overall.append(f"{label} {sum(r[key] * r['shape'][0] * r['shape'][1] for r in rows) / total:.4f}")
+        lines.append(f"\n{len(rows)} layers, overall " + ", ".join(overall))
+        if any(r.get("fallback") for r in rows):
+            lines.append("OBS fell back to the diagonal (no error propagation) in: "
+                         + ", ".join(r["name"] for r in rows if r.get("fallback")))
         if any(r.get("nm_valid") is False for r in rows):
             lines.append("N:M pattern VIOLATED in: " + ", ".join(r["name"] for r in rows if r.get("nm_valid") is False))
     return "\n".join(lines)
