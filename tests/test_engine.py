@@ -204,3 +204,38 @@ def test_rel_error_is_measured_on_the_final_layers(recovery):
         assert trained and changed >= 7 * len(trained) // 2, (trained, changed)
     elif recovery == "finetune":
         assert changed == len(want)
+
+
+def test_recover_with_finetune_measures_against_the_dense_model(monkeypatch):
+    """recover(dense, compressed, finetune): the errors are those of the trained layers against the DENSE
+    model's weights (not against the compressed weights the engine saw), through a meter that works in
+    row chunks (set tiny here) and a forward that stops before the output head (no logits)."""
+    from compresslab import compress, recover
+    from compresslab.layer_error import ErrorMeter
+    from compresslab.quantizer.rtn import RTN
+    from compresslab.recovery.finetune import Finetune
+
+    monkeypatch.setattr(ErrorMeter, "CHUNK_ELEMENTS", 100)
+    model = tiny("llama")
+    dense = copy.deepcopy(model)
+    ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(4))
+    engine = SequentialEngine("cpu", progress=False)
+    compress(model, quantizer=RTN(bits=2, group_size=32), engine=engine)
+    head_calls = []
+    model.get_output_embeddings().register_forward_hook(lambda *a: head_calls.append(1))
+    during = []
+
+    def measure(*a, **k):
+        n = len(head_calls)
+        SequentialEngine.measure_model(engine, *a, **k)
+        during.append(len(head_calls) - n)
+
+    engine.measure_model = measure
+    report = recover(dense, model, recovery=Finetune(steps=2, seqlen=32, batch_size=2, lr=1e-3),
+                     calibration=ids, engine=engine)
+    want = direct_errors(model, dense, ids)
+    rows = {r["name"]: r for r in report.layers}
+    for n, err in want.items():
+        assert err > 0.05, n  # 2-bit RTN: far from the dense weights
+        assert rows[n]["rel_error"] == pytest.approx(err, rel=2e-3), n
+    assert head_calls and during == [0]  # the finetune's steps call the head; the measurement does not

@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -65,7 +66,8 @@ def table_overrides(args) -> list[str]:
 
 def run_dir_for(out: Path, method: str) -> Path:
     """The run directory `run_table` uses for one method name."""
-    return out / method.replace(" ", "_").replace(":", "").replace("+", "plus").replace("=", "").replace("%", "pct")
+    name = method.replace(" ", "_").replace(":", "").replace("+", "plus").replace("=", "").replace("%", "pct")
+    return out / re.sub(r"[^A-Za-z0-9._-]", "", name)  # Hydra's override grammar rejects ( ) , etc.
 
 
 def run_table(name: str, methods: dict[str, list[str]], common: list[str], out: Path, only=None) -> list[dict]:

@@ -37,13 +37,13 @@ def _calibration_ids(calibration, tokenizer) -> torch.Tensor | None:
     raise TypeError(f"calibration must be None, an (N, T) LongTensor or a CalibrationData, got {type(calibration)}")
 
 
-def _finish_model(recovery, model, ids, result: dict, engine: SequentialEngine) -> None:
+def _finish_model(recovery, model, ids, result: dict, engine: SequentialEngine, dense_model=None) -> None:
     """End-to-end recovery (finetune) after the block loop, on the engine's device, its time counted
     with the compression; then every Linear's error is measured again (it changed)."""
     if recovery is not None and hasattr(recovery, "finish_model"):
         t0 = time.perf_counter()
         result["recovery"].append(recovery.finish_model(model, ids, engine.device))
-        engine.measure_model(model, ids)
+        engine.measure_model(model, ids, dense_model)
         result["time/compress_s"] += time.perf_counter() - t0
 
 
@@ -71,7 +71,7 @@ def recover(dense_model, compressed_model, tokenizer=None, *, recovery, calibrat
     if ids is None:
         raise ValueError("recover() needs calibration=(N, T) token ids or a CalibrationData")
     result = engine.run(compressed_model, ids, [], recovery, dense_model=dense_model)
-    _finish_model(recovery, compressed_model, ids, result, engine)
+    _finish_model(recovery, compressed_model, ids, result, engine, dense_model)
     summary, layers = compression_summary(compressed_model)
     metrics = {**summary, "time/recover_s": result["time/compress_s"], "memory/peak_rss_gb": peak_rss_gb()}
     return CompressionReport(metrics, layers, result["recovery"])

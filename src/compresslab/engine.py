@@ -1,8 +1,9 @@
 """The ONE sequential layer loop.
 
 Calibration activations stream block by block: block i's compressed outputs are block i+1's
-inputs. Only the current block is on the compute device; each group's statistics are freed as
-soon as its Linears are compressed.
+inputs. Only the current block is on the compute device (with a block-wise recovery that trains
+several blocks together, the blocks of the group not yet trained); each group's statistics are
+freed as soon as its Linears are compressed.
 
 Two ways through a block:
 
@@ -128,8 +129,9 @@ class SequentialEngine:
         finishers = [s for s in stages if hasattr(s, "finish_block")]  # block-level stages (BlockStage)
         uses_data = uses_data or bool(finishers)
         block_recovery = recovery if hasattr(recovery, "recover") else None
-        # an end-to-end recovery changes every layer after the loop: keep the dense weights to measure then
-        self._keep_dense = hasattr(recovery, "finish_model")
+        # an end-to-end recovery changes every layer after the loop: keep the dense weights to measure
+        # then (a recovery of a model compressed elsewhere measures against `dense_model` instead)
+        self._keep_dense = hasattr(recovery, "finish_model") and bool(stages) and dense_model is None
 
         if not uses_data:  # pure weight methods (magnitude, RTN): no forward at all
             for i, block in enumerate(tqdm(blocks, desc="compress", disable=not self.progress)):
@@ -192,6 +194,10 @@ class SequentialEngine:
                 for e in held:
                     self._release_entry(e)
                 held, group_in = [], None
+            if held:  # a recovery that deferred its last group and never trained it: release anyway
+                log.warning("%s left blocks %s untrained", type(block_recovery).__name__, [e.index for e in held])
+                for e in held:
+                    self._release_entry(e)
             if keep_outputs:
                 result["outputs"] = hidden
             del hidden
@@ -201,27 +207,44 @@ class SequentialEngine:
         return result
 
     @torch.no_grad()
-    def measure_model(self, model: nn.Module, ids: torch.Tensor) -> None:
-        """After an end-to-end recovery: every Linear's error against the dense weight kept for it
-        (`state.dense`), over the calibration ids on the compute device; the kept weights are freed."""
+    def measure_model(self, model: nn.Module, ids: torch.Tensor, dense_model: nn.Module | None = None) -> None:
+        """After an end-to-end recovery: every Linear's error against its dense weight (`dense_model`'s
+        when given, else the one kept in `state.dense`, then freed), over the calibration ids on the
+        compute device, in the engine's chunks; the forward stops before the output head (no logits)."""
+        adapter = adapter_for(model)
+        dense_linears = dict(adapter.named_linears(dense_model)) if dense_model is not None else {}
         layers = {}
-        for name, lin in adapter_for(model).named_linears(model):
+        for name, lin in adapter.named_linears(model):
             st = layer_state(lin)
-            if st is not None and st.dense is not None:
+            if name in dense_linears:
+                layers[name] = (lin, dense_linears[name].weight.detach())
+            elif st is not None and st.dense is not None:
                 layers[name] = (lin, st.dense)
         if not layers:
             return
         home = next(model.parameters()).device
         model.to(self.device)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+        def stop(*_):
+            raise _Stop
+
+        handle = head.register_forward_pre_hook(stop) if head is not None else None
         try:
             with ErrorMeter(layers) as meter:
                 for sl in self._chunks(ids.shape[0]):
-                    model(input_ids=ids[sl].to(self.device), use_cache=False)
+                    try:
+                        model(input_ids=ids[sl].to(self.device), use_cache=False)
+                    except _Stop:
+                        pass
             meter.record()
         finally:
+            if handle is not None:
+                handle.remove()
             model.to(home)
             for lin, _ in layers.values():
-                layer_state(lin).dense = None
+                if layer_state(lin) is not None:
+                    layer_state(lin).dense = None
 
     # -- placement ----------------------------------------------------------------------------
     def _release(self, module: nn.Module, home: torch.device) -> None:
@@ -320,7 +343,7 @@ class SequentialEngine:
             state = layer_state(lin)
             if state is not None:  # the dense weight lives only while the group runs (the mask stays)
                 if self._keep_dense and original is not None:
-                    state.dense = original.half().cpu()  # for the error after an end-to-end recovery
+                    state.dense = original.to(lin.weight.dtype).cpu()  # for the error after an end-to-end recovery
                 state.original = None
             if H is not None:  # ‖(W − Ŵ)X‖ / ‖WX‖ through H, Ŵ the effective weight
                 layer_state(lin).rel_error = hessian_rel_error(original, effective_weight(lin), H)

@@ -24,8 +24,9 @@ def layer_storage_bits(layer: nn.Linear) -> int:
     """Bits this Linear's weight takes in the packed checkpoint (`compresslab.checkpoint`), exactly:
     codes packed at their width (or fp16 values), fp16 scales, zero points at the codes' width
     (none when symmetric), SliM-LLM bit maps (a byte per group), N:M sparse weights as their kept n
-    of m plus ⌈log2 m⌉ bits of position each (2:4 -> 2 bits; unstructured sparsity is stored dense),
-    AWQ input scales, and low-rank adapters or factors. The bias is not counted."""
+    of m plus ⌈log2 m⌉ bits of position each (2:4 -> 2 bits), unstructured sparsity as a 1-bit mask
+    plus the kept entries (1 + (1 − s)·b bits per weight: below s = 1/b that is more than the dense
+    codes, the price of keeping the pruner's mask exact), AWQ input scales, and low-rank adapters or factors. The bias is not counted."""
     from .checkpoint.layer import pack_linear, storage_bits
 
     return storage_bits(pack_linear(layer)[1])
@@ -54,7 +55,7 @@ def compression_summary(model: nn.Module) -> tuple[dict[str, float], list[dict[s
     for name, lin in adapter_for(model).named_linears(model):
         w = lin.weight.detach()
         state = layer_state(lin)
-        mask = state.keep_mask() if state is not None else None
+        mask = state.keep_mask(w.device) if state is not None else None
         p = int((~mask).sum()) if mask is not None else 0
         z = int((w == 0).sum())
         b = layer_storage_bits(lin)

@@ -65,9 +65,8 @@ def inverse_hessian_upper(H: torch.Tensor, percdamp: float, retries: int = 3, na
                           numerics: list | None = None) -> torch.Tensor:
     """Upper Cholesky factor U of (H + λI)⁻¹ with λ = percdamp·mean(diag H), so that U[i, i:] is
     the row GPTQ needs. When the factorization fails, λ grows ×10 (from 1e-4 when it was 0) up to
-    `retries` times; if all
-    fail, the diagonal inverse is used (no error propagation: RTN with OBS saliences). What was
-    needed is appended to `numerics` (a Numerics)."""
+    `retries` times; if all fail, the diagonal inverse is used (no error propagation: RTN with OBS
+    saliences). What was needed is appended to `numerics` (a Numerics)."""
     d = H.shape[0]
     mean_diag = torch.mean(torch.diag(H)).clamp_min(1e-12)
     damp = percdamp

@@ -87,12 +87,15 @@ class LayerState:
         return None if self.packed_mask is None else unpack_mask(*self.packed_mask)
 
     @mask.setter
-    def mask(self, keep: torch.Tensor | None) -> None:
-        self.packed_mask = None if keep is None else pack_mask(keep.bool())
+    def mask(self, keep: torch.Tensor | None) -> None:  # packed on the CPU: no device memory for the layer's life
+        self.packed_mask = None if keep is None else pack_mask(keep.bool().cpu())
 
-    def keep_mask(self):
-        """The pruning mask to hold in later stages, None when the layer was not pruned."""
-        return self.mask if self.pattern is not None else None
+    def keep_mask(self, device: torch.device | str | None = None) -> torch.Tensor | None:
+        """The pruning mask to hold in later stages (on `device`), None when the layer was not pruned."""
+        if self.pattern is None or self.packed_mask is None:
+            return None
+        keep = self.mask
+        return keep if device is None else keep.to(device)
 
     @property
     def damp(self) -> float | None:
@@ -109,7 +112,12 @@ def fuse_stages(stages: list) -> list:
     """Let a stage absorb the next one when it can do both in one pass (SparseGPT + GPTQ).
 
     A stage opts in with ``fuse(next_stage) -> fused stage or None`` (or raises ConfigError when the
-    two cannot share a pass as configured); nothing is keyed on names."""
+    two cannot share a pass as configured); nothing is keyed on names. First, a stage that cannot
+    follow the ones before it says so: ``check_after(previous_stages)`` raises ConfigError."""
+    stages = [s for s in stages if s is not None]
+    for i, stage in enumerate(stages):
+        if hasattr(stage, "check_after"):
+            stage.check_after(stages[:i])
     out: list = []
     for stage in stages:
         fuse = getattr(out[-1], "fuse", None) if out else None

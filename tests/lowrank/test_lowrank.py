@@ -73,7 +73,7 @@ def test_full_rank_reconstructs_the_error_exactly(method):
 
 def test_merge_rules_and_adapter_options():
     X, stats, lin = _setup()
-    with pytest.raises(ConfigError, match="off the quantization grid"):
+    with pytest.raises(ConfigError, match="off the grid"):
         _compress(SLiMLoRA, lin, stats, rank=8, separate=False)
     with pytest.raises(ConfigError, match="cannot be quantized"):
         SLiMLoRA(rank=8, separate=False, quantize_adapters=True)
@@ -156,3 +156,18 @@ def test_slim_requantize_never_raises_the_output_error_of_a_gptq_layer():
     H = stats.hessian
     F_new, F_old = W0 - BA - lin.weight.detach().float(), W0 - BA - C
     assert ((F_new @ H) * F_new).sum() <= ((F_old @ H) * F_old).sum() + 1e-6
+
+
+def test_merged_adapters_after_a_pruner_are_refused():
+    """separate=false would write a dense B·A over the pruned positions: refused before any layer runs
+    (fuse_stages, which Pipeline.validate calls before loading) and at the layer."""
+    from compresslab.stages import fuse_stages
+
+    with pytest.raises(ConfigError, match="separate=true"):
+        fuse_stages([Wanda(0.5, "2:4"), None, NaiveSVD(rank=8, separate=False)])
+    fuse_stages([NaiveSVD(rank=8, separate=False)])  # low-rank as compression stays allowed
+    X, stats, lin = _setup()
+    layer_state(lin, create=True).original = lin.weight.detach().float().clone()
+    Wanda(0.5, "2:4").compress("l", lin, stats)
+    with pytest.raises(ConfigError, match="separate=true"):
+        NaiveSVD(rank=8, separate=False).compress("l", lin, stats)

@@ -119,12 +119,10 @@ def pack_linear(lin: nn.Linear) -> tuple[dict, dict[str, torch.Tensor]]:
     if adapter is None or not adapter.replaces:
         W = lin.weight.detach().float()
         nm = _nm(state, d)
-        mask = state.keep_mask() if state is not None else None
-        if mask is not None:
-            mask = mask.to(W.device)
+        mask = state.keep_mask(W.device) if state is not None else None
         idx = bitmap = None
         if nm is not None:
-            idx, pos = compact_nm(mask if mask is not None else W != 0, *nm)
+            idx, pos = compact_nm(mask, *nm)  # a pattern always comes with its mask
             meta["nm"] = list(nm)
             t["nm_pos"] = pack_bits(pos.reshape(-1), math.ceil(math.log2(nm[1])))
         elif mask is not None:  # unstructured: a bitmap, then only the kept entries

@@ -152,6 +152,15 @@ class LowRank:
         self.pad_rank_to = pad_rank_to or None
         self.param_ratio = param_ratio
 
+    def check_after(self, previous: list) -> None:
+        """A merged B·A (separate=false) is dense and off any grid: it would undo a pruner's mask and
+        a quantizer's grid, so it only makes sense as the one stage (low-rank as compression)."""
+        if not self.separate and previous:
+            names = " + ".join(type(s).__name__ for s in previous)
+            raise ConfigError(f"lowrank.separate=false merges B·A into the weight {names} produced; the dense, "
+                              "off-grid sum would undo its pruning mask and quantization grid. Use "
+                              "lowrank.separate=true after a pruner or quantizer")
+
     def check(self, name: str, layer: nn.Module) -> None:
         if self.prune_adapters and layer.in_features % 4:
             raise ConfigError(f"lowrank.prune_adapters=true prunes A 2:4 along the input width, but {name} has "
@@ -170,9 +179,9 @@ class LowRank:
         state = layer_state(layer, create=True)
         W = state.original if state.original is not None else layer.weight.detach().float()
         compressed = state.pattern is not None or state.quant is not None
-        if not self.separate and state.quant is not None:
-            raise ConfigError(f"lowrank.separate=false would merge B·A into the quantized weight of {name}, "
-                              "moving it off the quantization grid; use lowrank.separate=true")
+        if not self.separate and compressed:
+            raise ConfigError(f"lowrank.separate=false would merge B·A into the pruned or quantized weight of "
+                              f"{name} (filling pruned positions, moving it off the grid); use lowrank.separate=true")
         C = layer.weight.detach().float() if compressed else torch.zeros_like(W)
         E = W - C  # (out, in)
         r = resolve_rank(self.rank, self.rank_ratio, *W.shape, self.pad_rank_to, self.param_ratio)

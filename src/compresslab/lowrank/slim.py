@@ -35,7 +35,7 @@ class SLiMLoRA(LowRank):
         C_old = layer.weight.detach().float()
         target = W - B @ A
         C = qw.encode(target).dequantize()
-        keep = state.keep_mask()  # the pruner's mask: pruned weights stay 0
+        keep = state.keep_mask(C.device)  # the pruner's mask: pruned weights stay 0
         if keep is not None:
             C = C * keep
         H = stats.hessian if stats is not None and stats.has_hessian else None

@@ -1,4 +1,4 @@
-"""What every weight quantizer shares: bits, group size, symmetry, activation quantization."""
+"""What every weight quantizer shares: bits, group size, grid (asym | sym | absmax), activation quantization."""
 
 from __future__ import annotations
 

@@ -73,7 +73,7 @@ class GPTQ(WeightQuantizer):
     @torch.no_grad()
     def compress(self, name, layer, stats=None):
         state = layer_state(layer, create=True)
-        keep = state.keep_mask()  # hold an earlier pruner's mask
+        keep = state.keep_mask(layer.weight.device)  # hold an earlier pruner's mask
         W_hat, qw = self.quantize(name, layer.weight.data, stats, keep, state.numerics)
         self.finish(layer, W_hat, qw)
 

@@ -6,6 +6,10 @@ stay exactly zero). Three grids, by name (`quantizer.grid`):
 - ``asym``: min/max, scale (max − min)/(2^b − 1), zero round(−min/s) (GPTQ's default).
 - ``sym``: GPTQ's symmetric grid, scale 2·max|w|/(2^b − 1), zero 2^(b−1): codes 0..2^b−1, so
   −max maps to code 0 exactly and +max to 0.933·max at 4 bits (the grid is not mirror-symmetric).
+  One deliberate difference from GPTQ's `quant.py`: for a group with no negative weight GPTQ keeps
+  min = 0, so its scale is max/(2^b − 1) around the same middle zero and everything above ~max/2
+  is clipped; here such a group gets the same ±max range as any other (a group of 64+ weights
+  that are all ≥ 0 does not occur in the models measured, so results match on them).
 - ``absmax``: the true symmetric (AbsMax) grid of the SLiM seed's Group AbsMax and SLiM-Quant:
   scale max|w|/(2^(b−1) − 1), levels −(2^(b−1) − 1)…(2^(b−1) − 1), i.e. codes 0..2^b−2 with
   zero 2^(b−1) − 1 (one code of the 2^b unused).

@@ -149,7 +149,7 @@ class SliMLLM(WeightQuantizer):
     @torch.no_grad()
     def compress(self, name, layer, stats=None):
         state = layer_state(layer, create=True)
-        keep = state.keep_mask()
+        keep = state.keep_mask(layer.weight.device)
         _, k, W_hat, qw = self.search(name, layer.weight.data.float(), stats, keep, state.numerics)
         self.finish(layer, W_hat, qw)
 

@@ -90,6 +90,7 @@ class SliMLLMPlus(SliMLLM):
         self.epochs, self.lr, self.nsamples, self.batch_size, self.weight_decay = epochs, lr, nsamples, batch_size, weight_decay
         self.init = init
         self._dense_in = None
+        self._blocks_left = None  # set by begin(); None: called block by block without the engine
 
     def maxq(self, bit_map, C):
         bits = bit_map if bit_map is not None else torch.full((C,), self.bits)
@@ -115,13 +116,14 @@ class SliMLLMPlus(SliMLLM):
         state = layer_state(layer, create=True)
         W = layer.weight.detach().float().clone()  # what LWC clips: the weights as this stage got them,
         latent = [] if self.init == "gptq" else None  # or GPTQ's pre-rounding ones (init=gptq)
-        _, _, W_hat, qw = self.search(name, W, stats, state.keep_mask(), state.numerics, latent)
+        _, _, W_hat, qw = self.search(name, W, stats, state.keep_mask(W.device), state.numerics, latent)
         self.finish(layer, W_hat, qw)
         state.lwc_latent = latent[0] if latent else W
 
     # -- block stage: called by the engine once every Linear of the block is compressed ----------
     def begin(self, num_blocks: int) -> None:
         self._dense_in = None  # the full-precision stream (OmniQuant's fp_inps), carried block to block
+        self._blocks_left = num_blocks
 
     def finish_block(self, dense: nn.Module, block: nn.Module, inputs: torch.Tensor, forward) -> dict:
         """Train the clip logits of this block's Linears so that the block, on the quantized stream
@@ -135,7 +137,10 @@ class SliMLLMPlus(SliMLLM):
         bs = self.batch_size
         with torch.no_grad():
             target = torch.cat([forward(dense, dense_in[i:i + bs]) for i in range(0, len(x), bs)])
-        self._dense_in = target  # the next block's full-precision input
+        if self._blocks_left is not None:
+            self._blocks_left -= 1
+        # the next block's full-precision input (freed after the last block)
+        self._dense_in = None if self._blocks_left == 0 else target
         if not lins:
             return {}
         g = self.group_size
@@ -151,7 +156,7 @@ class SliMLLMPlus(SliMLLM):
             logits[n] = (torch.full((m.out_features, C), INIT_LOGIT, device=m.weight.device, requires_grad=True),
                          torch.full((m.out_features, C), INIT_LOGIT, device=m.weight.device, requires_grad=True))
             maxqs[n] = self.maxq(st.quant.bit_map, C).to(m.weight.device)
-            keeps[n] = st.keep_mask()  # the pruner's own mask: a weight rounded to 0 still trains
+            keeps[n] = st.keep_mask(m.weight.device)  # the pruner's own mask: a weight rounded to 0 still trains
 
         def weights():
             out = {}

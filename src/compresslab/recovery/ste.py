@@ -64,9 +64,7 @@ class ConstrainedLinear:
         if self.qw is not None:  # the grid where the layer is now (it may have moved since compression)
             self.qw = replace(self.qw, scales=self.qw.scales.to(dev), zeros=self.qw.zeros.to(dev))
         # the pruner's own mask: a kept weight that quantization rounded to 0 is not pruned and trains
-        self.mask = st.keep_mask() if st is not None else None
-        if self.mask is not None:
-            self.mask = self.mask.to(lin.weight.device)
+        self.mask = st.keep_mask(lin.weight.device) if st is not None else None
         self.train_weight = train == "all" and not (st is not None and st.adapter is not None and st.adapter.replaces)
         if st is not None and st.input_scale is not None:  # AWQ: the grid is that of W·diag(s); keep frozen
             self.qw, self.train_weight = None, False
