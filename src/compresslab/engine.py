@@ -334,12 +334,20 @@ class SequentialEngine:
         H = stats.hessian if stats is not None and stats.has_hessian else None
         keep_original = (H is not None or self._keep_dense
                          or any(getattr(s, "uses_original", False) for s in stages))
-        for name, lin in group:
+        items = [(f"{adapter.blocks}.{i}.{name}", lin) for name, lin in group]
+        originals = []
+        for _, lin in items:
             original = lin.weight.detach().float().clone() if keep_original else None
             if original is not None:  # the dense weight, for stages that compensate the error (low-rank)
                 layer_state(lin, create=True).original = original
-            for stage in stages:
-                stage.compress(f"{adapter.blocks}.{i}.{name}", lin, stats)
+            originals.append(original)
+        for stage in stages:  # stage by stage over the group; Linears of one stage never interact
+            if len(items) > 1 and hasattr(stage, "compress_group"):
+                stage.compress_group(items, stats)  # e.g. one OBS sweep for q/k/v (they share H)
+            else:
+                for full_name, lin in items:
+                    stage.compress(full_name, lin, stats)
+        for (_, lin), original in zip(items, originals):
             state = layer_state(lin)
             if state is not None:  # the dense weight lives only while the group runs (the mask stays)
                 if self._keep_dense and original is not None:

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 FORMATS = ("compressed-tensors",)
 
 
-def _grid_of(name: str, lin: nn.Linear):
+def _exportable_quant(name: str, lin: nn.Linear):
     state = layer_state(lin)
     qw = state.quant if state is not None else None
     if qw is None:
@@ -59,7 +59,7 @@ def export_compressed_tensors(model: nn.Module, out: str | Path, tokenizer=None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     linears = dict(adapter_for(model).named_linears(model))
-    grids = {name: _grid_of(name, lin) for name, lin in linears.items()}
+    grids = {name: _exportable_quant(name, lin) for name, lin in linears.items()}
     kinds = {(q.bits, q.group_size if q.group_size < q.shape[1] else -1, q.grid) for q in grids.values()}
     if len(kinds) != 1:
         raise ConfigError(f"compressed-tensors export needs one grid for all Linears, found {sorted(kinds)}")

@@ -22,6 +22,7 @@ import torch
 
 from .quantizer import grid
 from .quantizer.format import QuantizedWeight
+from .stages import layer_state, row_slices
 
 log = logging.getLogger(__name__)
 MIN_RETRY_DAMP = 1e-4  # the first retry's percdamp when the configured one is 0
@@ -109,6 +110,28 @@ def hinv_chol_diag(H: torch.Tensor, percdamp: float, name: str = "", numerics: l
     return torch.diag(inverse_hessian_upper(prepare_hessian(H)[0], percdamp, name=name, numerics=numerics))
 
 
+SUB_BLOCK = 32  # columns per inner lazy-update block (see obs_compress)
+
+
+def _sub_block(blocksize: int, group: int | None, nm: tuple[int, int] | None) -> int:
+    """Columns per inner block: SUB_BLOCK when group starts (dynamic ranges) and N:M groups align
+    with inner-block starts, else the whole block (one level of lazy updates, as in GPTQ)."""
+    sub = SUB_BLOCK
+    if (group is not None and group % sub) or (nm is not None and sub % nm[1]) or blocksize <= sub:
+        return blocksize
+    return sub
+
+
+def fused_block_sweep(W: torch.Tensor, quant: "GridSpec | None", fixed: bool, act_order: bool):
+    """The fused Triton block sweep (compresslab.kernels.obs_block) when W is on a GPU and the case
+    is GPTQ's own: quantization with a fixed mask, the min/max grid, contiguous groups; else None."""
+    if not (W.is_cuda and fixed and quant is not None and quant.params is None and not act_order):
+        return None
+    from .kernels import obs_block
+
+    return obs_block.gptq_block_triton if obs_block.triton is not None else None
+
+
 def _group_params(Wg: torch.Tensor, spec: GridSpec, j: int, dU: torch.Tensor | None = None):
     """(out,) scale and zero of input group j, whose columns are Wg (out, k): the min/max grid,
     or the spec's range search given the OBS salience w²/[H⁻¹]_jj²."""
@@ -123,8 +146,8 @@ def _group_params(Wg: torch.Tensor, spec: GridSpec, j: int, dU: torch.Tensor | N
 def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = None,
                  prune: PruneSpec | None = None, keep: torch.Tensor | None = None,
                  act_order: bool = False, percdamp: float = 0.01, blocksize: int = 128,
-                 name: str = "", numerics: list | None = None,
-                 latent: list | None = None) -> tuple[torch.Tensor, QuantizedWeight | None, torch.Tensor]:
+                 name: str = "", numerics: list | None = None, latent: list | None = None,
+                 segments: list[int] | None = None) -> tuple[torch.Tensor, QuantizedWeight | None, torch.Tensor]:
     """Prune and/or quantize W (out, in) against the input Hessian H (in, in).
 
     Args:
@@ -135,6 +158,9 @@ def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = N
         numerics: a list to which the factorization's Numerics (damping used, fallback) is appended.
         latent: a list to which the pre-rounding weights (out, in) are appended: each column as the
             error feedback left it just before it was rounded (q + err·U_ii), masked.
+        segments: row counts of several Linears stacked in W (they share H): one sweep for all of
+            them. Rows never interact in the sweep; only the unstructured pruning threshold is
+            taken per segment, so the result is that of separate sweeps.
     Returns:
         (W_hat (out, in) float32, QuantizedWeight or None, keep-mask (out, in) bool).
     """
@@ -145,6 +171,9 @@ def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = N
     keep = torch.ones_like(W, dtype=torch.bool) if keep is None else keep.clone().bool()
     W.mul_(keep)
     fixed = prune is None  # the mask only changes when pruning
+    segs = [slice(None)] if segments is None else row_slices(segments)
+    if sum(segments or [out]) != out:
+        raise ValueError(f"segments {segments} do not add up to the {out} rows of W")
 
     g = quant.group_size if quant is not None and quant.group_size > 0 else d
     nm = prune.nm if prune is not None else None
@@ -166,70 +195,125 @@ def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = N
         raise ValueError("act_order with groups needs static_groups (groups must stay contiguous)")
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(d, device=W.device)
-    W, H, keep = W[:, perm], H[perm][:, perm], keep[:, perm]
+    if act_order:
+        W, H, keep = W[:, perm], H[perm][:, perm], keep[:, perm]
     group_of = perm // g  # group of each processed column, in the original order
     U = inverse_hessian_upper(H, percdamp, name=name, numerics=numerics)  # (d, d)
     del H
 
     pre = torch.empty_like(W) if latent is not None else None
+    fused = fused_block_sweep(W, quant, fixed, act_order)
+    if fused is not None:  # group parameters transposed, (groups, out), as the kernel reads and writes them
+        St, Zt = scales.T.contiguous(), zeros.T.contiguous()
+        maxqs = torch.tensor([float(quant.group_maxq(j)) for j in range(ngroups)], device=W.device)
+    sub = _sub_block(blocksize, g if dynamic else None, nm)
+    masked = not fixed or not bool(keep.all())  # a mask to apply per column at all
+    groups = group_of.tolist()
+    if quant is not None:  # per group: (scale, zero, maxq) as contiguous (out,) vectors
+        params = {} if dynamic else {j: (scales[:, j].contiguous(), zeros[:, j].contiguous(), quant.group_maxq(j))
+                                     for j in range(ngroups)}
     for i1 in range(0, d, blocksize):
         i2 = min(i1 + blocksize, d)
-        W1 = W[:, i1:i2].clone()  # (out, b)
+        b = i2 - i1
+        # The block transposed, (b, out): column i of the block is the contiguous row Wt[i], so every
+        # per-column op and the rank-1 updates run on contiguous memory.
+        Wt = W[:, i1:i2].T.contiguous()
+        Kt = keep[:, i1:i2].T.contiguous()
+        Et = torch.zeros_like(Wt)
         U1 = U[i1:i2, i1:i2]  # (b, b)
         dU = torch.diag(U1)  # (b,)
-        E1 = torch.zeros_like(W1)
-        K1 = keep[:, i1:i2]
+        if fused is not None:  # the whole block in one launch; then the same lazy GEMM as below
+            Et = fused(Wt, U1, St, Zt, maxqs, g, i1, quant.grid, dynamic, Kt if masked else None)
+            W[:, i1:i2] = Wt.T
+            if pre is not None:
+                pre[:, i1:i2] = (Wt + Et * dU[:, None]).T
+            if i2 < d:
+                W[:, i2:].addmm_(Et.T, U[i1:i2, i2:], alpha=-1.0)
+            continue
+        dUl = dU.tolist()
         if not fixed and nm is None and prune.sparsity > 0:
-            score = W1.square() / dU.square()  # OBS saliency w²/[H⁻¹]_jj²
-            k = int(score.numel() * prune.sparsity)
-            if k > 0:
-                thresh = score.flatten().kthvalue(k).values
-                K1 &= score > thresh
+            score = Wt.square() / dU[:, None].square()  # (b, out): OBS saliency w²/[H⁻¹]_jj²
+            for rows in segs:  # each Linear's own threshold over this block of columns
+                k = int(score[:, rows].numel() * prune.sparsity)
+                if k > 0:
+                    thresh = score[:, rows].flatten().kthvalue(k).values
+                    Kt[:, rows] &= score[:, rows] > thresh
         chosen = set()  # N:M groups of this block whose mask is already chosen
 
-        def choose_nm(j):  # adaptive N:M mask for columns j..j+M of the block, from the current W1
+        def choose_nm(j):  # adaptive N:M mask for block columns j..j+M, from the current Wt
             n, m = nm
             j -= j % m
-            if j in chosen or j >= i2 - i1:
+            if j in chosen or j >= b:
                 return
             chosen.add(j)
-            score = W1[:, j:j + m].square() / dU[j:j + m].square()  # (out, M)
-            drop = score.topk(m - n, dim=1, largest=False).indices
-            K1[:, j:j + m].scatter_(1, drop, False)
+            score = Wt[j:j + m].square() / dU[j:j + m, None].square()  # (M, out)
+            drop = score.topk(m - n, dim=0, largest=False).indices
+            Kt[j:j + m].scatter_(0, drop, False)
 
-        for i in range(i2 - i1):
-            col = i1 + i
-            if not fixed and nm is not None:
-                choose_nm(i)
-            w = W1[:, i] * K1[:, i]
-            if quant is not None:
-                if dynamic and col % g == 0:
-                    if nm is not None and not fixed:  # the group's masks first, so its range sees survivors
-                        for j in range(i, min(i + g, i2 - i1), nm[1]):
-                            choose_nm(j)
-                    scales[:, col // g], zeros[:, col // g] = _group_params(
-                        W1[:, i:i + g] * K1[:, i:i + g], quant, col // g, dU[i:i + g])
-                gi = int(group_of[col])
-                s, z = scales[:, gi], zeros[:, gi]
-                q = grid.fake_quantize(w, s, z, quant.group_maxq(gi)) * K1[:, i]
-            else:
-                q = w
-            err = (W1[:, i] - q) / dU[i]  # (out,)
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
-            W1[:, i] = q
-            E1[:, i] = err
-        W[:, i1:i2] = W1
+        # Two-level lazy updates: inside a sub-block of `sub` columns the error of each column goes
+        # to the sub-block's later columns (rank-1); at the sub-block's end, to the block's remaining
+        # columns in one GEMM. A group's range or N:M mask is only read at a sub-block start, when
+        # every column of the block is up to date.
+        for j1 in range(0, b, sub):
+            j2 = min(j1 + sub, b)
+            for i in range(j1, j2):
+                col = i1 + i
+                if not fixed and nm is not None:
+                    choose_nm(i)
+                w = Wt[i]
+                if masked:
+                    w = w * Kt[i]
+                if quant is not None:
+                    gi = groups[col]
+                    if dynamic and col % g == 0:
+                        if nm is not None and not fixed:  # the group's masks first: its range sees survivors
+                            for j in range(i, min(i + g, b), nm[1]):
+                                choose_nm(j)
+                        Wg = Wt[i:i + g] * Kt[i:i + g] if masked else Wt[i:i + g]
+                        sc, ze = _group_params(Wg.T, quant, gi, dU[i:i + g])
+                        scales[:, gi], zeros[:, gi] = sc, ze
+                        params[gi] = (sc.contiguous(), ze.contiguous(), quant.group_maxq(gi))
+                    sc, ze, maxq = params[gi]
+                    q = torch.div(w, sc).round_().add_(ze).clamp_(0, maxq).sub_(ze).mul_(sc)
+                    if masked:
+                        q.mul_(Kt[i])
+                else:
+                    q = w
+                err = torch.sub(Wt[i], q, out=Et[i]).div_(dUl[i])  # (out,), written in place into Et
+                if i + 1 < j2:
+                    Wt[i + 1:j2].addr_(U1[i, i + 1:j2], err, alpha=-1.0)
+                Wt[i].copy_(q)
+            if j2 < b:
+                Wt[j2:].addmm_(U1[j1:j2, j2:].T, Et[j1:j2], alpha=-1.0)
+        W[:, i1:i2] = Wt.T
+        keep[:, i1:i2] = Kt.T
         if pre is not None:  # w_pre = q + err·U_ii, column by column, without a per-column copy
-            pre[:, i1:i2] = W1 + E1 * dU[None, :]
+            pre[:, i1:i2] = (Wt + Et * dU[:, None]).T
         if i2 < d:
-            W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1.0)
+            W[:, i2:].addmm_(Et.T, U[i1:i2, i2:], alpha=-1.0)
 
-    inv = torch.argsort(perm)
-    W, keep = W[:, inv], keep[:, inv]
+    if fused is not None:
+        scales, zeros = St.T.contiguous(), Zt.T.contiguous()
+    if act_order:
+        inv = torch.argsort(perm)
+        W, keep = W[:, inv], keep[:, inv]
+        pre = pre[:, inv] if pre is not None else None
     if pre is not None:
-        latent.append(pre[:, inv] * keep)
+        latent.append(pre * keep)
     qw = None
     if quant is not None:
         qw = QuantizedWeight(None, scales, zeros, quant.bits, g, quant.grid, (out, d),
                              quant.bit_map.clone().to(torch.uint8) if quant.bit_map is not None else None).encode(W)
     return W, qw, keep
+
+
+def write_stacked(items, sizes: list[int], numerics: list, write) -> None:
+    """After one sweep over stacked Linears (`stack_rows`): call write(lin, rows) for each Linear with
+    its row range, and record the sweep's factorization numerics in each Linear's state."""
+    for (_, lin), rows in zip(items, row_slices(sizes)):
+        layer_state(lin, create=True).numerics.extend(numerics)
+        write(lin, rows)
+
+
+def stacked_name(items) -> str:
+    return " + ".join(name for name, _ in items)

@@ -108,6 +108,28 @@ class LayerState:
         return any(n.fallback for n in self.numerics)
 
 
+def stack_rows(items: list[tuple[str, nn.Module]]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    """The weights of Linears that share one input, stacked along the output dim, for one OBS sweep:
+    (W (Σout, in) float32, their pruners' keep-masks stacked (all-kept rows for an unpruned one) or
+    None when none was pruned, the row counts)."""
+    W = torch.cat([lin.weight.detach().float() for _, lin in items])
+    masks = [layer_state(lin).keep_mask(W.device) if layer_state(lin) is not None else None for _, lin in items]
+    keep = None
+    if any(m is not None for m in masks):
+        keep = torch.cat([m if m is not None else torch.ones_like(lin.weight, dtype=torch.bool, device=W.device)
+                          for m, (_, lin) in zip(masks, items)])
+    return W, keep, [lin.out_features for _, lin in items]
+
+
+def row_slices(sizes: list[int]) -> list[slice]:
+    """Consecutive row ranges of the given sizes: [0:a], [a:a+b], ..."""
+    out, at = [], 0
+    for n in sizes:
+        out.append(slice(at, at + n))
+        at += n
+    return out
+
+
 def fuse_stages(stages: list) -> list:
     """Let a stage absorb the next one when it can do both in one pass (SparseGPT + GPTQ).
 

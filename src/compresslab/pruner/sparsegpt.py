@@ -12,17 +12,18 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from ..obs import GridSpec, PruneSpec, obs_compress
-from ..stages import layer_state
+from ..obs import GridSpec, PruneSpec, obs_compress, stacked_name, write_stacked
+from ..stages import layer_state, stack_rows
 from .base import Pruner
 
 
 def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None,
                     percdamp: float = 0.01, blocksize: int = 128, quant: GridSpec | None = None,
-                    name: str = "", numerics: list | None = None):
-    """Prune W (out, in) to `sparsity` (or N:M) given H = 2/n·XᵀX. Returns (W_hat, keep, qw or None)."""
+                    name: str = "", numerics: list | None = None, segments: list[int] | None = None):
+    """Prune W (out, in) to `sparsity` (or N:M) given H = 2/n·XᵀX. Returns (W_hat, keep, qw or None).
+    `segments`: row counts of Linears stacked in W (one sweep, each keeps its own sparsity)."""
     W_hat, qw, keep = obs_compress(W, H, quant=quant, prune=PruneSpec(sparsity, nm), percdamp=percdamp,
-                                   blocksize=blocksize, name=name, numerics=numerics)
+                                   blocksize=blocksize, name=name, numerics=numerics, segments=segments)
     return W_hat, keep, qw
 
 
@@ -42,6 +43,21 @@ class SparseGPT(Pruner):
         W_hat, keep, _ = sparsegpt_prune(W, stats.hessian, self.sparsity, self.nm, self.percdamp,
                                          self.blocksize, name=name, numerics=numerics)
         return W_hat, keep
+
+    @torch.no_grad()
+    def compress_group(self, items, stats):
+        """The Linears that share this input in ONE sweep (rows are independent; the unstructured
+        threshold is each Linear's own), as separate sweeps would."""
+        W, _, sizes = stack_rows(items)
+        numerics: list = []
+        W_hat, keep, _ = sparsegpt_prune(W, stats.hessian, self.sparsity, self.nm, self.percdamp, self.blocksize,
+                                         name=stacked_name(items), numerics=numerics, segments=sizes)
+
+        def write(lin, r):
+            lin.weight.data.copy_(W_hat[r].to(lin.weight.dtype))
+            layer_state(lin).pattern, layer_state(lin).mask = self.pattern, keep[r]
+
+        write_stacked(items, sizes, numerics, write)
 
     def fuse(self, quantizer):
         """Absorb `quantizer=gptq`: one OBS pass that prunes and quantizes (same damping and block
@@ -80,6 +96,22 @@ class JointSparseGPTQ:
                                           p.blocksize, quant=spec, name=name, numerics=state.numerics)
         state.pattern, state.mask = p.pattern, keep.bool()
         q.finish(layer, W_hat, qw)
+
+    @torch.no_grad()
+    def compress_group(self, items, stats):
+        """Prune and quantize the Linears that share this input in ONE sweep."""
+        p, q = self.pruner, self.quantizer
+        spec = GridSpec(q.bits, q.group_size, q.grid, q.static_groups)
+        W, _, sizes = stack_rows(items)
+        numerics: list = []
+        W_hat, keep, qw = sparsegpt_prune(W, stats.hessian, p.sparsity, p.nm, p.percdamp, p.blocksize, quant=spec,
+                                          name=stacked_name(items), numerics=numerics, segments=sizes)
+
+        def write(lin, r):
+            layer_state(lin).pattern, layer_state(lin).mask = p.pattern, keep[r]
+            q.finish(lin, W_hat[r], qw.rows(r.start, r.stop))
+
+        write_stacked(items, sizes, numerics, write)
 
     def __repr__(self):
         return f"JointSparseGPTQ({self.pruner!r} + {self.quantizer!r})"

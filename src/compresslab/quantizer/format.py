@@ -69,6 +69,15 @@ class QuantizedWeight:
         codes = torch.minimum(torch.clamp(torch.round(W.float() / s) + z, min=0), torch.as_tensor(maxq)).to(torch.uint8)
         return replace(self, codes=codes)
 
+    def rows(self, start: int, stop: int) -> "QuantizedWeight":
+        """The grid of output rows start..stop (per-row parameters: scales (out, C)), e.g. one Linear
+        of several that went through one stacked sweep."""
+        if self.scales.shape[0] != self.shape[0]:
+            raise ValueError("rows() needs per-row parameters (scales of shape (out, groups))")
+        sl = slice(start, stop)
+        return replace(self, codes=None if self.codes is None else self.codes[sl], scales=self.scales[sl],
+                       zeros=self.zeros[sl], shape=(stop - start, self.shape[1]))
+
     def without_codes(self) -> "QuantizedWeight":
         return replace(self, codes=None)
 
