@@ -83,15 +83,23 @@ def run_table(name: str, methods: dict[str, list[str]], common: list[str], out: 
         proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *overrides, *common, f"hydra.run.dir={run_dir}",
                                "force=true"],
                               cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        wall = time.perf_counter() - t0
-        rec = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
-        m = rec.get("metrics", {})
-        row = {"method": method, "status": rec.get("status", f"rc={proc.returncode}"),
-               "ppl/wikitext2": m.get("ppl/wikitext2"), "sparsity": m.get("sparsity"), "avg_bits": m.get("avg_bits"),
-               "compress_s": m.get("time/compress_s"), "peak_rss_gb": m.get("memory/peak_rss_gb"),
-               "compress_peak_rss_gb": m.get("memory/compress_peak_rss_gb"), "process_wall_s": round(wall, 1)}
-        if rec.get("status") != "ok":
-            row["error"] = rec.get("error") or proc.stderr[-500:]
+        row = row_from_run(method, run_dir, time.perf_counter() - t0, proc)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def row_from_run(method: str, run_dir: Path, wall: float | None = None, proc=None) -> dict:
+    """A table row from a run directory's metrics.json (also for runs made earlier: `--collect`)."""
+    rec = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    m = rec.get("metrics", {})
+    if wall is None:
+        wall = rec.get("time", {}).get("total_s") if isinstance(rec.get("time"), dict) else m.get("time/total_s")
+    row = {"method": method, "status": rec.get("status", f"rc={proc.returncode}" if proc else "missing"),
+           "ppl/wikitext2": m.get("ppl/wikitext2"), "sparsity": m.get("sparsity"), "avg_bits": m.get("avg_bits"),
+           "compress_s": m.get("time/compress_s"), "peak_rss_gb": m.get("memory/peak_rss_gb"),
+           "compress_peak_rss_gb": m.get("memory/compress_peak_rss_gb"),
+           "process_wall_s": round(wall, 1) if wall is not None else None}
+    if rec.get("status") != "ok":
+        row["error"] = rec.get("error") or (proc.stderr[-500:] if proc else "no metrics.json")
+    return row

@@ -14,7 +14,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from _common import ROOT, emit, run_dir_for, run_table, table_args
+from _common import ROOT, emit, row_from_run, run_dir_for, run_table, table_args
 
 BASE = ["pruner=sparsegpt", "pruner.pattern=2:4", "quantizer=gptq", "quantizer.bits=4", "quantizer.group_size=64",
         "lowrank=slim", "lowrank.rank_ratio=0.1"]
@@ -37,6 +37,7 @@ def main():
     ap = table_args("beam_study")
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--long-epochs", type=int, default=8)
+    ap.add_argument("--collect", action="store_true", help="only tabulate the runs already in --out")
     args = ap.parse_args()
     out = Path(args.out)
     common = [f"data.nsamples={args.nsamples}", f"data.seqlen={args.calib_seqlen}", "eval=full", "eval.ppl.seqlen=2048",
@@ -49,6 +50,10 @@ def main():
         "beam lr_search (epochs 2)": [*BASE, "recovery=beam", "recovery.lr_search=true"],
         "finetune (50 steps)": [*BASE, "recovery=finetune"],
     }
+    if args.collect:
+        rows = [row_from_run(m, run_dir_for(out, m)) for m in methods if (run_dir_for(out, m) / "metrics.json").is_file()]
+        emit_rows(rows, out, args)
+        return
     rows = run_table("beam_study", methods, common, out, args.only)
     # more epochs at the lr the search picked most often
     search = run_dir_for(out, "beam lr_search (epochs 2)") / "metrics.json"
@@ -58,6 +63,10 @@ def main():
         name = f"beam (epochs {args.long_epochs}, lr {lr:g})"
         rows += run_table("beam_study", {name: [*BASE, "recovery=beam", f"recovery.epochs={args.long_epochs}",
                                                 f"recovery.lr={lr}"]}, common, out)
+    emit_rows(rows, out, args)
+
+
+def emit_rows(rows, out, args):
     for row in rows:
         rec = json.loads((run_dir_for(out, row["method"]) / "metrics.json").read_text())
         m = rec.get("metrics", {})
