@@ -150,6 +150,8 @@ def main():
     ap.add_argument("--shape7b-samples", type=int, default=16)
     ap.add_argument("--shape7b-seqlen", type=int, default=2048)
     ap.add_argument("--only", nargs="*", default=["smollm2", "shape7b"])
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), help="a subset of the two methods")
+    ap.add_argument("--rows-from", nargs="*", default=[], help="JSON-lines logs of earlier runs whose rows to keep")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", default="smollm2", help=argparse.SUPPRESS)
     ap.add_argument("--method", default=METHODS[0], help=argparse.SUPPRESS)
@@ -160,10 +162,10 @@ def main():
     versions = {"new": ROOT / "src"}
     if args.baseline:
         versions = {"before": Path(args.baseline) / "src", **versions}
-    rows = []
+    rows = [json.loads(x) for f in args.rows_from for x in Path(f).read_text().splitlines() if x.startswith("{")]
     for model in args.only:
         ns, sl = (args.nsamples, args.seqlen) if model == "smollm2" else (args.shape7b_samples, args.shape7b_seqlen)
-        for method in METHODS:
+        for method in args.methods:
             for version, src in versions.items():  # one after the other, same conditions
                 env = {**os.environ, "PYTHONPATH": str(src), "TQDM_DISABLE": "1"}
                 out = subprocess.run([sys.executable, __file__, "--child", "--model", model, "--method", method,
