@@ -17,28 +17,19 @@ the largest code of each group; keep (b, out) uint8 or None (a fixed pruning mas
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from ..quantizer.grid import qparams
 from ._triton import tl, triton
 
 GRIDS = {"asym": 0, "sym": 1, "absmax": 2}
 
 
-def _qparams_ref(wmin, wmax, maxq, grid: str):
-    """compresslab.quantizer.grid.qparams, written from the code's max value (as the kernel does)."""
-    wmin, wmax = wmin.clamp(max=0), wmax.clamp(min=0)
-    if grid == "asym":
-        empty = (wmin == 0) & (wmax == 0)
-        wmin, wmax = torch.where(empty, -1.0, wmin), torch.where(empty, 1.0, wmax)
-        span = (wmax - wmin) / maxq
-    else:
-        amax = torch.maximum(-wmin, wmax)
-        amax = torch.where(amax == 0, 1.0, amax)
-        span = 2 * amax / maxq if grid == "sym" else amax / (maxq / 2)
-    scale = span.half().float().clamp_min(2**-24)
-    if grid == "asym":
-        return scale, torch.round(-wmin / scale)
-    return scale, torch.zeros_like(scale) + ((maxq + 1) / 2 if grid == "sym" else maxq / 2)
+def _bits_of(maxq: float, grid: str) -> int:
+    """The bit width whose largest code is `maxq` (the kernel is given codes, the grid bit widths)."""
+    return round(math.log2(maxq + (2 if grid == "absmax" else 1)))
 
 
 def gptq_block_ref(Wt, U1, scales, zeros, maxq, group_size: int, col0: int, grid: str, dynamic: bool, keep=None):
@@ -50,7 +41,7 @@ def gptq_block_ref(Wt, U1, scales, zeros, maxq, group_size: int, col0: int, grid
         gi = col // group_size
         if dynamic and col % group_size == 0:
             Wg = Wt[i:i + group_size] * keep[i:i + group_size] if keep is not None else Wt[i:i + group_size]
-            scales[gi], zeros[gi] = _qparams_ref(Wg.amin(0), Wg.amax(0), float(maxq[gi]), grid)
+            scales[gi], zeros[gi] = qparams(Wg.amin(0), Wg.amax(0), _bits_of(float(maxq[gi]), grid), grid)
         s, z = scales[gi], zeros[gi]
         w = Wt[i] * keep[i] if keep is not None else Wt[i]
         q = (torch.clamp(torch.round(w / s) + z, 0, float(maxq[gi])) - z) * s

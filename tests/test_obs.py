@@ -19,6 +19,12 @@ STAGES = {
     "sparsegpt_2:4": lambda: [SparseGPT(0.5, "2:4")],
     "joint_unstructured": lambda: fuse_stages([SparseGPT(0.6), GPTQ(bits=3, group_size=32)]),
     "joint_2:4": lambda: fuse_stages([SparseGPT(0.5, "2:4"), GPTQ(bits=4, group_size=32)]),
+    "slim_llm": lambda: [__import__("compresslab.quantizer.slim_llm", fromlist=["SliMLLM"]).SliMLLM(
+        bits=3, group_size=32, sba_grid=(0.0, 0.1, 0.25))],  # per-Linear bit maps in one sweep
+    "slim_llm_no_sba": lambda: [__import__("compresslab.quantizer.slim_llm", fromlist=["SliMLLM"]).SliMLLM(
+        bits=2, group_size=32, sba=False)],
+    "sparsegpt_2:4_then_slim_llm": lambda: [SparseGPT(0.5, "2:4"), __import__(
+        "compresslab.quantizer.slim_llm", fromlist=["SliMLLM"]).SliMLLM(bits=3, group_size=32)],
     "wanda_then_gptq": lambda: [__import__("compresslab.pruner.wanda", fromlist=["Wanda"]).Wanda(0.5),
                                 GPTQ(bits=3, group_size=32)],
 }
@@ -36,7 +42,7 @@ def _layers(d=128, outs=(96, 32, 32), seed=0):
 @pytest.mark.parametrize("case", sorted(STAGES))
 def test_stacked_sweep_equals_separate_sweeps(case):
     X = correlated_inputs(1024, 128, seed=1)
-    stats = LayerStats({"hessian", "act_norm"}, 128)
+    stats = LayerStats({"hessian", "act_norm", "input_sample"}, 128)
     stats.add_batch(X)
     sep = _layers()
     stacked = copy.deepcopy(sep)
@@ -57,7 +63,10 @@ def test_stacked_sweep_equals_separate_sweeps(case):
         if sa.pattern is not None:
             assert torch.equal(sa.mask, sb.mask), name
             assert sb.mask.shape == a.weight.shape
-        if sa.quant is not None:  # same grid, same codes
+        if sa.quant is not None:  # same grid (and bit map), same codes
+            assert (sa.quant.bit_map is None) == (sb.quant.bit_map is None), name
+            if sa.quant.bit_map is not None:
+                assert torch.equal(sa.quant.bit_map, sb.quant.bit_map), name
             torch.testing.assert_close(sb.quant.scales, sa.quant.scales, rtol=0, atol=0)
             assert torch.equal(sb.quant.encode(b.weight.data).codes, sa.quant.encode(a.weight.data).codes), name
         torch.testing.assert_close(b.weight.data, a.weight.data, rtol=1e-5, atol=1e-6)

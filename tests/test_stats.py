@@ -29,5 +29,43 @@ def test_layer_stats_hessian_is_symmetric_and_exact():
     H = st.hessian
     torch.testing.assert_close(H.double(), 2 / X.shape[0] * X.T @ X, rtol=1e-5, atol=1e-5)
     assert torch.equal(H, H.T)
-    H.zero_()  # a caller changing its copy does not change the statistics
-    assert st.hessian.abs().sum() > 0
+    st.add_batch(torch.randn(1, 64, 576))  # a new batch rebuilds H from the accumulated sum
+    assert not torch.equal(st.hessian, H)
+
+
+def _stages_that_read_the_hessian():
+    """Every pruner, quantizer and low-rank config that needs H, instantiated from its yaml."""
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    root = Path(__file__).resolve().parents[1] / "conf"
+    for group in ("pruner", "quantizer", "lowrank"):
+        for path in sorted((root / group).glob("*.yaml")):
+            cfg = OmegaConf.load(path)
+            if "_target_" not in cfg or OmegaConf.missing_keys(cfg):  # e.g. pruner=mask needs a path
+                continue
+            if "group_size" in cfg:
+                cfg.group_size = 32
+            for key in ("epochs", "nsamples"):  # SliM-LLM+'s clipping: one short epoch
+                if key in cfg:
+                    cfg[key] = 1
+            stage = instantiate(cfg)
+            if "hessian" in stage.needs:
+                yield f"{group}={path.stem}", stage
+
+
+def test_no_stage_modifies_the_shared_hessian():
+    """`LayerStats.hessian` is one tensor shared by the group's stages (no copy per access): every
+    stage that reads it must leave it bitwise unchanged."""
+    stages = list(_stages_that_read_the_hessian())
+    assert {"pruner=sparsegpt", "quantizer=gptq", "quantizer=awq", "lowrank=eora"} <= {n for n, _ in stages}
+    for name, stage in stages:
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(64, 48, bias=False)
+        st = LayerStats(set(stage.needs), 64)
+        st.add_batch(torch.randn(4, 32, 64) @ torch.randn(64, 64))
+        before = st.hessian.clone()
+        stage.compress("layer", lin, st)
+        assert torch.equal(st.hessian, before), name

@@ -34,14 +34,19 @@ class GridSpec:
     group_size: int = -1  # -1: one range per output row
     grid: str = "asym"  # asym | sym | absmax (quantizer/grid.py)
     static_groups: bool = False  # group ranges fixed from W before the sweep (needed with act_order)
-    bit_map: torch.Tensor | None = None  # (in/group_size,) bits per input group (mixed precision)
+    # (in/group_size,) bits per input group (mixed precision), or (out, in/group_size): a map per row,
+    # for Linears with different maps stacked in one sweep
+    bit_map: torch.Tensor | None = None
     # Optional range search: fn(Wg (out, k), salience (out, k), bits) -> (scale, zero), each (out,).
     params: Callable | None = None
 
-    def group_bits(self, j: int) -> int:
-        return int(self.bit_map[j]) if self.bit_map is not None else self.bits
+    def group_bits(self, j: int) -> int | torch.Tensor:
+        """Bits of input group j: an int, or (out,) float per row for a per-row map."""
+        if self.bit_map is None:
+            return self.bits
+        return int(self.bit_map[j]) if self.bit_map.dim() == 1 else self.bit_map[:, j].float()
 
-    def group_maxq(self, j: int) -> int:
+    def group_maxq(self, j: int) -> int | torch.Tensor:
         return grid.max_code(self.group_bits(j), self.grid)
 
 
@@ -125,7 +130,8 @@ def _sub_block(blocksize: int, group: int | None, nm: tuple[int, int] | None) ->
 def fused_block_sweep(W: torch.Tensor, quant: "GridSpec | None", fixed: bool, act_order: bool):
     """The fused Triton block sweep (compresslab.kernels.obs_block) when W is on a GPU and the case
     is GPTQ's own: quantization with a fixed mask, the min/max grid, contiguous groups; else None."""
-    if not (W.is_cuda and fixed and quant is not None and quant.params is None and not act_order):
+    if not (W.is_cuda and fixed and quant is not None and quant.params is None and not act_order
+            and (quant.bit_map is None or quant.bit_map.dim() == 1)):
         return None
     from .kernels import obs_block
 
@@ -274,7 +280,12 @@ def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = N
                         scales[:, gi], zeros[:, gi] = sc, ze
                         params[gi] = (sc.contiguous(), ze.contiguous(), quant.group_maxq(gi))
                     sc, ze, maxq = params[gi]
-                    q = torch.div(w, sc).round_().add_(ze).clamp_(0, maxq).sub_(ze).mul_(sc)
+                    q = torch.div(w, sc).round_().add_(ze)
+                    if isinstance(maxq, int):
+                        q.clamp_(0, maxq)
+                    else:  # a per-row bit map: (out,) largest codes
+                        torch.minimum(q.clamp_(min=0), maxq, out=q)
+                    q.sub_(ze).mul_(sc)
                     if masked:
                         q.mul_(Kt[i])
                 else:
@@ -305,15 +316,3 @@ def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = N
         qw = QuantizedWeight(None, scales, zeros, quant.bits, g, quant.grid, (out, d),
                              quant.bit_map.clone().to(torch.uint8) if quant.bit_map is not None else None).encode(W)
     return W, qw, keep
-
-
-def write_stacked(items, sizes: list[int], numerics: list, write) -> None:
-    """After one sweep over stacked Linears (`stack_rows`): call write(lin, rows) for each Linear with
-    its row range, and record the sweep's factorization numerics in each Linear's state."""
-    for (_, lin), rows in zip(items, row_slices(sizes)):
-        layer_state(lin, create=True).numerics.extend(numerics)
-        write(lin, rows)
-
-
-def stacked_name(items) -> str:
-    return " + ".join(name for name, _ in items)

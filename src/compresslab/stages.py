@@ -121,6 +121,21 @@ def stack_rows(items: list[tuple[str, nn.Module]]) -> tuple[torch.Tensor, torch.
     return W, keep, [lin.out_features for _, lin in items]
 
 
+def sweep_stacked(items: list[tuple[str, nn.Module]], sweep, write) -> None:
+    """Linears that share one input (q/k/v, gate/up) through ONE sweep over their stacked rows.
+
+    sweep(W (Σout, in), keep or None, name, sizes, numerics) -> result runs the method's maths once;
+    write(lin, rows, result) then stores each Linear's row range, and every Linear's state records
+    the sweep's factorization numerics (damping retries, fallbacks). Rows never interact in an OBS
+    sweep, so this equals separate sweeps when the method keeps per-Linear choices per segment."""
+    W, keep, sizes = stack_rows(items)
+    numerics: list = []
+    result = sweep(W, keep, " + ".join(name for name, _ in items), sizes, numerics)
+    for (_, lin), rows in zip(items, row_slices(sizes)):
+        layer_state(lin, create=True).numerics.extend(numerics)
+        write(lin, rows, result)
+
+
 def row_slices(sizes: list[int]) -> list[slice]:
     """Consecutive row ranges of the given sizes: [0:a], [a:a+b], ..."""
     out, at = [], 0

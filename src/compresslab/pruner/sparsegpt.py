@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from ..obs import GridSpec, PruneSpec, obs_compress, stacked_name, write_stacked
-from ..stages import layer_state, stack_rows
+from ..obs import GridSpec, PruneSpec, obs_compress
+from ..stages import layer_state, sweep_stacked
 from .base import Pruner
 
 
@@ -48,16 +48,16 @@ class SparseGPT(Pruner):
     def compress_group(self, items, stats):
         """The Linears that share this input in ONE sweep (rows are independent; the unstructured
         threshold is each Linear's own), as separate sweeps would."""
-        W, _, sizes = stack_rows(items)
-        numerics: list = []
-        W_hat, keep, _ = sparsegpt_prune(W, stats.hessian, self.sparsity, self.nm, self.percdamp, self.blocksize,
-                                         name=stacked_name(items), numerics=numerics, segments=sizes)
+        def sweep(W, _keep, name, sizes, numerics):
+            return sparsegpt_prune(W, stats.hessian, self.sparsity, self.nm, self.percdamp, self.blocksize,
+                                   name=name, numerics=numerics, segments=sizes)
 
-        def write(lin, r):
+        def write(lin, r, out):
+            W_hat, keep, _ = out
             lin.weight.data.copy_(W_hat[r].to(lin.weight.dtype))
             layer_state(lin).pattern, layer_state(lin).mask = self.pattern, keep[r]
 
-        write_stacked(items, sizes, numerics, write)
+        sweep_stacked(items, sweep, write)
 
     def fuse(self, quantizer):
         """Absorb `quantizer=gptq`: one OBS pass that prunes and quantizes (same damping and block
@@ -102,16 +102,16 @@ class JointSparseGPTQ:
         """Prune and quantize the Linears that share this input in ONE sweep."""
         p, q = self.pruner, self.quantizer
         spec = GridSpec(q.bits, q.group_size, q.grid, q.static_groups)
-        W, _, sizes = stack_rows(items)
-        numerics: list = []
-        W_hat, keep, qw = sparsegpt_prune(W, stats.hessian, p.sparsity, p.nm, p.percdamp, p.blocksize, quant=spec,
-                                          name=stacked_name(items), numerics=numerics, segments=sizes)
+        def sweep(W, _keep, name, sizes, numerics):
+            return sparsegpt_prune(W, stats.hessian, p.sparsity, p.nm, p.percdamp, p.blocksize, quant=spec,
+                                   name=name, numerics=numerics, segments=sizes)
 
-        def write(lin, r):
+        def write(lin, r, out):
+            W_hat, keep, qw = out
             layer_state(lin).pattern, layer_state(lin).mask = p.pattern, keep[r]
             q.finish(lin, W_hat[r], qw.rows(r.start, r.stop))
 
-        write_stacked(items, sizes, numerics, write)
+        sweep_stacked(items, sweep, write)
 
     def __repr__(self):
         return f"JointSparseGPTQ({self.pruner!r} + {self.quantizer!r})"

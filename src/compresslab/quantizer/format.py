@@ -25,7 +25,9 @@ class QuantizedWeight:
     group_size: int  # input columns per group (in_features for one group per row)
     grid: str  # asym | sym | absmax (quantizer.grid); symmetric grids' zeros are constants, not stored
     shape: tuple[int, int]
-    bit_map: torch.Tensor | None = None  # (C,) bits of each input group (mixed precision); None: `bits`
+    # (C,) bits of each input group (mixed precision); None: `bits`. (R, C) only transiently, for
+    # Linears stacked in one sweep; rows() gives each Linear its (C,) map back
+    bit_map: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.grid not in GRIDS:
@@ -43,7 +45,8 @@ class QuantizedWeight:
         """Largest code per element: a scalar, or (1, in) with a bit map."""
         if self.bit_map is None:
             return self.maxq
-        return self.expand(max_code(self.bit_map.to(self.scales.device).float(), self.grid)[None, :])
+        m = max_code(self.bit_map.to(self.scales.device).float(), self.grid)
+        return self.expand(m if m.dim() == 2 else m[None, :])
 
     def code_bits(self) -> int:
         """Bits of the integer codes alone."""
@@ -75,8 +78,14 @@ class QuantizedWeight:
         if self.scales.shape[0] != self.shape[0]:
             raise ValueError("rows() needs per-row parameters (scales of shape (out, groups))")
         sl = slice(start, stop)
+        bit_map = self.bit_map
+        if bit_map is not None and bit_map.dim() == 2:  # a per-row map: these rows share one
+            bit_map = bit_map[sl]
+            if not bool((bit_map == bit_map[:1]).all()):
+                raise ValueError(f"rows {start}..{stop} do not share one bit map")
+            bit_map = bit_map[0].clone()
         return replace(self, codes=None if self.codes is None else self.codes[sl], scales=self.scales[sl],
-                       zeros=self.zeros[sl], shape=(stop - start, self.shape[1]))
+                       zeros=self.zeros[sl], shape=(stop - start, self.shape[1]), bit_map=bit_map)
 
     def without_codes(self) -> "QuantizedWeight":
         return replace(self, codes=None)

@@ -11,8 +11,8 @@ import logging
 import torch
 
 from ..errors import ConfigError
-from ..obs import GridSpec, obs_compress, stacked_name, write_stacked
-from ..stages import layer_state, stack_rows
+from ..obs import GridSpec, obs_compress
+from ..stages import layer_state, sweep_stacked
 from .base import WeightQuantizer
 from .format import QuantizedWeight
 
@@ -81,10 +81,8 @@ class GPTQ(WeightQuantizer):
     def compress_group(self, items, stats):
         """The Linears that share this input (q/k/v, gate/up) in ONE sweep: same H, damping, Cholesky
         and column order, and rows never interact, so the result is that of separate sweeps."""
-        W, keep, sizes = stack_rows(items)
-        numerics: list = []
-        W_hat, qw = self.quantize(stacked_name(items), W, stats, keep, numerics)
-        write_stacked(items, sizes, numerics, lambda lin, r: self.finish(lin, W_hat[r], qw.rows(r.start, r.stop)))
+        sweep_stacked(items, lambda W, keep, name, sizes, numerics: self.quantize(name, W, stats, keep, numerics),
+                      lambda lin, r, out: self.finish(lin, out[0][r], out[1].rows(r.start, r.stop)))
 
     def __repr__(self):
         return f"GPTQ({self._tag()}, act_order={self.act_order}, static_groups={self.static_groups})"

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..obs import GridSpec, hinv_chol_diag, obs_compress
-from ..stages import layer_state
+from ..stages import layer_state, sweep_stacked
 from . import grid as _grid
 from .base import WeightQuantizer
 
@@ -59,7 +59,9 @@ def sqc_params(Wg: torch.Tensor, sal: torch.Tensor, bits: int, grid_: str = "asy
     omega = torch.where(z.abs() > SQC_Z, lam, 1.0)  # (out, k)
     f = factors.to(Wg.device)[:, None]  # (F, 1)
     scale, zero = _grid.qparams(Wg.amin(1)[None] * f, Wg.amax(1)[None] * f, bits, grid_)  # (F, out)
-    q = _grid.fake_quantize(Wg[None], scale[..., None], zero[..., None], _grid.max_code(bits, grid_))  # (F, out, k)
+    maxq = _grid.max_code(bits, grid_)  # an int, or (out,) for a per-row bit map
+    maxq = maxq[:, None] if isinstance(maxq, torch.Tensor) else maxq
+    q = _grid.fake_quantize(Wg[None], scale[..., None], zero[..., None], maxq)  # (F, out, k)
     err = ((Wg[None] - q).abs().pow(p) * omega[None]).sum(-1)  # (F, out)
     best = err.argmin(0)  # (out,)
     rows = torch.arange(Wg.shape[0], device=Wg.device)
@@ -130,20 +132,23 @@ class SliMLLM(WeightQuantizer):
                                     blocksize=self.blocksize, name=name, numerics=numerics, latent=latent)
         return W_hat, qw
 
-    def search(self, name, W, stats, keep=None, numerics=None, latent=None):
-        """Pick the SBA bit map with the lowest output KL (candidates rounded to nearest, which
-        ranks them at a fraction of GPTQ's cost), then quantize once with it."""
-        H = stats.hessian
-        cands = self.bit_maps(W, H, numerics)
+    def pick(self, name, W, stats, keep=None, numerics=None):
+        """(KL, k, bit map) of the SBA candidate with the lowest output KL (candidates rounded to
+        nearest, which ranks them at a fraction of GPTQ's cost)."""
+        cands = self.bit_maps(W, stats.hessian, numerics)
         best = (0.0, *cands[0])
         if len(cands) > 1:
             X = stats.input_sample.to(W.device)
             scored = [(output_kl(X, W.float(), rtn_mixed(W, bm, self.bits, self.group_size, self.grid, keep)), k, bm)
                       for k, bm in cands]
             best = min(scored, key=lambda t: t[0])
-        kl, k, bit_map = best
-        log.debug("%s: SBA k=%d (KL %.3g)", name, k, kl)
-        W_hat, qw = self.quantize_with(name, W, H, bit_map, keep, numerics, latent)
+        log.debug("%s: SBA k=%d (KL %.3g)", name, best[1], best[0])
+        return best
+
+    def search(self, name, W, stats, keep=None, numerics=None, latent=None):
+        """Pick the SBA bit map, then quantize once with it."""
+        kl, k, bit_map = self.pick(name, W, stats, keep, numerics)
+        W_hat, qw = self.quantize_with(name, W, stats.hessian, bit_map, keep, numerics, latent)
         return kl, k, W_hat, qw
 
     @torch.no_grad()
@@ -152,6 +157,25 @@ class SliMLLM(WeightQuantizer):
         keep = state.keep_mask(layer.weight.device)
         _, k, W_hat, qw = self.search(name, layer.weight.data.float(), stats, keep, state.numerics)
         self.finish(layer, W_hat, qw)
+
+    @torch.no_grad()
+    def compress_group(self, items, stats):
+        """Linears that share this input (q/k/v, gate/up): each picks its own SBA bit map, then their
+        GPTQ passes run as ONE sweep over the stacked rows with a bit map per row (rows never
+        interact, so each Linear gets what its own sweep gives)."""
+        maps = []
+        for name, lin in items:
+            state = layer_state(lin, create=True)
+            maps.append(self.pick(name, lin.weight.detach().float(), stats, state.keep_mask(lin.weight.device),
+                                  state.numerics)[2])
+        bit_map = None
+        if maps[0] is not None:  # (Σout, C): each Linear's map on each of its rows
+            bit_map = torch.cat([m.reshape(1, -1).expand(lin.out_features, -1) for m, (_, lin) in zip(maps, items)])
+
+        def sweep(W, keep, name, sizes, numerics):
+            return self.quantize_with(name, W, stats.hessian, bit_map, keep, numerics)
+
+        sweep_stacked(items, sweep, lambda lin, r, out: self.finish(lin, out[0][r], out[1].rows(r.start, r.stop)))
 
     def __repr__(self):
         return f"SliMLLM({self._tag()}, sba={self.sba}, sqc={self.sqc}, lambda={self.sqc_lambda})"

@@ -120,6 +120,11 @@ class SliMLLMPlus(SliMLLM):
         self.finish(layer, W_hat, qw)
         state.lwc_latent = latent[0] if latent else W
 
+    def compress_group(self, items, stats):
+        """One Linear at a time: each keeps its own LWC start (and latent), nothing to stack."""
+        for name, lin in items:
+            self.compress(name, lin, stats)
+
     # -- block stage: called by the engine once every Linear of the block is compressed ----------
     def begin(self, num_blocks: int) -> None:
         self._dense_in = None  # the full-precision stream (OmniQuant's fp_inps), carried block to block
