@@ -161,9 +161,10 @@ def main():
     ap.add_argument("--shape7b-seqlen", type=int, default=2048)
     ap.add_argument("--only", nargs="*", default=["smollm2", "shape7b"])
     ap.add_argument("--methods", nargs="*", default=list(METHODS), help="a subset of the two methods")
-    ap.add_argument("--runs", nargs="*", default=["before", "new+thp"],
+    ap.add_argument("--runs", nargs="*", default=None,
                     help="version[+thp][+reversed] per run: before/new checkout, PyTorch's huge-page CPU allocation "
-                         "(run.py turns it on since the speed work), calibration samples in reverse order")
+                         "(run.py turns it on since the speed work), calibration samples in reverse order; "
+                         "default: before new+thp with --baseline, else new+thp")
     ap.add_argument("--reversed", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rows-from", nargs="*", default=[], help="JSON-lines logs of earlier runs whose rows to keep")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -173,6 +174,7 @@ def main():
     if args.child:
         print(json.dumps(child(args)))
         return
+    args.runs = args.runs or (["before", "new+thp"] if args.baseline else ["new+thp"])
     srcs = {"new": ROOT / "src", "before": Path(args.baseline) / "src" if args.baseline else None}
     rows = [json.loads(x) for f in args.rows_from for x in Path(f).read_text().splitlines() if x.startswith("{")]
     for model in args.only:
@@ -180,6 +182,9 @@ def main():
         for method in args.methods:
             for run in args.runs:  # one after the other, same conditions
                 version, *flags = run.split("+")
+                if set(flags) - {"thp", "reversed"}:
+                    raise SystemExit(f"--runs {run}: unknown {sorted(set(flags) - {'thp', 'reversed'})}; "
+                                     "write version[+thp][+reversed], e.g. new+thp")
                 if srcs.get(version) is None:
                     raise SystemExit(f"--runs {run}: version {version!r} needs --baseline DIR" if version == "before"
                                      else f"--runs {run}: use before or new, with +thp / +reversed")
