@@ -20,7 +20,9 @@ STAGES = {
     "joint_unstructured": lambda: fuse_stages([SparseGPT(0.6), GPTQ(bits=3, group_size=32)]),
     "joint_2:4": lambda: fuse_stages([SparseGPT(0.5, "2:4"), GPTQ(bits=4, group_size=32)]),
     "slim_llm": lambda: [__import__("compresslab.quantizer.slim_llm", fromlist=["SliMLLM"]).SliMLLM(
-        bits=3, group_size=32, sba_grid=(0.0, 0.1, 0.25))],  # per-Linear bit maps in one sweep
+        bits=3, group_size=32, sba_grid=(0.25,))],  # one candidate: each Linear's own salient groups
+    "slim_llm_searched": lambda: [__import__("compresslab.quantizer.slim_llm", fromlist=["SliMLLM"]).SliMLLM(
+        bits=3, group_size=32, sba_grid=(0.0, 0.1, 0.25))],
     "slim_llm_no_sba": lambda: [__import__("compresslab.quantizer.slim_llm", fromlist=["SliMLLM"]).SliMLLM(
         bits=2, group_size=32, sba=False)],
     "sparsegpt_2:4_then_slim_llm": lambda: [SparseGPT(0.5, "2:4"), __import__(
@@ -36,6 +38,7 @@ def _layers(d=128, outs=(96, 32, 32), seed=0):
     lins = [nn.Linear(d, o, bias=False) for o in outs]
     for k, lin in enumerate(lins):
         lin.weight.data *= 1 + 2 * k
+        lin.weight.data[:, 32 * (k + 1):32 * (k + 2)] *= 30  # a salient column group of its own (SBA)
     return [(f"l{k}", lin) for k, lin in enumerate(lins)]
 
 
@@ -58,6 +61,9 @@ def test_stacked_sweep_equals_separate_sweeps(case):
             for name, lin in stacked:
                 stage.compress(name, lin, stats)
     assert n_grouped >= 1
+    maps = [layer_state(lin).quant.bit_map for _, lin in sep if layer_state(lin).quant is not None]
+    if case == "slim_llm":  # the case must give the Linears different bit maps to test the per-row map
+        assert not all(torch.equal(m, maps[0]) for m in maps[1:])
     for (name, a), (_, b) in zip(sep, stacked):
         sa, sb = layer_state(a), layer_state(b)
         if sa.pattern is not None:
