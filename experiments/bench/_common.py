@@ -55,6 +55,8 @@ def table_args(name: str) -> argparse.ArgumentParser:
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--out", default=str(ROOT / "outputs" / f"bench_{name}"))
+    ap.add_argument("--collect", action="store_true",
+                    help="run nothing: tabulate the runs already in --out (e.g. a run stopped after its first rows)")
     return ap
 
 
@@ -70,14 +72,20 @@ def run_dir_for(out: Path, method: str) -> Path:
     return out / re.sub(r"[^A-Za-z0-9._-]", "", name)  # Hydra's override grammar rejects ( ) , etc.
 
 
-def run_table(name: str, methods: dict[str, list[str]], common: list[str], out: Path, only=None) -> list[dict]:
+def run_table(name: str, methods: dict[str, list[str]], common: list[str], out: Path, only=None,
+              collect: bool = False) -> list[dict]:
     """Run each method as its own `run.py` process (so peak RSS is per method) and read back
-    its metrics.json. Returns one row per method."""
+    its metrics.json. Returns one row per method. `collect`: run nothing, read back the methods
+    whose run directory already holds a metrics.json."""
     rows = []
     for method, overrides in methods.items():
         if only and method not in only:
             continue
         run_dir = run_dir_for(out, method)
+        if collect:
+            if (run_dir / "metrics.json").is_file():
+                rows.append(row_from_run(method, run_dir))
+            continue
         t0 = time.perf_counter()
         # force=true: always recompute (the sweep skip rule keys on the config, not the code)
         proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *overrides, *common, f"hydra.run.dir={run_dir}",

@@ -37,7 +37,6 @@ def main():
     ap = table_args("beam_study")
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--long-epochs", type=int, default=8)
-    ap.add_argument("--collect", action="store_true", help="only tabulate the runs already in --out")
     args = ap.parse_args()
     out = Path(args.out)
     common = [f"data.nsamples={args.nsamples}", f"data.seqlen={args.calib_seqlen}", "eval=full", "eval.ppl.seqlen=2048",

@@ -176,7 +176,8 @@ def main():
         return
     args.runs = args.runs or (["before", "new+thp"] if args.baseline else ["new+thp"])
     srcs = {"new": ROOT / "src", "before": Path(args.baseline) / "src" if args.baseline else None}
-    rows = [json.loads(x) for f in args.rows_from for x in Path(f).read_text().splitlines() if x.startswith("{")]
+    rows = [json.loads(x) for f in args.rows_from for x in Path(f).read_text().splitlines()
+            if x.startswith("{") and x.endswith("}")]  # the row lines of a log (not its pretty-printed JSON)
     for model in args.only:
         ns, sl = (args.nsamples, args.seqlen) if model == "smollm2" else (args.shape7b_samples, args.shape7b_seqlen)
         for method in args.methods:

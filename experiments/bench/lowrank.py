@@ -67,7 +67,7 @@ def main():
                                  ("lowrank_only", LOWRANK_ONLY, {"base": "no pruner/quantizer: W replaced by L·R"})]:
         if args.table not in (name, "both"):
             continue
-        rows = run_table(name, methods, common, out / name, args.only)
+        rows = run_table(name, methods, common, out / name, args.only, args.collect)
         for row in rows:
             run_dir = run_dir_for(out / name, row["method"])
             row.update(_recovery_summary(run_dir))

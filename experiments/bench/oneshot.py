@@ -34,7 +34,7 @@ METHODS = {
 def main():
     args = table_args("oneshot").parse_args()
     common = table_overrides(args)
-    rows = run_table("oneshot", METHODS, common, Path(args.out), args.only)
+    rows = run_table("oneshot", METHODS, common, Path(args.out), args.only, args.collect)
     emit("oneshot", rows, {
         "model": "SmolLM2-135M-Instruct (dense weights dequantized from GGUF Q4_1), fp32, CPU",
         "calibration": f"wikitext2 valid, {args.nsamples}x{args.calib_seqlen}",
