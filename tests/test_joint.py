@@ -4,7 +4,8 @@ from torch import nn
 
 from compresslab.engine import SequentialEngine
 from compresslab.models.loaders import TinyModel
-from compresslab.pruner.masks import nm_valid
+from compresslab.obs import GridSpec, PruneSpec, obs_compress
+from compresslab.pruner.masks import nm_drop, nm_valid
 from compresslab.pruner.sparsegpt import JointSparseGPTQ, SparseGPT
 from compresslab.pruner.wanda import Wanda
 from compresslab.quantizer.gptq import GPTQ
@@ -12,7 +13,7 @@ from compresslab.quantizer.slim_llm import SliMLLM
 from compresslab.quantizer.slim_quant import SLiMQuant
 from compresslab.stages import fuse_stages, layer_state
 from compresslab.stats import LayerStats
-from tests.conftest import correlated_inputs
+from tests.conftest import correlated_inputs, hessian_of
 
 
 def _stats(X):
@@ -138,9 +139,6 @@ def nm_joint_reference(W, X, n, m, bits=None, group_size=None, percdamp=0.01):
 def test_nm_pass_matches_a_plain_reference(bits, group_size, blocksize):
     """The blocked sweep (lazy updates, a quantization group's N:M masks chosen in one call) gives
     the plain loop's masks and weights, for SparseGPT 2:4 alone and jointly with GPTQ."""
-    from compresslab.obs import GridSpec, PruneSpec, obs_compress
-    from tests.conftest import hessian_of
-
     X = correlated_inputs(1024, 128, seed=3)
     W = torch.randn(48, 128, generator=torch.Generator().manual_seed(4))
     quant = GridSpec(bits, group_size) if bits else None
@@ -154,8 +152,6 @@ def test_nm_pass_matches_a_plain_reference(bits, group_size, blocksize):
 
 @pytest.mark.parametrize("G,m,k", [(1, 4, 2), (16, 4, 2), (5, 8, 4), (3, 4, 1)])
 def test_nm_drop_takes_the_k_lowest_of_each_group(G, m, k):
-    from compresslab.obs import nm_drop
-
     score = torch.rand(G, m, 50, generator=torch.Generator().manual_seed(G))
     score[:, :, :5] = 0.0  # ties: still exactly k per group
     drop = nm_drop(score, k)

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from .pruner.masks import nm_drop
 from .quantizer import grid
 from .quantizer.format import QuantizedWeight
 from .stages import layer_state, row_slices
@@ -136,25 +137,6 @@ def fused_block_sweep(W: torch.Tensor, quant: "GridSpec | None", fixed: bool, ac
     from .kernels import obs_block
 
     return obs_block.gptq_block_triton if obs_block.triton is not None else None
-
-
-def nm_drop(score: torch.Tensor, k: int) -> torch.Tensor:
-    """(G, M, out) scores -> bool (G, M, out), True for the k lowest of each group of M along dim 1
-    (exactly k per group; which of equal scores goes is unspecified: ties are in practice zero
-    weights, so W_hat is the same either way). For many groups (a quantization group's N:M masks
-    at once) each entry's rank is counted with M(M-1)/2 elementwise comparisons, ~3x faster on the
-    CPU than topk along a length-M dim; for one group topk's single call wins."""
-    G, m, out = score.shape
-    if G == 1:
-        drop = torch.zeros_like(score, dtype=torch.bool)
-        return drop.scatter_(1, score.topk(k, dim=1, largest=False).indices, True)
-    rank = torch.zeros(G, m, out, dtype=torch.uint8, device=score.device)
-    for a in range(m):
-        for b in range(a + 1, m):
-            below = score[:, b] < score[:, a]  # b ranks below a; on a tie a (the lower index) does
-            rank[:, a] += below
-            rank[:, b] += ~below
-    return rank < k
 
 
 def _group_params(Wg: torch.Tensor, spec: GridSpec, j: int, dU: torch.Tensor | None = None):
