@@ -17,6 +17,7 @@ Two ways through a block:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -93,6 +94,7 @@ class SequentialEngine:
         self.progress = progress
         self.layer_error = layer_error
         self._keep_dense = False  # set per run: an end-to-end recovery measures errors after the loop
+        self._lean = lambda block: contextlib.nullcontext()  # set per run: the adapter's `lean`
 
     # -- public -------------------------------------------------------------------------------
     def check(self, model_or_meta: nn.Module, stages: Sequence) -> None:
@@ -118,6 +120,7 @@ class SequentialEngine:
         `rel_error` is measured on the layer as it finally is."""
         t0 = time.perf_counter()
         adapter = adapter_for(model)
+        self._lean = adapter.lean
         stages = fuse_stages([s for s in stages if s is not None])
         self.check(model, stages)
         needs = frozenset().union(*(s.needs for s in stages)) if stages else frozenset()
@@ -318,7 +321,8 @@ class SequentialEngine:
             from torch.func import functional_call
 
             return _block_out(functional_call(block, params, (x,), kw, strict=False))
-        return _block_out(block(x, **kw))
+        with self._lean(block):  # the adapter's lower-memory forward (same result), no-grad only
+            return _block_out(block(x, **kw))
 
     def _block_fn(self, kwargs):
         """forward(block, x, params=None) for block-level stages and recoveries."""

@@ -6,8 +6,11 @@ never looks at class names. To support a new family, add an `Adapter` to `_ADAPT
 
 from __future__ import annotations
 
+import contextlib
+import types
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
@@ -20,6 +23,9 @@ class Adapter:
     blocks: str  # dotted path from the CausalLM to the ModuleList of blocks
     inputs: tuple[str, ...]  # modules that run before block 0 (embeddings, rotary); missing ones are skipped
     groups: tuple[tuple[str, ...], ...]  # Linear groups in a block, true-sequential order; a group shares one input
+    # the block's gated MLP, down(act(gate(x)) * up(x)), as (module, gate, up, down, act) names: run
+    # leaner during no-grad forwards (see `lean`); None: the block runs as the family wrote it
+    gated_mlp: tuple[str, str, str, str, str] | None = None
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         blocks = get_module(model, self.blocks)
@@ -43,12 +49,46 @@ class Adapter:
             out.append(members)
         return out
 
+    @contextlib.contextmanager
+    def lean(self, block: nn.Module):
+        """Within this context a no-grad forward of `block` holds less: the gated MLP computes
+        act(gate(x)) in place (row slices, any activation) and multiplies up(x) into it, so its peak is
+        two (tokens, intermediate) tensors instead of three. Same operations on the same values, so the
+        same result to the bit; Linear hooks see the same inputs. Forwards with grad run unchanged."""
+        mlp = get_module(block, self.gated_mlp[0]) if self.gated_mlp else None
+        if mlp is None or "forward" in vars(mlp):
+            yield
+            return
+        mlp.forward = types.MethodType(_lean_gated_forward(*self.gated_mlp[1:], type(mlp).forward), mlp)
+        try:
+            yield
+        finally:
+            del mlp.forward
+
     def named_linears(self, model: nn.Module):
         """(qualified name, Linear) for every target Linear of every block."""
         for i, block in enumerate(self.block_list(model)):
             for group in self.linear_groups(block):
                 for name, lin in group:
                     yield f"{self.blocks}.{i}.{name}", lin
+
+
+LEAN_ROWS = 4096  # rows per in-place activation slice (a slice's temporary is rows x intermediate)
+
+
+def _lean_gated_forward(gate: str, up: str, down: str, act: str, plain):
+    def forward(mlp, x):
+        if torch.is_grad_enabled():  # training needs the activation's input: the family's own forward
+            return plain(mlp, x)
+        h = getattr(mlp, gate)(x)  # (..., I)
+        fn = getattr(mlp, act)
+        flat = h.view(-1, h.shape[-1])
+        for i in range(0, flat.shape[0], LEAN_ROWS):
+            flat[i:i + LEAN_ROWS] = fn(flat[i:i + LEAN_ROWS])
+        h.mul_(getattr(mlp, up)(x))
+        return getattr(mlp, down)(h)
+
+    return forward
 
 
 _LLAMA = Adapter(
@@ -61,6 +101,7 @@ _LLAMA = Adapter(
         ("mlp.gate_proj", "mlp.up_proj"),
         ("mlp.down_proj",),
     ),
+    gated_mlp=("mlp", "gate_proj", "up_proj", "down_proj", "act_fn"),
 )
 _OPT = Adapter(
     family="opt",
