@@ -71,3 +71,14 @@ def test_missing_model():
 def test_method_options_are_validated(build, match):
     with pytest.raises(ConfigError, match=match):
         build()
+
+
+def test_memory_budget_below_one_sample_fails_before_load():
+    from compresslab.engine import SequentialEngine
+    from compresslab.quantizer.gptq import GPTQ
+
+    p = Pipeline(model=NoLoad(device="cpu"), data=CalibrationData(nsamples=8, seqlen=64), quantizer=GPTQ(bits=4),
+                 engine=SequentialEngine(device="cpu", max_memory="100kB"))
+    with pytest.raises(ConfigError, match=r"engine.max_memory=100 kB is less than one calibration sample needs.*"
+                                          r"raise engine.max_memory, or lower data.nsamples"):
+        p.run()

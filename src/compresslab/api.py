@@ -47,6 +47,19 @@ def _finish_model(recovery, model, ids, result: dict, engine: SequentialEngine, 
         result["time/compress_s"] += time.perf_counter() - t0
 
 
+def _plan_metrics(plan, engine: SequentialEngine) -> dict[str, float]:
+    """The memory plan's estimate beside what was measured (`memory/peak_device_gb` on CUDA)."""
+    out = {}
+    if plan is not None:
+        out["memory/plan_gb"] = plan.est_bytes / 1e9
+        if plan.budget is not None:
+            out["memory/budget_gb"] = plan.budget / 1e9
+        out["engine/chunk_size"] = float(plan.chunk_size or 0)  # 0: one pass
+    if engine.device.type == "cuda":
+        out["memory/peak_device_gb"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
+    return out
+
+
 def compress(model, tokenizer=None, *, pruner=None, quantizer=None, lowrank=None, recovery=None,
              calibration: torch.Tensor | Callable | None = None,
              engine: SequentialEngine | None = None) -> CompressionReport:
@@ -59,6 +72,7 @@ def compress(model, tokenizer=None, *, pruner=None, quantizer=None, lowrank=None
     peak = peak_rss_gb()
     metrics = {**summary, "time/compress_s": result["time/compress_s"], "memory/peak_rss_gb": peak,
                "memory/compress_peak_rss_gb": peak}  # the first is overwritten by a run's final peak
+    metrics.update(_plan_metrics(result.get("plan"), engine))
     return CompressionReport(metrics, layers, result["recovery"])
 
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .layer_error import ErrorMeter, hessian_rel_error
 from .models.adapters import Adapter, adapter_for
 from .stages import effective_weight, fuse_stages, layer_state
+from .plan import Plan, make_plan, parse_memory, resolve_budget
 from .stats import LayerStats
 from .utils import resolve_device, to_device
 
@@ -76,23 +77,30 @@ class SequentialEngine:
 
     Args:
         device: compute device ('auto': cuda when available, else cpu).
-        chunk_size: calibration samples per forward; None runs all of them at once (one pass).
+        chunk_size: calibration samples per forward; None runs all of them at once (one pass); 'auto'
+            lets the memory plan choose (one pass when it fits `max_memory`, else chunks).
+        max_memory: the engine's budget above the loaded model ('40GB', '1.5GB', bytes), 'auto' (most
+            of the device's free memory at the start of the run) or None (no limit: one pass).
         progress: show a tqdm bar over blocks.
         layer_error: collect each group's Hessian even when no stage needs it, so that every
             Linear reports ‖WX − ŴX‖/‖WX‖ on the calibration inputs. By default the error is
             reported whenever some stage already collects the Hessian.
     """
 
-    def __init__(self, device: str = "auto", chunk_size: int | None = None, progress: bool = True,
-                 layer_error: bool = False):
-        if chunk_size is not None and chunk_size < 1:
-            from .errors import ConfigError
+    def __init__(self, device: str = "auto", chunk_size: int | str | None = "auto", max_memory: int | str | None = None,
+                 progress: bool = True, layer_error: bool = False):
+        from .errors import ConfigError
 
-            raise ConfigError(f"engine.chunk_size must be >= 1 or null, got {chunk_size}")
+        if not (chunk_size is None or chunk_size == "auto" or (isinstance(chunk_size, int) and chunk_size >= 1)):
+            raise ConfigError(f"engine.chunk_size must be auto, null (one pass) or an int >= 1, got {chunk_size!r}")
+        parse_memory(max_memory)  # a bad size fails now, before any model is loaded
         self.device = resolve_device(device)
         self.chunk_size = chunk_size
+        self.max_memory = max_memory
         self.progress = progress
         self.layer_error = layer_error
+        self.plan: Plan | None = None  # set per run
+        self._chunk = chunk_size if isinstance(chunk_size, int) else None  # samples per forward this run
         self._keep_dense = False  # set per run: an end-to-end recovery measures errors after the loop
         self._lean = lambda block: contextlib.nullcontext()  # set per run: the adapter's `lean`
 
@@ -146,6 +154,11 @@ class SequentialEngine:
         else:
             if calibration is None:
                 raise ValueError("these stages need calibration data; pass calibration=(N, T) token ids")
+            param = next(model.parameters())
+            self.plan = self._make_plan(model.config, adapter, *calibration.shape, needs, block_recovery,
+                                        bool(finishers), param.device, param.dtype)
+            result["plan"] = self.plan
+            self._chunk = self.plan.chunk_size
             hidden, kwargs = self._capture(model, adapter, calibration)
             for s in [*finishers, block_recovery]:
                 if s is not None and hasattr(s, "begin"):
@@ -164,7 +177,7 @@ class SequentialEngine:
                     dense_home = None
                 entry = _Held(i, block, home, dense, dense_home)
                 groups = adapter.linear_groups(block)
-                if self.chunk_size is None:
+                if self._chunk is None:
                     out = self._one_pass(adapter, i, block, groups, stages, needs, hidden, kwargs)
                 else:
                     self._sequential(adapter, i, block, groups, stages, needs, hidden, kwargs)
@@ -249,6 +262,40 @@ class SequentialEngine:
                 if layer_state(lin) is not None:
                     layer_state(lin).dense = None
 
+    # -- planning -----------------------------------------------------------------------------
+    def check_plan(self, meta_model: nn.Module, n: int, t: int, stages: Sequence, recovery=None,
+                   dtype: torch.dtype = torch.float32) -> Plan | None:
+        """Before any weights load: with an explicit `max_memory`, the plan for an (n, t) calibration
+        is made now, so a budget too small for one sample fails before loading. (`auto` depends on the
+        memory free after loading: planned at the start of the run.)"""
+        if parse_memory(self.max_memory) in (None, "auto"):
+            return None
+        stages = [s for s in stages if s is not None]
+        needs = frozenset().union(*(s.needs for s in stages)) if stages else frozenset()
+        if not (needs or recovery is not None or any(hasattr(s, "finish_block") for s in stages)):
+            return None  # weight-only: no calibration forward to plan
+        block_recovery = recovery if hasattr(recovery, "recover") else None
+        return self._make_plan(meta_model.config, adapter_for(meta_model), n, t, needs, block_recovery,
+                               any(hasattr(s, "finish_block") for s in stages), torch.device("cpu"), dtype, quiet=True)
+
+    def _make_plan(self, config, adapter, n: int, t: int, needs, recovery, finishers: bool, home: torch.device,
+                   dtype: torch.dtype, quiet: bool = False) -> Plan:
+        """The memory plan of this run (see plan.py), logged once."""
+        size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
+        budget = resolve_budget(self.max_memory, self.device)
+        plan = make_plan(config, n, t, budget=budget, chunk_size=self.chunk_size, device=self.device,
+                         act_bytes=size, param_bytes=size, lean_mlp=adapter.gated_mlp is not None,
+                         hessian="hessian" in needs, dense_copy=recovery is not None or finishers,
+                         block_on_device=home != self.device, train_batch=getattr(recovery, "batch_size", 0) or 0)
+        if quiet:
+            return plan
+        if budget is not None and plan.est_bytes > budget:
+            log.warning("%s exceeds engine.max_memory: set engine.chunk_size=auto to let the plan chunk",
+                        plan.describe())
+        else:
+            log.info(plan.describe())
+        return plan
+
     # -- placement ----------------------------------------------------------------------------
     def _release(self, module: nn.Module, home: torch.device) -> None:
         """A block (or its dense copy) is done on the compute device: back to where it lived."""
@@ -273,7 +320,7 @@ class SequentialEngine:
 
     # -- steps --------------------------------------------------------------------------------
     def _chunks(self, n: int) -> list[slice]:
-        size = n if self.chunk_size is None else self.chunk_size
+        size = n if self._chunk is None else self._chunk
         return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
     def _capture(self, model: nn.Module, adapter: Adapter, ids: torch.Tensor):
@@ -288,7 +335,8 @@ class SequentialEngine:
         hidden_parts = []
 
         def grab(module, args, kwargs):
-            hidden_parts.append(args[0] if args else kwargs["hidden_states"])
+            h = args[0] if args else kwargs["hidden_states"]
+            hidden_parts.append(self._to_stream(h))
             if not captured:
                 kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
                 kw["use_cache"] = False
@@ -309,6 +357,8 @@ class SequentialEngine:
             for m, home in zip(pre, homes):
                 m.to(home)
         hidden = torch.cat(hidden_parts) if len(hidden_parts) > 1 else hidden_parts[0]  # (N, T, C)
+        if self.plan is not None and self.plan.hidden_on_host and self.device.type == "cuda":
+            hidden = hidden.pin_memory()  # chunks move to the device asynchronously
         kwargs = to_device(captured, self.device)
         kwargs["_batch"] = hidden_parts[0].shape[0]
         return hidden, kwargs
@@ -317,6 +367,8 @@ class SequentialEngine:
         """Run `block` on a batch with the captured kwargs, optionally with some parameters
         replaced (torch.func.functional_call)."""
         kw = _fit_kwargs({k: v for k, v in kwargs.items() if k != "_batch"}, x.shape[0], kwargs["_batch"])
+        if x.device != self.device:  # hidden states kept on the host: this chunk to the device
+            x = x.to(self.device, non_blocking=True)
         if params:
             from torch.func import functional_call
 
@@ -328,8 +380,15 @@ class SequentialEngine:
         """forward(block, x, params=None) for block-level stages and recoveries."""
         return lambda block, x, params=None: self._forward(block, x, kwargs, params)
 
+    def _to_stream(self, h: torch.Tensor) -> torch.Tensor:
+        """Where the hidden states live between blocks: the host when the plan says so, else the device."""
+        if self.plan is not None and self.plan.hidden_on_host:
+            return h.to("cpu")
+        return h
+
     def _propagate(self, block, hidden, kwargs):
-        out = torch.empty_like(hidden)
+        out = (torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True) if hidden.is_pinned()
+               else torch.empty_like(hidden))
         for sl in self._chunks(hidden.shape[0]):
             out[sl] = self._forward(block, hidden[sl], kwargs)
         return out

@@ -91,6 +91,13 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def current_rss_gb() -> float:
+    """Resident set size of this process now (GiB, as peak_rss_gb)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
 def _git_sha() -> str | None:
     try:
         root = Path(__file__).resolve().parents[2]

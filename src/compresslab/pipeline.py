@@ -13,7 +13,7 @@ import torch
 from .api import compress, evaluate
 from .engine import SequentialEngine
 from .errors import ConfigError
-from .metrics import environment, peak_rss_gb, write_json_atomic
+from .metrics import current_rss_gb, environment, peak_rss_gb, write_json_atomic
 from .stages import fuse_stages
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,9 @@ class Pipeline:
             log.warning("could not build %s on the meta device for early checks (%s)", self.model_loader, e)
             return
         self.engine.check(meta, stages)
+        if self.data is not None and self.uses_calibration:  # an explicit engine.max_memory too small fails now
+            self.engine.check_plan(meta, self.data.nsamples, self.data.seqlen, stages, self.recovery,
+                                   getattr(self.model_loader, "dtype", torch.float32))
 
     def _log_recovery(self, rows) -> None:
         """Per-block loss before/after and the training curves, to W&B (metrics.json has `recovery`)."""
@@ -95,6 +98,7 @@ class Pipeline:
             self.validate()
             model, tok = self.model_loader.load()
             metrics["time/load_s"] = time.perf_counter() - t_start
+            metrics["memory/rss_after_load_gb"] = current_rss_gb()
             evals = [self.evaluator] if self.evaluator is not None else []
             if evals and getattr(self.evaluator, "dense_baseline", False):
                 t0 = time.perf_counter()

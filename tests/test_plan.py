@@ -1,0 +1,126 @@
+"""The memory plan: sizes, the chunk choice, the cost model against counted bytes, the engine's wiring."""
+
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from compresslab.engine import SequentialEngine
+from compresslab.errors import ConfigError
+from compresslab.models.adapters import adapter_for
+from compresslab.plan import Shape, estimate, make_plan, parse_memory
+from conftest import Recorder
+
+
+def llama(**kw):
+    cfg = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
+               num_hidden_layers=2, vocab_size=128)
+    return LlamaForCausalLM(LlamaConfig(**{**cfg, **kw})).eval()
+
+
+def test_parse_memory():
+    assert parse_memory("1.5GB") == 1_500_000_000
+    assert parse_memory("800MB") == 800_000_000
+    assert parse_memory(2**30) == 2**30
+    assert parse_memory("auto") == "auto"
+    assert parse_memory(None) is None
+    for bad in ("lots", "-1GB", "0"):
+        with pytest.raises(ConfigError, match=r"engine.max_memory=.*use e.g. 40GB"):
+            parse_memory(bad)
+
+
+@pytest.mark.parametrize("bad", [{"max_memory": "lots"}, {"chunk_size": 0}, {"chunk_size": "some"}])
+def test_engine_rejects_bad_options_when_built(bad):
+    with pytest.raises(ConfigError, match=r"engine\.(max_memory|chunk_size)"):
+        SequentialEngine(device="cpu", **bad)
+
+
+def test_plan_takes_one_pass_when_it_fits_and_the_largest_chunk_that_fits_otherwise():
+    cfg = llama().config
+    n, t = 64, 128
+    for kw in ({"hessian": False}, {"hessian": True, "dense_copy": True}):
+        one = make_plan(cfg, n, t, budget=None, **kw)
+        assert one.chunk_size is None
+        assert make_plan(cfg, n, t, budget=one.est_bytes, **kw).chunk_size is None
+        for k_fit in (n // 2, 5, 1):
+            budget = estimate(Shape.of(cfg), n, t, k_fit, **kw) + 1000
+            assert budget < one.est_bytes  # one pass does not fit
+            plan = make_plan(cfg, n, t, budget=budget, **kw)
+            # brute force over every chunk size: the plan's is the largest whose estimate fits
+            fits = [k for k in range(1, n + 1) if estimate(Shape.of(cfg), n, t, k, **kw) <= budget]
+            assert plan.chunk_size == max(fits) >= k_fit
+            assert plan.est_bytes <= budget
+        with pytest.raises(ConfigError, match=r"raise engine.max_memory, or lower data.nsamples / data.seqlen"):
+            make_plan(cfg, n, t, budget=estimate(Shape.of(cfg), n, t, 0, **kw), **kw)
+
+
+def test_on_an_accelerator_hidden_states_go_to_the_host_when_they_do_not_fit_beside_the_block():
+    cfg = llama().config
+    n, t, cuda = 64, 128, torch.device("cuda")
+    stream = 2 * n * t * cfg.hidden_size * 4
+    budget = stream  # the stream alone fills it: no chunk fits beside it on the device
+    plan = make_plan(cfg, n, t, budget=budget, device=cuda, hessian=False)
+    assert plan.hidden_on_host and plan.chunk_size >= 1 and plan.est_bytes <= budget
+    assert "hidden states on the host" in plan.describe()
+    with pytest.raises(ConfigError):  # on the CPU the host is the device: nowhere else to go
+        make_plan(cfg, n, t, budget=budget, hessian=False)
+    roomy = make_plan(cfg, n, t, budget=stream + estimate(Shape.of(cfg), n, t, 8, hessian=False), device=cuda,
+                      hessian=False)
+    assert not roomy.hidden_on_host and roomy.chunk_size >= 8
+
+
+def test_explicit_chunk_size_is_kept_and_estimated():
+    cfg = llama().config
+    assert make_plan(cfg, 64, 128, budget=1, chunk_size=8).chunk_size == 8
+    assert make_plan(cfg, 64, 128, budget=1, chunk_size=None).chunk_size is None
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensors alive at once that ops created inside the mode (unique storages)."""
+
+    def __init__(self, *held):
+        super().__init__()
+        self.live = [weakref.ref(t) for t in held]
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.live.append(weakref.ref(t))
+        self.live = [r for r in self.live if r() is not None]
+        storages = {r().untyped_storage().data_ptr(): r().untyped_storage().nbytes() for r in self.live}
+        self.peak = max(self.peak, sum(storages.values()))
+        return out
+
+
+@pytest.mark.parametrize("kv_heads,lean", [(2, True), (4, True), (2, False)])
+def test_one_pass_estimate_bounds_the_bytes_a_block_forward_holds(kv_heads, lean):
+    """The cost model's activation term against the bytes counted through torch's dispatcher
+    during one block forward (input included): never below, at most 40% above."""
+    model = llama(num_key_value_heads=kv_heads)
+    block = model.model.layers[0]
+    n, t = 6, 48
+    x = torch.randn(n, t, 64)
+    pos = torch.arange(t)[None]
+    emb = model.model.rotary_emb(x, pos)
+    ctx = adapter_for(model).lean(block) if lean else torch.no_grad()
+    with torch.no_grad(), ctx, LiveBytes(x) as counted:
+        block(x, position_embeddings=emb, attention_mask=None, position_ids=pos)
+    est = estimate(Shape.of(model.config), n, t, None, lean_mlp=lean, hessian=False)
+    assert counted.peak <= est <= 1.4 * counted.peak
+
+
+def test_engine_chunks_under_a_small_budget_with_the_one_pass_result():
+    model = llama()
+    ids = torch.randint(0, 128, (12, 16))
+    ref = SequentialEngine(device="cpu", chunk_size="auto", max_memory=None, progress=False)
+    out_ref = ref.run(model, ids, [Recorder()], keep_outputs=True)
+    assert out_ref["plan"].chunk_size is None
+    budget = estimate(Shape.of(model.config), 12, 16, 4, hessian=True) + 1000
+    eng = SequentialEngine(device="cpu", chunk_size="auto", max_memory=budget, progress=False)
+    out = eng.run(model, ids, [Recorder()], keep_outputs=True)
+    assert out["plan"].chunk_size == 4
+    torch.testing.assert_close(out["outputs"], out_ref["outputs"], rtol=1e-5, atol=1e-5)
