@@ -155,7 +155,7 @@ class SequentialEngine:
             if calibration is None:
                 raise ValueError("these stages need calibration data; pass calibration=(N, T) token ids")
             param = next(model.parameters())
-            self.plan = self._make_plan(model.config, adapter, *calibration.shape, needs, block_recovery,
+            self.plan = self._make_plan(model.config, adapter, *calibration.shape, stages, needs, block_recovery,
                                         bool(finishers), param.device, param.dtype)
             result["plan"] = self.plan
             self._chunk = self.plan.chunk_size
@@ -275,16 +275,18 @@ class SequentialEngine:
         if not (needs or recovery is not None or any(hasattr(s, "finish_block") for s in stages)):
             return None  # weight-only: no calibration forward to plan
         block_recovery = recovery if hasattr(recovery, "recover") else None
-        return self._make_plan(meta_model.config, adapter_for(meta_model), n, t, needs, block_recovery,
+        return self._make_plan(meta_model.config, adapter_for(meta_model), n, t, stages, needs, block_recovery,
                                any(hasattr(s, "finish_block") for s in stages), torch.device("cpu"), dtype, quiet=True)
 
-    def _make_plan(self, config, adapter, n: int, t: int, needs, recovery, finishers: bool, home: torch.device,
-                   dtype: torch.dtype, quiet: bool = False) -> Plan:
+    def _make_plan(self, config, adapter, n: int, t: int, stages, needs, recovery, finishers: bool,
+                   home: torch.device, dtype: torch.dtype, quiet: bool = False) -> Plan:
         """The memory plan of this run (see plan.py), logged once."""
         size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
+        # the lean MLP holds one (tokens, I) tensor, two when a stage hooks up's input (activation quantization)
+        mlp_copies = 3 if adapter.gated_mlp is None else 2 if any(getattr(s, "act_bits", None) for s in stages) else 1
         budget = resolve_budget(self.max_memory, self.device)
         plan = make_plan(config, n, t, budget=budget, chunk_size=self.chunk_size, device=self.device,
-                         act_bytes=size, param_bytes=size, lean_mlp=adapter.gated_mlp is not None,
+                         act_bytes=size, param_bytes=size, mlp_copies=mlp_copies,
                          hessian="hessian" in needs, dense_copy=recovery is not None or finishers,
                          block_on_device=home != self.device, train_batch=getattr(recovery, "batch_size", 0) or 0)
         if quiet:
@@ -422,12 +424,14 @@ class SequentialEngine:
     def _one_pass(self, adapter, i, block, groups, stages, needs, hidden, kwargs):
         handles = []
         for group in groups:
-            state = {"done": False}
+            state = {"done": False, "handles": []}
 
             def hook(mod, args, group=group, state=state):
                 if state["done"]:
                     return None
                 state["done"] = True
+                for h in state["handles"]:  # fired once: later calls of the group run unhooked
+                    h.remove()
                 x = args[0]  # (N, T, d_in), already the output of this block's compressed groups
                 stats = LayerStats(needs, x.shape[-1], x.device) if needs else None
                 if stats is not None:
@@ -442,7 +446,8 @@ class SequentialEngine:
                         args = fn(mod, args) or args
                 return args
 
-            handles += [lin.register_forward_pre_hook(hook) for _, lin in group]
+            state["handles"] = [lin.register_forward_pre_hook(hook) for _, lin in group]
+            handles += state["handles"]
         try:
             out = self._forward(block, hidden, kwargs)
         finally:

@@ -17,10 +17,11 @@ The estimate is per token of the block's widest moment, in units the reader can 
 
     attention:  (2C + 5q + 4kv) b        input, norm; q, rotated q (+ its temporary), output, k/v expanded
                                          to q heads; k, v, rotated k
-    MLP:        (3C + m I) b             input, residual, norm; m = 2 with the adapter's lean MLP, else 3
+    MLP:        (3C + m I) b             input, residual, norm; m (tokens, I) tensors: 3 as HF writes it, 1 with
+                                         the adapter's lean MLP (2 when a hook, e.g. activation quantization, sees up's input)
     eager attention adds 2 H T b         (scores and probabilities; SDPA does not hold them)
 
-plus, per plan: the hidden states in and out (2 N T C b, or only the first on the host), the
+plus the lean MLP's two row-slice temporaries (2 x LEAN_ROWS x I b), and, per plan: the hidden states in and out (2 N T C b, or only the first on the host), the
 statistics of the widest group (a d x d Hessian and the OBS sweep's copies, fp32), a dense copy of
 the block when a recovery or block-level stage needs one, and a block-wise recovery's training set
 (its batch through the block with autograd, and Adam's two states per parameter).
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConfigError
+from .models import adapters
 
 log = logging.getLogger(__name__)
 AUTO_FRACTION = 0.85  # `max_memory=auto`: this much of the free memory of the compute device
@@ -115,18 +117,21 @@ class Plan:
 
 
 def estimate(shape: Shape, n: int, t: int, chunk: int | None, *, act_bytes: int = 4, param_bytes: int = 4,
-             lean_mlp: bool = True, hessian: bool = True, dense_copy: bool = False, block_on_device: bool = False,
+             mlp_copies: int = 1, hessian: bool = True, dense_copy: bool = False, block_on_device: bool = False,
              train_batch: int = 0, hidden_on_host: bool = False) -> int:
     """Bytes the engine holds above the loaded model at a block's widest moment (see the module doc)."""
     c, b = shape.hidden, act_bytes
     attn = 2 * c + 5 * shape.q + 4 * shape.kv + (2 * shape.heads * t if shape.eager else 0)
-    mlp = 3 * c + (2 if lean_mlp else 3) * shape.intermediate
+    mlp = 3 * c + mlp_copies * shape.intermediate
     per_token = max(attn, mlp) * b
+    tokens = n * t if chunk is None else min(chunk, n) * t
     if chunk is None:  # one pass: the block's input is part of its widest moment
         total = n * t * per_token
     else:  # chunks: the whole stream in and out, one chunk's intermediates
         stream = (0 if hidden_on_host else 2) * n * t * c * b
-        total = stream + min(chunk, n) * t * (per_token - c * b)
+        total = stream + tokens * (per_token - c * b)
+    if mlp_copies < 3 and mlp >= attn:  # the lean MLP's row slices: the activation's and up's outputs
+        total += 2 * min(tokens, adapters.LEAN_ROWS) * shape.intermediate * b
     if hessian:
         d = max(c, shape.intermediate)
         rows = max(shape.q + 2 * shape.kv, 2 * shape.intermediate, c)

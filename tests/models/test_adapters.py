@@ -50,9 +50,11 @@ def test_lean_mlp_runs_the_family_forward_when_training():
     torch.testing.assert_close(g, ref_grad, rtol=0, atol=0)
 
 
-def test_lean_mlp_holds_two_intermediate_tensors_not_three(monkeypatch):
+@pytest.mark.parametrize("hook_up,lean_peak", [(False, 1), (True, 2)])
+def test_lean_mlp_holds_fewer_intermediate_tensors(monkeypatch, hook_up, lean_peak):
     """Count (tokens, intermediate) tensors alive at once through torch's dispatch: the family's
-    forward peaks at three (act(gate), up, their product), the lean one at two."""
+    forward peaks at three (act(gate), up, their product), the lean one at one (up in row slices), or
+    at two when a hook on up must see its whole input."""
     from torch.utils._python_dispatch import TorchDispatchMode
     import weakref
 
@@ -60,6 +62,8 @@ def test_lean_mlp_holds_two_intermediate_tensors_not_three(monkeypatch):
     model = llama_block()
     block = model.model.layers[0]
     x = torch.randn(4, 16, 32)
+    if hook_up:
+        block.mlp.up_proj.register_forward_pre_hook(lambda m, a: None)
 
     class Count(TorchDispatchMode):
         def __init__(self):
@@ -81,4 +85,21 @@ def test_lean_mlp_holds_two_intermediate_tensors_not_three(monkeypatch):
             block.mlp(x)
         with adapter_for(model).lean(block), Count() as lean:
             block.mlp(x)
-    assert (plain.peak, lean.peak) == (3, 2)
+    assert (plain.peak, lean.peak) == (3, lean_peak)
+
+
+def test_lean_mlp_slices_up_when_nothing_hooks_it(monkeypatch):
+    monkeypatch.setattr(adapters, "LEAN_ROWS", 8)
+    model = llama_block()
+    block = model.model.layers[0]
+    x = torch.randn(3, 10, 32)
+    calls = []
+    orig = block.mlp.up_proj.forward
+    monkeypatch.setattr(block.mlp.up_proj, "forward", lambda t: (calls.append(t.shape[:-1].numel()), orig(t))[1])
+    with torch.no_grad():
+        ref = block.mlp(x)
+        calls.clear()
+        with adapter_for(model).lean(block):
+            out = block.mlp(x)
+    assert calls == [8, 8, 8, 6]  # row slices of the 30 tokens
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)

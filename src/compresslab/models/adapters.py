@@ -53,8 +53,10 @@ class Adapter:
     def lean(self, block: nn.Module):
         """Within this context a no-grad forward of `block` holds less: the gated MLP computes
         act(gate(x)) in place (row slices, any activation) and multiplies up(x) into it, so its peak is
-        two (tokens, intermediate) tensors instead of three. Same operations on the same values, so the
-        same result to the bit; Linear hooks see the same inputs. Forwards with grad run unchanged."""
+        two (tokens, intermediate) tensors instead of three; when nothing hooks `up`, up(x) goes in row
+        slices of LEAN_ROWS tokens, so the peak is one. Elementwise ops on the same values, and a
+        Linear on row slices (the same dot products: bitwise equal on this CPU for slices of >= 512
+        rows); hooks see what the family's forward gives them. Forwards with grad run unchanged."""
         mlp = get_module(block, self.gated_mlp[0]) if self.gated_mlp else None
         if mlp is None or "forward" in vars(mlp):
             yield
@@ -76,16 +78,26 @@ class Adapter:
 LEAN_ROWS = 4096  # rows per in-place activation slice (a slice's temporary is rows x intermediate)
 
 
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_pre_hooks or m._forward_hooks or nn.modules.module._global_forward_pre_hooks
+                or nn.modules.module._global_forward_hooks)
+
+
 def _lean_gated_forward(gate: str, up: str, down: str, act: str, plain):
     def forward(mlp, x):
         if torch.is_grad_enabled():  # training needs the activation's input: the family's own forward
             return plain(mlp, x)
         h = getattr(mlp, gate)(x)  # (..., I)
-        fn = getattr(mlp, act)
+        fn, upm = getattr(mlp, act), getattr(mlp, up)
         flat = h.view(-1, h.shape[-1])
         for i in range(0, flat.shape[0], LEAN_ROWS):
             flat[i:i + LEAN_ROWS] = fn(flat[i:i + LEAN_ROWS])
-        h.mul_(getattr(mlp, up)(x))
+        if _hooked(upm) or flat.shape[0] <= LEAN_ROWS:  # a hook sees up's whole input, as the family calls it
+            h.mul_(upm(x))
+        else:  # up row slice by row slice into h: one (tokens, I) tensor instead of two
+            xs = x.reshape(-1, x.shape[-1])
+            for i in range(0, flat.shape[0], LEAN_ROWS):
+                flat[i:i + LEAN_ROWS].mul_(upm(xs[i:i + LEAN_ROWS]))
         return getattr(mlp, down)(h)
 
     return forward
