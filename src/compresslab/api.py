@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .engine import SequentialEngine
-from .metrics import compression_summary, peak_rss_gb
+from .metrics import compression_summary, peak_rss_gb, peak_rss_since_reset_gb
 
 
 @dataclass
@@ -70,8 +70,9 @@ def compress(model, tokenizer=None, *, pruner=None, quantizer=None, lowrank=None
     _finish_model(recovery, model, ids, result, engine)
     summary, layers = compression_summary(model)
     peak = peak_rss_gb()
+    since = peak_rss_since_reset_gb()  # the caller may have reset it after loading: the compression's own peak
     metrics = {**summary, "time/compress_s": result["time/compress_s"], "memory/peak_rss_gb": peak,
-               "memory/compress_peak_rss_gb": peak}  # the first is overwritten by a run's final peak
+               "memory/compress_peak_rss_gb": peak if since is None else since}  # the first: a run's final peak
     metrics.update(_plan_metrics(result.get("plan"), engine))
     return CompressionReport(metrics, layers, result["recovery"])
 

@@ -91,6 +91,28 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def reset_peak_rss() -> bool:
+    """Start the peak RSS over from now (Linux: VmHWM via /proc/self/clear_refs); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset_gb() -> float | None:
+    """VmHWM: the peak RSS since `reset_peak_rss` (or since start), GiB; None where unsupported."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
 def current_rss_gb() -> float:
     """Resident set size of this process now (GiB, as peak_rss_gb)."""
     import psutil

@@ -13,7 +13,7 @@ import torch
 from .api import compress, evaluate
 from .engine import SequentialEngine
 from .errors import ConfigError
-from .metrics import current_rss_gb, environment, peak_rss_gb, write_json_atomic
+from .metrics import current_rss_gb, environment, peak_rss_gb, reset_peak_rss, write_json_atomic
 from .stages import fuse_stages
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ class Pipeline:
                 metrics.update(evaluate(model, tok, evals, prefix="dense/"))
                 metrics["time/dense_eval_s"] = time.perf_counter() - t0
             calib = self.data(tok) if self.uses_calibration else None
+            reset_peak_rss()  # memory/compress_peak_rss_gb: the compression's own peak, not loading's
             report = compress(model, tok, pruner=self.pruner, quantizer=self.quantizer, lowrank=self.lowrank,
                               recovery=self.recovery, calibration=calib, engine=self.engine)
             metrics.update(report.metrics)
