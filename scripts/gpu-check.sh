@@ -13,6 +13,9 @@
 #                           the training step's weights and batch are on cuda (issue 13)
 #   obs_block_sweep         the fused Triton block sweep vs the torch column loop on cuda, a Llama-2-7B
 #                           down_proj (4096 x 11008) GPTQ W4 g128: seconds each, codes agreeing (issue 14)
+#   plan_hidden_on_host     engine on cuda with a max_memory that holds no more than the block and one chunk:
+#                           the plan keeps hidden states on the host (pinned), chunks move; outputs equal
+#                           the unconstrained one-pass run's, peak device memory within the budget (issue 15)
 #   kernels                 experiments/bench/kernels.py: int4 and 2:4+int4 kernels vs fp16 (issue 8)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -122,6 +125,34 @@ def _():
     assert same > 0.99, same
     return (f"fused {times['fused'][0]:.2f} s, torch {times['torch'][0]:.2f} s "
             f"({times['torch'][0] / times['fused'][0]:.1f}x), codes agree {same:.5f}")
+
+
+@check("plan_hidden_on_host")
+def _():
+    from compresslab.engine import SequentialEngine
+    from compresslab.models.loaders import TinyModel
+    from compresslab.plan import Shape, estimate
+
+    model, _ = TinyModel(num_layers=4, hidden_size=1024, intermediate_size=2816, num_heads=16, num_kv_heads=4,
+                         device="cpu", dtype="float32").load()
+    ids = torch.randint(0, 256, (64, 512))
+
+    class Observe:
+        needs = frozenset({"hessian"})
+        def check(self, name, layer): pass
+        def compress(self, name, layer, stats): stats.hessian
+
+    ref = SequentialEngine("cuda", max_memory=None, progress=False).run(model, ids, [Observe()], keep_outputs=True)
+    n, t = ids.shape
+    budget = estimate(Shape.of(model.config), n, t, 8, hidden_on_host=True) + 1
+    torch.cuda.reset_peak_memory_stats()
+    eng = SequentialEngine("cuda", max_memory=budget, progress=False)
+    out = eng.run(model, ids, [Observe()], keep_outputs=True)
+    peak = torch.cuda.max_memory_allocated()
+    assert eng.plan.hidden_on_host and out["outputs"].device.type == "cpu", eng.plan
+    err = ((out["outputs"] - ref["outputs"].cpu()).norm() / ref["outputs"].norm()).item()
+    assert err < 1e-5, err
+    return f"{eng.plan.describe()}; device peak {peak / 1e9:.3f} GB; outputs rel diff {err:.1e}"
 
 
 print("| check | result | detail | seconds |\n|---|---|---|---|")
