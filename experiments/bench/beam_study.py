@@ -37,30 +37,46 @@ def main():
     ap = table_args("beam_study")
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--long-epochs", type=int, default=8)
+    ap.add_argument("--lr-grid", type=float, nargs="+", help="the lr_search row's grid (default: BEAM's)")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense baseline in the first row")
+    ap.add_argument("--long-lr", type=float, help="the long row's lr (default: the one lr_search picked most often)")
     args = ap.parse_args()
+    # a reduced calibration gets its own table: its rows are not comparable with the 128x512 ones
+    args.table = "beam_study" if (args.nsamples, args.calib_seqlen) == (128, 512) else \
+        f"beam_study_{args.nsamples}x{args.calib_seqlen}"
+    if args.out == ap.get_default("out"):
+        args.out = str(ROOT / "outputs" / f"bench_{args.table}")
     out = Path(args.out)
     common = [f"data.nsamples={args.nsamples}", f"data.seqlen={args.calib_seqlen}", "eval=full", "eval.ppl.seqlen=2048",
               f"eval.ppl.max_windows={args.windows}", f"eval.zeroshot.limit={args.limit}",
               f"eval.zeroshot.tasks=[{','.join(TASKS)}]", "logger=none", "engine.progress=false",
               "eval.ppl.progress=false"]
     methods = {
-        "slim (no recovery)": [*BASE, "eval.dense_baseline=true"],
+        "slim (no recovery)": [*BASE, f"eval.dense_baseline={str(not args.no_dense).lower()}"],
         "beam (epochs 2, lr 1e-4)": [*BASE, "recovery=beam"],
-        "beam lr_search (epochs 2)": [*BASE, "recovery=beam", "recovery.lr_search=true"],
+        "beam lr_search (epochs 2)": [*BASE, "recovery=beam", "recovery.lr_search=true",
+                                      *([f"recovery.lr_grid=[{','.join(f'{v:g}' for v in args.lr_grid)}]"]
+                                        if args.lr_grid else [])],
         "finetune (50 steps)": [*BASE, "recovery=finetune"],
     }
     if args.collect:
+        if args.long_lr:
+            methods[f"beam (epochs {args.long_epochs}, lr {args.long_lr:g})"] = []
         rows = [row_from_run(m, run_dir_for(out, m)) for m in methods if (run_dir_for(out, m) / "metrics.json").is_file()]
         emit_rows(rows, out, args)
         return
-    rows = run_table("beam_study", methods, common, out, args.only)
+    rows = run_table(args.table, methods, common, out, args.only)
     # more epochs at the lr the search picked most often
     search = run_dir_for(out, "beam lr_search (epochs 2)") / "metrics.json"
-    if search.is_file() and (not args.only or any("epochs" in o and "search" not in o for o in args.only)):
-        lrs = Counter(r["lr"] for r in json.loads(search.read_text()).get("recovery", []) if "lr" in r)
-        lr = lrs.most_common(1)[0][0]
+    if (search.is_file() or args.long_lr) and (not args.only or any("epochs" in o and "search" not in o
+                                                                    for o in args.only)):
+        if args.long_lr:
+            lr = args.long_lr
+        else:
+            lrs = Counter(r["lr"] for r in json.loads(search.read_text()).get("recovery", []) if "lr" in r)
+            lr = lrs.most_common(1)[0][0]
         name = f"beam (epochs {args.long_epochs}, lr {lr:g})"
-        rows += run_table("beam_study", {name: [*BASE, "recovery=beam", f"recovery.epochs={args.long_epochs}",
+        rows += run_table(args.table, {name: [*BASE, "recovery=beam", f"recovery.epochs={args.long_epochs}",
                                                 f"recovery.lr={lr}"]}, common, out)
     emit_rows(rows, out, args)
 
@@ -78,14 +94,15 @@ def emit_rows(rows, out, args):
             for t in TASKS:
                 row[f"dense {t}"] = m.get(f"dense/zeroshot/{t}/acc")
         row.update(recovery_summary(rec))
-    emit("beam_study", rows, {
+    emit(args.table, rows, {
         "model": "SmolLM2-135M-Instruct (dense weights dequantized from GGUF Q4_1), fp32, CPU, 2 threads",
         "pipeline": "sparsegpt 2:4 + gptq W4 g64 + slim rank_ratio 0.1 (fp16 adapters)",
         "calibration": f"wikitext2 valid, {args.nsamples}x{args.calib_seqlen}",
         "eval": f"wikitext2 test seqlen 2048 first {args.windows} windows; zero-shot: first {args.limit} docs of "
                 f"each task (the same docs in every row), acc",
         "beam": "online; loss_* are mean per-block held-out MSE (val_fraction 0.125): before training, of the "
-                "trained weights, and of the weights kept (the one-shot ones when training made it worse)",
+                "trained weights, and of the weights kept (the one-shot ones when training made it worse)"
+                + (f"; lr_search grid {args.lr_grid}" if args.lr_grid else ""),
     }, merge=bool(args.only))
 
 

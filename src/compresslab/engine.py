@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 
 from .layer_error import ErrorMeter, hessian_rel_error
 from .models.adapters import Adapter, adapter_for
-from .stages import effective_weight, fuse_stages, layer_state
 from .plan import Plan, make_plan, parse_memory, resolve_budget
+from .stages import effective_weight, fuse_stages, layer_state
 from .stats import LayerStats
 from .utils import resolve_device, to_device
 
@@ -283,7 +283,8 @@ class SequentialEngine:
         """The memory plan of this run (see plan.py), logged once."""
         size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
         # the lean MLP holds one (tokens, I) tensor, two when a stage hooks up's input (activation quantization)
-        mlp_copies = 3 if adapter.gated_mlp is None else 2 if any(getattr(s, "act_bits", None) for s in stages) else 1
+        act_quant = any(getattr(x, "act_bits", None) for s in stages for x in (s, getattr(s, "quantizer", None)))
+        mlp_copies = 3 if adapter.gated_mlp is None else 2 if act_quant else 1
         budget = resolve_budget(self.max_memory, self.device)
         plan = make_plan(config, n, t, budget=budget, chunk_size=self.chunk_size, device=self.device,
                          act_bytes=size, param_bytes=size, mlp_copies=mlp_copies,
