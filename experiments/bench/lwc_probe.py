@@ -26,6 +26,8 @@ VARIANTS = {
                                        batch_size=a.batch_size),
     "lwc init=gptq": lambda b, a: _plus()(bits=b, group_size=64, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
                                           init="gptq"),
+    "lwc init=gptq keep_better": lambda b, a: _plus()(bits=b, group_size=64, epochs=a.epochs, lr=a.lr,
+                                                      batch_size=a.batch_size, init="gptq", keep_better=True),
     "rtn (lwc 0 epochs)": lambda b, a: _plus()(bits=b, group_size=64, epochs=0),
 }
 
@@ -71,6 +73,8 @@ def main():
         for rep in res["blocks"]:
             row[f"b{rep['block']}_train_mse_before"] = rep.get("lwc_mse_before")
             row[f"b{rep['block']}_train_mse_after"] = rep.get("lwc_mse_after")
+            if "lwc_kept" in rep:
+                row[f"b{rep['block']}_kept"] = rep["lwc_kept"]
         rows.append(row)
         print(row, flush=True)
     emit(f"lwc_probe_w{args.bits}{args.tag}", rows, {
@@ -79,7 +83,7 @@ def main():
         "score": "relative error of the last block's output vs the dense model's, held-out windows",
         "lwc": f"epochs {args.epochs}, lr {args.lr}, batch {args.batch_size}, AdamW wd 0, init logit 4",
         "group_size": 64, "bits": args.bits,
-    })
+    }, merge=set(args.variants) != set(VARIANTS))  # a subset re-run replaces its rows, keeps the others
 
 
 if __name__ == "__main__":

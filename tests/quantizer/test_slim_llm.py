@@ -226,3 +226,28 @@ def test_lwc_init_gptq_starts_at_the_slim_llm_solution():
     res = SequentialEngine("cpu", progress=False).run(model, ids, [q])
     for rep in res["blocks"]:
         assert rep["lwc_mse_after"] < rep["lwc_mse_before"]
+
+
+def test_lwc_keep_better_keeps_the_start_when_training_made_it_worse():
+    """With an lr that wrecks the clipping, keep_better leaves every weight at the GPTQ start (and
+    says so); without it the wrecked weights are written."""
+    import copy
+
+    model, _ = TinyModel("llama", hidden_size=64, intermediate_size=128, num_layers=2).load()
+    ids = torch.randint(0, 200, (8, 32), generator=torch.Generator().manual_seed(2))
+    ref = copy.deepcopy(model)
+    SequentialEngine("cpu", progress=False).run(ref, ids, [SliMLLM(bits=3, group_size=16)])
+    runs = {}
+    for keep in (True, False):
+        m = copy.deepcopy(model)
+        q = SliMLLMPlus(bits=3, group_size=16, init="gptq", epochs=2, lr=50.0, batch_size=2, keep_better=keep)
+        runs[keep] = (m, SequentialEngine("cpu", progress=False).run(m, ids, [q]))
+    m, res = runs[True]
+    assert [r["lwc_mse_after"] > r["lwc_mse_before"] for r in res["blocks"]] == [True, True]
+    assert [r.get("lwc_kept") for r in res["blocks"]] == ["start", "start"]
+    for (n, a), b in zip(ref.named_parameters(), m.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=n)
+    m, res = runs[False]
+    assert "lwc_kept" not in res["blocks"][0]
+    w0, w1 = ref.model.layers[0].mlp.down_proj.weight, m.model.layers[0].mlp.down_proj.weight
+    assert not torch.allclose(w0, w1, atol=1e-3)

@@ -17,6 +17,11 @@ pruner's mask is held.
 the weights clipped are GPTQ's error-compensated weights as each column was just before rounding
 (so rounding them on GPTQ's grid gives GPTQ's result), and the learnable range is GPTQ's grid range
 scaled by σ(logit)/σ(4): training starts exactly at the GPTQ solution.
+
+`keep_better` (not in the papers, off by default): a block whose LWC training ends with a higher
+training loss than it started with keeps its starting weights (GPTQ's with init=gptq), as BEAM keeps
+the one-shot weights. On SmolLM2 W3 g64 the first block's loss rose under LWC from GPTQ's start
+(0.048 -> 0.071 at 2 epochs, experiments/results/lwc_probe_w3_e2.md).
 """
 
 from __future__ import annotations
@@ -68,7 +73,8 @@ class SliMLLMPlus(SliMLLM):
 
     Args (beyond slim_llm's bits, group_size, sba, sba_grid): epochs (20), lr (1e-2), nsamples
     (calibration samples used for LWC; null = all), batch_size (1), weight_decay (0), init (rtn:
-    OmniQuant's start | gptq: SliM-LLM's GPTQ solution, see the module docstring).
+    OmniQuant's start | gptq: SliM-LLM's GPTQ solution, see the module docstring), keep_better
+    (a block keeps its start when LWC raised its training loss).
     """
 
     needs = frozenset({"hessian", "input_sample"})
@@ -77,7 +83,7 @@ class SliMLLMPlus(SliMLLM):
     def __init__(self, bits: int = 2, group_size: int = 128, grid: str = "asym", sba: bool = True,
                  sba_grid=(0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5), epochs: int = 20, lr: float = 1e-2,
                  nsamples: int | None = None, batch_size: int = 1, weight_decay: float = 0.0,
-                 percdamp: float = 0.01, init: str = "rtn", act_bits: int | None = None,
+                 percdamp: float = 0.01, init: str = "rtn", keep_better: bool = False, act_bits: int | None = None,
                  act_granularity: str | None = None, act_group_size: int = 64):
         # SQC only shapes the GPTQ start (init=gptq); OmniQuant's LWC replaces it otherwise
         super().__init__(bits, group_size, grid, sba, init == "gptq", 1.0, sba_grid, percdamp, 128,
@@ -88,7 +94,7 @@ class SliMLLMPlus(SliMLLM):
         if init not in ("rtn", "gptq"):
             raise ConfigError(f"quantizer.init={init!r}: use rtn (OmniQuant's start) or gptq (SliM-LLM's solution)")
         self.epochs, self.lr, self.nsamples, self.batch_size, self.weight_decay = epochs, lr, nsamples, batch_size, weight_decay
-        self.init = init
+        self.init, self.keep_better = init, keep_better
         self._dense_in = None
         self._blocks_left = None  # set by begin(); None: called block by block without the engine
 
@@ -190,6 +196,11 @@ class SliMLLMPlus(SliMLLM):
             before = loss_over_data(False)
             curve = [loss_over_data(True) for _ in range(self.epochs)]
             after = loss_over_data(False)
+        if self.keep_better and after > before:  # training made the block worse: keep its start
+            log.info("LWC raised the block's loss (%.4g -> %.4g): keeping the starting weights", before, after)
+            for m in lins.values():
+                layer_state(m).lwc_latent = None
+            return {"lwc_mse_before": before, "lwc_mse_after": after, "lwc_curve": curve, "lwc_kept": "start"}
         with torch.no_grad():
             for n, m in lins.items():
                 W_hat, scale, zero = lwc_fake_quant(latent[n], *logits[n], maxqs[n], g, return_params=True,
@@ -204,4 +215,5 @@ class SliMLLMPlus(SliMLLM):
         return {"lwc_mse_before": before, "lwc_mse_after": after, "lwc_curve": curve}
 
     def __repr__(self):
-        return f"SliMLLMPlus({self._tag()}, sba={self.sba}, epochs={self.epochs}, lr={self.lr}, init={self.init})"
+        return (f"SliMLLMPlus({self._tag()}, sba={self.sba}, epochs={self.epochs}, lr={self.lr}, init={self.init}, "
+                f"keep_better={self.keep_better})")
