@@ -83,12 +83,13 @@ def instrument() -> dict:
     return timers
 
 
-def stages(method):
+def stages(method, group_size=64):
+    """GPTQ W4 alone, or after SparseGPT 2:4 (one joint pass) for a method named 'sparsegpt 2:4 + ...'."""
     from compresslab.pruner.sparsegpt import SparseGPT
     from compresslab.quantizer.gptq import GPTQ
 
-    q = GPTQ(bits=4, group_size=64)
-    return [q] if method == METHODS[0] else [SparseGPT(0.5, "2:4"), q]
+    q = GPTQ(bits=4, group_size=group_size)
+    return [SparseGPT(0.5, "2:4"), q] if method.startswith("sparsegpt 2:4") else [q]
 
 
 def flops(model, N, T):

@@ -39,14 +39,6 @@ SHAPES = {  # hidden, intermediate, heads, kv heads, layers of the full model
 METHODS = ("gptq W4 g128", "sparsegpt 2:4 + gptq W4 g128")
 
 
-def stages(method):
-    from compresslab.pruner.sparsegpt import SparseGPT
-    from compresslab.quantizer.gptq import GPTQ
-
-    q = GPTQ(bits=4, group_size=128)
-    return [q] if method == METHODS[0] else [SparseGPT(0.5, "2:4"), q]
-
-
 def cost_model(model, n, t):
     """FLOPs per block: forward, Hessian (full product), factorization, sweep (see the module doc)."""
     from compresslab.models.adapters import adapter_for
@@ -64,7 +56,7 @@ def cost_model(model, n, t):
 
 
 def child(spec: dict) -> dict:
-    from compress_speed import instrument, matmul_gflops
+    from compress_speed import instrument, matmul_gflops, stages
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from compresslab.engine import SequentialEngine
@@ -82,7 +74,7 @@ def child(spec: dict) -> dict:
     base = current_rss_gb()
     reset_peak_rss()
     t0 = time.perf_counter()
-    SequentialEngine("cpu", max_memory=None, progress=False).run(model, ids, stages(spec["method"]))
+    SequentialEngine("cpu", max_memory=None, progress=False).run(model, ids, stages(spec["method"], group_size=128))
     total = time.perf_counter() - t0
     peak = peak_rss_since_reset_gb()
     rate = (rate0 + matmul_gflops()) / 2
