@@ -45,7 +45,7 @@ class Beam:
     """
 
     def __init__(self, mode: str = "online", block_granularity: int = 1, optimizer: str = "adam", epochs: int = 2,
-                 lr: float = 1e-4, batch_size: int = 8, seed: int = 0, lr_search: bool = False,
+                 lr: float = 1e-3, batch_size: int = 8, seed: int = 0, lr_search: bool = False,
                  lr_grid=LR_GRID, val_fraction: float = 0.125, train: str = "all", train_scales: bool = False,
                  checkpoint_dir: str | None = None):
         if mode not in ("offline", "online"):
