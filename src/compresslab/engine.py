@@ -57,6 +57,11 @@ def _block_out(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _needs(stages) -> frozenset[str]:
+    """The statistics some stage asks for."""
+    return frozenset().union(*(s.needs for s in stages)) if stages else frozenset()
+
+
 def _fit_kwargs(kwargs: dict, batch: int, captured_batch: int) -> dict:
     """Block kwargs captured for a batch of `captured_batch`, sliced for a smaller last chunk."""
     if batch == captured_batch:
@@ -131,7 +136,7 @@ class SequentialEngine:
         self._lean = adapter.lean
         stages = fuse_stages([s for s in stages if s is not None])
         self.check(model, stages)
-        needs = frozenset().union(*(s.needs for s in stages)) if stages else frozenset()
+        needs = _needs(stages)
         if self.layer_error and stages:
             needs |= {"hessian"}
         uses_data = bool(needs) or recovery is not None or keep_outputs
@@ -271,12 +276,13 @@ class SequentialEngine:
         if parse_memory(self.max_memory) in (None, "auto"):
             return None
         stages = [s for s in stages if s is not None]
-        needs = frozenset().union(*(s.needs for s in stages)) if stages else frozenset()
-        if not (needs or recovery is not None or any(hasattr(s, "finish_block") for s in stages)):
+        needs = _needs(stages)
+        finishers = any(hasattr(s, "finish_block") for s in stages)
+        if not (needs or recovery is not None or finishers):
             return None  # weight-only: no calibration forward to plan
         block_recovery = recovery if hasattr(recovery, "recover") else None
         return self._make_plan(meta_model.config, adapter_for(meta_model), n, t, stages, needs, block_recovery,
-                               any(hasattr(s, "finish_block") for s in stages), torch.device("cpu"), dtype, quiet=True)
+                               finishers, torch.device("cpu"), dtype, quiet=True)
 
     def _make_plan(self, config, adapter, n: int, t: int, stages, needs, recovery, finishers: bool,
                    home: torch.device, dtype: torch.dtype, quiet: bool = False) -> Plan:
@@ -425,13 +431,10 @@ class SequentialEngine:
     def _one_pass(self, adapter, i, block, groups, stages, needs, hidden, kwargs):
         handles = []
         for group in groups:
-            state = {"done": False, "handles": []}
+            state = {"handles": []}
 
             def hook(mod, args, group=group, state=state):
-                if state["done"]:
-                    return None
-                state["done"] = True
-                for h in state["handles"]:  # fired once: later calls of the group run unhooked
+                for h in state["handles"]:  # fires once: later calls of the group run unhooked
                     h.remove()
                 x = args[0]  # (N, T, d_in), already the output of this block's compressed groups
                 stats = LayerStats(needs, x.shape[-1], x.device) if needs else None

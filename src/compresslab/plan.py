@@ -29,7 +29,6 @@ the block when a recovery or block-level stage needs one, and a block-wise recov
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +36,6 @@ import torch
 from .errors import ConfigError
 from .models import adapters
 
-log = logging.getLogger(__name__)
 AUTO_FRACTION = 0.85  # `max_memory=auto`: this much of the free memory of the compute device
 
 
