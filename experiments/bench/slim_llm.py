@@ -21,6 +21,10 @@ def methods(bits: int) -> dict[str, list[str]]:
         f"slim_llm_plus W{bits}": ["quantizer=slim_llm_plus", *q],
         # OmniQuant's protocol at a tenth of its epochs (20 x 128 samples take hours on 2 cores)
         f"slim_llm_plus W{bits} (2 epochs)": ["quantizer=slim_llm_plus", *q, "quantizer.epochs=2"],
+        # not in the papers: LWC starts from SliM-LLM's GPTQ solution, a block keeps its start when
+        # training raised its loss (lwc_probe_w3_e2.md: RTN's start loses to GPTQ's at W3 on this model)
+        f"slim_llm_plus W{bits} (init=gptq, keep_better, 2 epochs)": [
+            "quantizer=slim_llm_plus", *q, "quantizer.epochs=2", "quantizer.init=gptq", "quantizer.keep_better=true"],
     }
 
 

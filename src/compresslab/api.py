@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .engine import SequentialEngine
-from .metrics import compression_summary, peak_rss_gb, peak_rss_since_reset_gb
+from .metrics import compression_summary, peak_rss_gb, peak_rss_since_reset_gb, summarize
 
 
 @dataclass
@@ -62,13 +62,18 @@ def _plan_metrics(plan, engine: SequentialEngine) -> dict[str, float]:
 
 def compress(model, tokenizer=None, *, pruner=None, quantizer=None, lowrank=None, recovery=None,
              calibration: torch.Tensor | Callable | None = None,
-             engine: SequentialEngine | None = None) -> CompressionReport:
-    """Compress `model` in place: prune, then quantize, then low-rank, block by block; then recover."""
+             engine: SequentialEngine | None = None, source=None, sink=None) -> CompressionReport:
+    """Compress `model` in place: prune, then quantize, then low-rank, block by block; then recover.
+    A streamed model (stream.py) passes its block `source` and a `BlockSink`; the per-layer figures
+    then come from the sink (each block was summarised before it was freed)."""
     engine = engine or SequentialEngine()
     ids = _calibration_ids(calibration, tokenizer)
-    result = engine.run(model, ids, [pruner, quantizer, lowrank], recovery)
+    result = engine.run(model, ids, [pruner, quantizer, lowrank], recovery, source=source, sink=sink)
     _finish_model(recovery, model, ids, result, engine)
-    summary, layers = compression_summary(model)
+    if sink is not None:
+        summary, layers = summarize(sink.counts), sink.rows
+    else:
+        summary, layers = compression_summary(model)
     peak = peak_rss_gb()
     since = peak_rss_since_reset_gb()  # the caller may have reset it after loading: the compression's own peak
     metrics = {**summary, "time/compress_s": result["time/compress_s"], "memory/peak_rss_gb": peak,

@@ -108,6 +108,7 @@ class SequentialEngine:
         self._chunk = chunk_size if isinstance(chunk_size, int) else None  # samples per forward this run
         self._keep_dense = False  # set per run: an end-to-end recovery measures errors after the loop
         self._lean = lambda block: contextlib.nullcontext()  # set per run: the adapter's `lean`
+        self._source = self._sink = None  # set per run: a streamed model's block source and sink
 
     # -- public -------------------------------------------------------------------------------
     def check(self, model_or_meta: nn.Module, stages: Sequence) -> None:
@@ -119,8 +120,13 @@ class SequentialEngine:
 
     @torch.no_grad()
     def run(self, model: nn.Module, calibration: torch.Tensor | None, stages: Sequence, recovery=None,
-            keep_outputs: bool = False, dense_model: nn.Module | None = None) -> dict[str, Any]:
+            keep_outputs: bool = False, dense_model: nn.Module | None = None, source=None,
+            sink=None) -> dict[str, Any]:
         """Compress `model` in place. Returns {'time/compress_s', 'recovery': [...], 'outputs'?}.
+
+        Streaming (stream.py): with a `source`, each block is materialised by `source.load(i, block)`
+        before its turn and returned by `source.free(i, block)` once final, after `sink(i, block)`
+        (e.g. a CheckpointWriter's add_block) has taken what it keeps.
 
         `dense_model`: for recovery of a model compressed elsewhere, its dense blocks are the
         targets (instead of copies taken before compression).
@@ -148,14 +154,28 @@ class SequentialEngine:
         # an end-to-end recovery changes every layer after the loop: keep the dense weights to measure
         # then (a recovery of a model compressed elsewhere measures against `dense_model` instead)
         self._keep_dense = hasattr(recovery, "finish_model") and bool(stages) and dense_model is None
+        self._source, self._sink = source, sink
+        try:
+            self._loop(model, adapter, blocks, calibration, stages, needs, uses_data, finishers, block_recovery,
+                       keep_outputs, dense_model, result)
+        finally:
+            self._source = self._sink = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        result["time/compress_s"] = time.perf_counter() - t0
+        return result
 
+    def _loop(self, model, adapter, blocks, calibration, stages, needs, uses_data, finishers, block_recovery,
+              keep_outputs, dense_model, result) -> None:
+        """The block loop of `run` (see there)."""
         if not uses_data:  # pure weight methods (magnitude, RTN): no forward at all
             for i, block in enumerate(tqdm(blocks, desc="compress", disable=not self.progress)):
+                self._load(i, block)
                 home = next(block.parameters()).device
                 block.to(self.device)
                 for group in adapter.linear_groups(block):
                     self._compress_group(adapter, i, group, stages, None)
-                self._release(block, home)
+                self._release_entry(_Held(i, block, home, None, None))
         else:
             if calibration is None:
                 raise ValueError("these stages need calibration data; pass calibration=(N, T) token ids")
@@ -171,6 +191,7 @@ class SequentialEngine:
             held: list[_Held] = []  # blocks of a recovery group not yet trained (on the device)
             group_in = None  # the hidden states entering the first of them
             for i, block in enumerate(tqdm(blocks, desc="compress", disable=not self.progress)):
+                self._load(i, block)
                 home = next(block.parameters()).device
                 block.to(self.device)
                 if dense_model is not None:
@@ -222,10 +243,28 @@ class SequentialEngine:
             if keep_outputs:
                 result["outputs"] = hidden
             del hidden
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        result["time/compress_s"] = time.perf_counter() - t0
-        return result
+
+    @torch.no_grad()
+    def stream_hidden(self, model: nn.Module, ids: torch.Tensor, source, progress: bool = False) -> torch.Tensor:
+        """(W, T, C): the last block's outputs for (W, T) token windows, one window per forward, with
+        each block materialised by `source` for its turn and freed after (a streamed model's eval)."""
+        adapter = adapter_for(model)
+        self._lean = adapter.lean
+        plan, chunk = self.plan, self._chunk
+        self.plan, self._chunk = None, 1  # one window per forward, as the in-memory eval runs
+        try:
+            hidden, kwargs = self._capture(model, adapter, ids)
+            for i, block in enumerate(tqdm(adapter.block_list(model), desc="blocks", disable=not progress,
+                                           leave=False)):
+                source.load(i, block)
+                try:
+                    block.to(self.device)
+                    hidden = self._propagate(block, hidden, kwargs)
+                finally:
+                    source.free(i, block)
+        finally:
+            self.plan, self._chunk = plan, chunk
+        return hidden
 
     @torch.no_grad()
     def measure_model(self, model: nn.Module, ids: torch.Tensor, dense_model: nn.Module | None = None) -> None:
@@ -310,11 +349,20 @@ class SequentialEngine:
         """A block (or its dense copy) is done on the compute device: back to where it lived."""
         module.to(home)
 
+    def _load(self, i: int, block: nn.Module) -> None:
+        if self._source is not None:  # a streamed model: the block comes from disk now
+            self._source.load(i, block)
+
     def _release_entry(self, e: "_Held") -> None:
+        """A block is final: back to its home; when streamed, to the sink, then freed."""
         self._release(e.block, e.home)
         if e.dense is not None and e.dense_home is not None:  # a dense model's block (recover())
             self._release(e.dense, e.dense_home)
         e.dense = None
+        if self._sink is not None:
+            self._sink(e.index, e.block)
+        if self._source is not None:
+            self._source.free(e.index, e.block)
 
     def _measure_and_propagate(self, adapter, entries: list["_Held"], hidden, kwargs):
         """Run final blocks one after another from `hidden`, measuring each target Linear's error

@@ -43,6 +43,46 @@ def layer_params(layer: nn.Linear) -> int:
     return factors if adapter.replaces else layer.weight.numel() + factors
 
 
+def layer_summary(name: str, lin: nn.Linear) -> tuple[dict[str, Any], tuple[int, ...]]:
+    """One Linear's row of the per-layer table, and its counts for `summarize`:
+    (pruned, zeros, numel, storage bits, stored params, fell back, damping raised)."""
+    w = lin.weight.detach()
+    state = layer_state(lin)
+    mask = state.keep_mask(w.device) if state is not None else None
+    p = int((~mask).sum()) if mask is not None else 0
+    z = int((w == 0).sum())
+    b = layer_storage_bits(lin)
+    nm = parse_pattern(state.pattern) if state and state.pattern else None
+    row = {
+        "name": name, "shape": list(w.shape), "sparsity": p / w.numel(), "zero_fraction": z / w.numel(),
+        "avg_bits": b / w.numel(), "pattern": state.pattern if state else None,
+        "bits": state.quant.bits if state and state.quant is not None else None,
+        "group_size": state.quant.group_size if state and state.quant is not None else None,
+        "grid": state.quant.grid if state and state.quant is not None else None,
+        "nm_valid": (nm_valid(mask, nm) and not bool(w[~mask.to(w.device)].any())
+                     if nm is not None and mask is not None else None),
+        "rel_error": state.rel_error if state else None,
+    }
+    if state is not None and state.rel_error_oneshot is not None:
+        row["rel_error_oneshot"] = state.rel_error_oneshot  # before SliM-LLM+ clipping / recovery
+    fell = raised = 0
+    if state is not None and state.numerics:
+        row["damp"], row["fallback"] = state.damp, state.fallback
+        fell, raised = int(state.fallback), int(any(n.retries for n in state.numerics))
+    if state is not None and state.adapter is not None:
+        row["rank"] = state.adapter.rank
+    return row, (p, z, w.numel(), b, layer_params(lin), fell, raised)
+
+
+def summarize(counts: list[tuple[int, ...]]) -> dict[str, float]:
+    """The run's compression figures from `layer_summary` counts of every target Linear."""
+    pruned, zeros, numel, bits, stored, fallbacks, raised = (sum(c[k] for c in counts) for k in range(7))
+    d = max(numel, 1)
+    return {"sparsity": pruned / d, "zero_fraction": zeros / d, "avg_bits": bits / d,
+            "params/compressed": float(numel), "params/ratio": stored / d, "fallbacks": float(fallbacks),
+            "damp_raised": float(raised)}
+
+
 def compression_summary(model: nn.Module) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """({'sparsity', 'zero_fraction', 'avg_bits', 'fallbacks', ...}, per-layer rows) over every target Linear.
 
@@ -50,40 +90,12 @@ def compression_summary(model: nn.Module) -> tuple[dict[str, float], list[dict[s
     that is exactly 0 (pruned, or rounded to 0 by quantization). `nm_valid`: the mask is N:M and
     every pruned weight is 0. `fallbacks`: Linears whose OBS sweep fell back to the diagonal (no
     error propagation); `damp_raised`: Linears whose Hessian needed more damping than configured."""
-    pruned = zeros = numel = bits = stored = fallbacks = raised = 0
-    rows = []
+    rows, counts = [], []
     for name, lin in adapter_for(model).named_linears(model):
-        w = lin.weight.detach()
-        state = layer_state(lin)
-        mask = state.keep_mask(w.device) if state is not None else None
-        p = int((~mask).sum()) if mask is not None else 0
-        z = int((w == 0).sum())
-        b = layer_storage_bits(lin)
-        nm = parse_pattern(state.pattern) if state and state.pattern else None
-        row = {
-            "name": name, "shape": list(w.shape), "sparsity": p / w.numel(), "zero_fraction": z / w.numel(),
-            "avg_bits": b / w.numel(), "pattern": state.pattern if state else None,
-            "bits": state.quant.bits if state and state.quant is not None else None,
-            "group_size": state.quant.group_size if state and state.quant is not None else None,
-            "grid": state.quant.grid if state and state.quant is not None else None,
-            "nm_valid": (nm_valid(mask, nm) and not bool(w[~mask.to(w.device)].any())
-                         if nm is not None and mask is not None else None),
-            "rel_error": state.rel_error if state else None,
-        }
-        if state is not None and state.rel_error_oneshot is not None:
-            row["rel_error_oneshot"] = state.rel_error_oneshot  # before SliM-LLM+ clipping / recovery
-        if state is not None and state.numerics:
-            row["damp"], row["fallback"] = state.damp, state.fallback
-            fallbacks += state.fallback
-            raised += any(n.retries for n in state.numerics)
-        if state is not None and state.adapter is not None:
-            row["rank"] = state.adapter.rank
+        row, c = layer_summary(name, lin)
         rows.append(row)
-        pruned, zeros, numel = pruned + p, zeros + z, numel + w.numel()
-        bits, stored = bits + b, stored + layer_params(lin)
-    return {"sparsity": pruned / numel, "zero_fraction": zeros / numel, "avg_bits": bits / numel,
-            "params/compressed": float(numel), "params/ratio": stored / numel, "fallbacks": float(fallbacks),
-            "damp_raised": float(raised)}, rows
+        counts.append(c)
+    return summarize(counts), rows
 
 
 def peak_rss_gb() -> float:

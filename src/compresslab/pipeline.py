@@ -41,11 +41,32 @@ class Pipeline:
         return [s for s in (self.pruner, self.quantizer, self.lowrank) if s is not None]
 
     @property
+    def streamed(self) -> bool:
+        """`model.offload=disk`: blocks read from the checkpoint one at a time (stream.py)."""
+        return getattr(self.model_loader, "offload", None) == "disk"
+
+    def _check_streamed(self) -> None:
+        """What a streamed run cannot do fails before anything loads."""
+        if self.stages and not self.save.get("path"):
+            raise ConfigError("model.offload=disk writes each compressed block into the packed checkpoint and "
+                              "frees it: set save.path=<dir>")
+        if self.evaluator is not None and not getattr(self.evaluator, "streams", False):
+            raise ConfigError(f"model.offload=disk evaluates block by block, which {type(self.evaluator).__name__} "
+                              "cannot (it needs the whole model): use eval=ppl or eval=null, and evaluate the "
+                              "packed checkpoint afterwards on a machine that holds it")
+        if self.recovery is not None and not hasattr(self.recovery, "recover"):
+            raise ConfigError(f"model.offload=disk keeps one block in memory, and {type(self.recovery).__name__} "
+                              "trains the whole model at once: use a block-wise recovery (recovery=beam) "
+                              "or model.offload=null")
+
+    @property
     def uses_calibration(self) -> bool:
         return any(s.needs for s in self.stages) or self.recovery is not None
 
     def validate(self) -> None:
         """Catch bad input before any weights are loaded: data files, and every stage on every layer's shape."""
+        if self.streamed:
+            self._check_streamed()
         if self.uses_calibration:
             if self.data is None:
                 raise ConfigError("these stages need calibration data; set data=calibration")
@@ -96,36 +117,64 @@ class Pipeline:
                 self.logger.start(config or {}, str(output_dir) if output_dir else None)
             torch.manual_seed(self.seed)
             self.validate()
-            model, tok = self.model_loader.load()
+            source = writer = None
+            if self.streamed:
+                from .stream import StreamedModel
+
+                model, tok, source = self.model_loader.load_streamed()
+                eval_model = StreamedModel(model, source, self.engine)
+            else:
+                model, tok = self.model_loader.load()
+                eval_model = model
             metrics["time/load_s"] = time.perf_counter() - t_start
             metrics["memory/rss_after_load_gb"] = current_rss_gb()
             evals = [self.evaluator] if self.evaluator is not None else []
             if evals and getattr(self.evaluator, "dense_baseline", False):
                 t0 = time.perf_counter()
-                metrics.update(evaluate(model, tok, evals, prefix="dense/"))
+                metrics.update(evaluate(eval_model, tok, evals, prefix="dense/"))
                 metrics["time/dense_eval_s"] = time.perf_counter() - t0
             calib = self.data(tok) if self.uses_calibration else None
+            sink = None
+            if source is not None:  # streamed: each final block is summarised (and written) before it is freed
+                from .checkpoint.io import CheckpointWriter
+                from .models.adapters import adapter_for
+                from .stream import BlockSink
+
+                if self.stages:
+                    writer = CheckpointWriter(self.save["path"], adapter_for(model), self.save.get("max_shard_size"))
+                sink = BlockSink(writer, adapter_for(model))
             reset_peak_rss()  # memory/compress_peak_rss_gb: the compression's own peak, not loading's
             report = compress(model, tok, pruner=self.pruner, quantizer=self.quantizer, lowrank=self.lowrank,
-                              recovery=self.recovery, calibration=calib, engine=self.engine)
+                              recovery=self.recovery, calibration=calib, engine=self.engine,
+                              source=source, sink=sink)
             metrics.update(report.metrics)
             record["layers"], record["recovery"] = report.layers, report.recovery
             self._log_recovery(report.recovery)
-            if self.save.get("path"):  # before eval, so a failing eval loses nothing
+            if self.save.get("path") and (writer is not None or source is None):  # before eval: a failing eval loses nothing
                 from .checkpoint import save_compressed
 
                 t0 = time.perf_counter()
-                manifest = save_compressed(model, self.save["path"], tok, self.save.get("max_shard_size"),
-                                           extra={"metrics": dict(metrics)})
+                if writer is not None:  # streamed: the blocks are written; the rest and the manifest now
+                    manifest = writer.finish(model, tok, extra={"metrics": dict(metrics)})
+                else:
+                    manifest = save_compressed(model, self.save["path"], tok, self.save.get("max_shard_size"),
+                                               extra={"metrics": dict(metrics)})
                 metrics["save/bytes"] = float(sum(f["bytes"] for f in manifest["files"].values()))
                 metrics["save/compressed_bytes"] = manifest["compressed"]["bytes"]
                 metrics["time/save_s"] = time.perf_counter() - t0
                 record["checkpoint"] = str(self.save["path"])
+            if source is not None:
+                metrics["stream/max_live_blocks"] = float(source.max_live)
+                if writer is not None:  # the compressed blocks: dense shards + the checkpoint's packed Linears
+                    from .stream import PackedBlocks, StreamedModel
+
+                    eval_model = StreamedModel(model, PackedBlocks(model, source.tensors, self.save["path"]),
+                                               self.engine)
             if self.logger is not None and report.layers:
                 self.logger.table("layers", report.layers)
             if evals:
                 t0 = time.perf_counter()
-                metrics.update(evaluate(model, tok, evals))
+                metrics.update(evaluate(eval_model, tok, evals))
                 metrics["time/eval_s"] = time.perf_counter() - t0
             record["status"] = "ok"
             return record

@@ -58,86 +58,140 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _other_tensors(model: nn.Module, packed_names: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str], list]:
-    """Every parameter/buffer outside the packed Linears (fp32 stored as fp16), aliases of tensors
-    that share storage (tied embeddings), and the non-persistent buffers (rotary inv_freq, kept
-    exact) that state_dict leaves out."""
-    out, aliases, seen = {}, {}, {}
-    state = model.state_dict()
+def _other_tensors(module: nn.Module, prefix: str, skip: set[str], seen: dict | None = None
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, str], list]:
+    """Every parameter/buffer of `module` outside the packed Linears and the `skip`ped submodules (fp32
+    stored as fp16), keys prefixed with `prefix`; aliases of tensors that share storage (tied
+    embeddings; `seen` carries the storages across calls); and the non-persistent buffers (rotary
+    inv_freq, kept exact) that state_dict leaves out."""
+    out, aliases = {}, {}
+    seen = {} if seen is None else seen
+    state = module.state_dict()
     buffers = []
-    for key, b in model.named_buffers():
-        if key not in state and b is not None and key.rsplit(".", 1)[0] not in packed_names:
-            out[key] = b.detach().cpu().contiguous()
-            buffers.append(key)
+
+    def skipped(key):
+        return any(key == s or key.startswith(s + ".") for s in skip)
+
+    for key, b in module.named_buffers():
+        if key not in state and b is not None and not skipped(key.rsplit(".", 1)[0]):
+            out[prefix + key] = b.detach().cpu().contiguous()
+            buffers.append(prefix + key)
     for key, v in state.items():
-        owner = key.rsplit(".", 1)[0]
-        if owner in packed_names:
+        if skipped(key.rsplit(".", 1)[0]) or skipped(key):
             continue
         ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
         if ptr in seen:
-            aliases[key] = seen[ptr]
+            aliases[prefix + key] = seen[ptr]
             continue
-        seen[ptr] = key
+        seen[ptr] = prefix + key
         v = v.detach().cpu()
-        out[key] = (v.half() if v.dtype == torch.float32 else v).contiguous()
+        out[prefix + key] = (v.half() if v.dtype == torch.float32 else v).contiguous()
     return out, aliases, buffers
+
+
+class CheckpointWriter:
+    """Writes a packed checkpoint block by block, so a streamed run never holds the whole model:
+    `add_block(i, block)` packs a block's Linears and its other tensors as soon as the block is
+    final, `finish(model)` adds what lives outside the blocks (embeddings, final norm, head) and
+    writes the manifest last. Shards fill in that order up to `max_shard_size`; they are named
+    model-XXXXX-of-XXXXX.safetensors once their number is known (model.safetensors when one).
+    `save_compressed` is this writer run over an in-memory model, so both give the same files."""
+
+    def __init__(self, path: str | Path, adapter, max_shard_size: int | str | None = "2GB"):
+        self.path, self.adapter = Path(path), adapter
+        self.limit = parse_size(max_shard_size)
+        self.path.mkdir(parents=True, exist_ok=True)
+        stale = [*self.path.glob("model*.safetensors"), *self.path.glob("model-part-*.safetensors.tmp")]
+        for old in stale + [self.path / MANIFEST]:
+            old.unlink(missing_ok=True)
+        self.layers: dict[str, dict] = {}
+        self.index: dict[str, dict] = {}
+        self.aliases: dict[str, str] = {}
+        self.buffers: list[str] = []
+        self.bits = self.params = 0
+        self._pending: dict[str, torch.Tensor] = {}
+        self._size = 0
+        self._written: list[Path] = []  # shard files so far, under temporary names
+
+    def _add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key, v in tensors.items():
+            nbytes = v.numel() * v.element_size()
+            if self.limit and self._pending and self._size + nbytes > self.limit:
+                self._flush()
+            self._pending[key] = v
+            self._size += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        f = self.path / f"model-part-{len(self._written) + 1:05d}.safetensors.tmp"
+        # one metadata entry: safetensors writes a map's entries in no fixed order, and the same
+        # compression must give the same bytes (the manifest says what produced the files)
+        save_file(self._pending, str(f), metadata={"format": "pt"})
+        for k, v in self._pending.items():
+            self.index[k] = {"file": f.name, "dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
+        self._written.append(f)
+        self._pending, self._size = {}, 0
+
+    def add_block(self, i: int, block: nn.Module) -> None:
+        """Pack block `i` (final: compressed and recovered) into the checkpoint."""
+        prefix = f"{self.adapter.blocks}.{i}."
+        names = []
+        for group in self.adapter.linear_groups(block):
+            for name, lin in group:
+                meta, t = pack_linear(lin)
+                meta["tensors"] = {k: f"{prefix}{name}.{k}" for k in t}
+                self.layers[prefix + name] = meta
+                self._add({f"{prefix}{name}.{k}": v.detach().cpu().contiguous() for k, v in t.items()})
+                self.bits += storage_bits(t)
+                self.params += lin.weight.numel()
+                names.append(name)
+        other, aliases, buffers = _other_tensors(block, prefix, set(names))
+        self._add(other)
+        self.aliases.update(aliases)
+        self.buffers += buffers
+
+    def finish(self, model: nn.Module, tokenizer=None, extra: dict | None = None) -> dict:
+        """Add the tensors outside the blocks, name the shards, write the manifest (last). Returns it."""
+        other, aliases, buffers = _other_tensors(model, "", {self.adapter.blocks})
+        self._add(other)
+        self.aliases.update(aliases)
+        self.buffers += buffers
+        if self._pending or not self._written:
+            self._flush()
+        n = len(self._written)
+        names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        rename = {}
+        files = {}
+        for tmp, fname in zip(self._written, names):
+            os.replace(tmp, self.path / fname)
+            rename[tmp.name] = fname
+            files[fname] = {"bytes": (self.path / fname).stat().st_size, "sha256": _sha256(self.path / fname)}
+        index = {k: {**v, "file": rename[v["file"]]} for k, v in self.index.items()}
+        manifest = {
+            "format": FORMAT, "version": VERSION, "config": model.config.to_dict(), "family": self.adapter.family,
+            "layers": self.layers, "aliases": self.aliases, "buffers": self.buffers, "tensors": index, "files": files,
+            "compressed": {"avg_bits": self.bits / max(self.params, 1), "bytes": self.bits / 8, "params": self.params},
+            **(extra or {}),
+        }
+        tmp = self.path / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1, default=str))
+        os.replace(tmp, self.path / MANIFEST)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(self.path))
+        log.info("saved %s: %d files, %.1f MB, compressed Linears at %.3f bits/weight", self.path, len(files),
+                 sum(f["bytes"] for f in files.values()) / 1e6, manifest["compressed"]["avg_bits"])
+        return manifest
 
 
 def save_compressed(model: nn.Module, path: str | Path, tokenizer=None, max_shard_size: int | str | None = "2GB",
                     extra: dict | None = None) -> dict:
     """Write `model` (compressed in place by compresslab) as a packed checkpoint. Returns the manifest."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    for old in list(path.glob("model*.safetensors")) + [path / MANIFEST]:
-        old.unlink(missing_ok=True)
-    from safetensors.torch import save_file
-
     adapter = adapter_for(model)
-    tensors: dict[str, torch.Tensor] = {}
-    layers: dict[str, dict] = {}
-    bits = params = 0
-    for name, lin in adapter.named_linears(model):
-        meta, t = pack_linear(lin)
-        meta["tensors"] = {k: f"{name}.{k}" for k in t}
-        layers[name] = meta
-        tensors.update({f"{name}.{k}": v.detach().cpu().contiguous() for k, v in t.items()})
-        bits += storage_bits(t)
-        params += lin.weight.numel()
-    other, aliases, buffers = _other_tensors(model, set(layers))
-    tensors.update(other)
-
-    limit = parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key in tensors:
-        nbytes = tensors[key].numel() * tensors[key].element_size()
-        if limit and shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensors[key]
-        size += nbytes
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    index, files = {}, {}
-    for fname, shard in zip(names, shards):
-        save_file(shard, str(path / fname), metadata={"format": "pt", "producer": FORMAT})
-        files[fname] = {"bytes": (path / fname).stat().st_size, "sha256": _sha256(path / fname)}
-        for k, v in shard.items():
-            index[k] = {"file": fname, "dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
-    manifest = {
-        "format": FORMAT, "version": VERSION, "config": model.config.to_dict(), "family": adapter.family,
-        "layers": layers, "aliases": aliases, "buffers": buffers, "tensors": index, "files": files,
-        "compressed": {"avg_bits": bits / max(params, 1), "bytes": bits / 8, "params": params},
-        **(extra or {}),
-    }
-    tmp = path / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, default=str))
-    os.replace(tmp, path / MANIFEST)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(path))
-    log.info("saved %s: %d files, %.1f MB, compressed Linears at %.3f bits/weight", path, len(files),
-             sum(f["bytes"] for f in files.values()) / 1e6, manifest["compressed"]["avg_bits"])
-    return manifest
+    writer = CheckpointWriter(path, adapter, max_shard_size)
+    for i, block in enumerate(adapter.block_list(model)):
+        writer.add_block(i, block)
+    return writer.finish(model, tokenizer, extra)
 
 
 def read_manifest(path: str | Path) -> dict:

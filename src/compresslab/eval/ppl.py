@@ -32,6 +32,14 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = 
         raise ConfigError(f"the eval text has {ids.numel()} tokens, fewer than one window of eval.seqlen={seqlen}")
     nll = torch.zeros((), dtype=torch.float64)
     count = 0
+    if hasattr(model, "hidden"):  # a streamed model (stream.StreamedModel): all windows block by block
+        windows = ids[: nwin * seqlen].view(nwin, seqlen)
+        h = model.hidden(windows, progress=progress)  # (W, T, C)
+        for w in range(nwin):
+            logits = model.logits(h[w : w + 1])[0, :-1]  # (T-1, V)
+            nll += F.cross_entropy(logits.float(), windows[w, 1:].to(logits.device), reduction="sum").double().cpu()
+            count += seqlen - 1
+        return math.exp(nll.item() / count), count
     for w in tqdm(range(nwin), desc="ppl", disable=not progress, leave=False):
         x = ids[w * seqlen : (w + 1) * seqlen].to(device)[None]  # (1, T)
         logits = model(input_ids=x, use_cache=False).logits[0, :-1]  # (T-1, V)
@@ -41,7 +49,10 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = 
 
 
 class Perplexity:
-    """`eval=ppl`: `datasets` ([wikitext2]), `seqlen` (2048), `max_windows` (null = all), `dense_baseline`."""
+    """`eval=ppl`: `datasets` ([wikitext2]), `seqlen` (2048), `max_windows` (null = all), `dense_baseline`.
+    Runs on streamed models too (`model.offload=disk`): every window passes one block at a time."""
+
+    streams = True
 
     def __init__(self, datasets=("wikitext2",), seqlen: int = 2048, max_windows: int | None = None,
                  dense_baseline: bool = False, device: str = "auto", progress: bool = True):

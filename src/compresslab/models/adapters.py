@@ -26,6 +26,9 @@ class Adapter:
     # the block's gated MLP, down(act(gate(x)) * up(x)), as (module, gate, up, down, act) names: run
     # leaner during no-grad forwards (see `lean`); None: the block runs as the family wrote it
     gated_mlp: tuple[str, str, str, str, str] | None = None
+    # modules that turn the last block's output into logits, in order (final norm, head); missing
+    # ones (None in some configs) are skipped. Used where blocks are streamed (stream.StreamedModel)
+    outputs: tuple[str, ...] = ()
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         blocks = get_module(model, self.blocks)
@@ -35,6 +38,9 @@ class Adapter:
 
     def input_modules(self, model: nn.Module) -> list[nn.Module]:
         return [m for m in (get_module(model, p) for p in self.inputs) if m is not None]
+
+    def output_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [m for m in (get_module(model, p) for p in self.outputs) if m is not None]
 
     def linear_groups(self, block: nn.Module) -> list[list[tuple[str, nn.Linear]]]:
         """[[(name, Linear), ...], ...] for one block, in true-sequential order."""
@@ -114,6 +120,7 @@ _LLAMA = Adapter(
         ("mlp.down_proj",),
     ),
     gated_mlp=("mlp", "gate_proj", "up_proj", "down_proj", "act_fn"),
+    outputs=("model.norm", "lm_head"),
 )
 _OPT = Adapter(
     family="opt",
@@ -125,6 +132,7 @@ _OPT = Adapter(
         ("fc1",),
         ("fc2",),
     ),
+    outputs=("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"),
 )
 _NEOX = Adapter(
     family="gpt_neox",
@@ -136,6 +144,7 @@ _NEOX = Adapter(
         ("mlp.dense_h_to_4h",),
         ("mlp.dense_4h_to_h",),
     ),
+    outputs=("gpt_neox.final_layer_norm", "lm_head", "embed_out"),  # transformers 5 names the head lm_head
 )
 
 # config.model_type -> adapter

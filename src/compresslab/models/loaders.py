@@ -45,16 +45,27 @@ class ModelLoader:
 
 
 class HFModel(ModelLoader):
-    """Any Hugging Face causal LM by hub id or local directory."""
+    """Any Hugging Face causal LM by hub id or local directory.
+
+    `offload=disk`: the model is built on the meta device and each block is read from the
+    checkpoint's safetensors shards only for its turn (stream.py), so a model larger than RAM can
+    be compressed; `load_streamed()` then replaces `load()`."""
+
+    OFFLOADS = (None, "disk")
 
     def __init__(self, name_or_path: str, dtype: str = "auto", device: str = "auto",
-                 trust_remote_code: bool = False, revision: str | None = None, name: str | None = None):
+                 trust_remote_code: bool = False, revision: str | None = None, name: str | None = None,
+                 offload: str | None = None):
         if not name_or_path or name_or_path == "???":
             raise ConfigError("model=hf needs model.name_or_path=<hub id or local dir>")
+        if offload not in self.OFFLOADS:
+            raise ConfigError(f"model.offload={offload!r} is not known; use null (the model in memory) or disk "
+                              "(blocks read from the checkpoint one at a time)")
         super().__init__(name or str(name_or_path), dtype, device)
         self.name_or_path = str(name_or_path)
         self.trust_remote_code = trust_remote_code
         self.revision = revision
+        self.offload = offload
 
     def _kw(self):
         return {"trust_remote_code": self.trust_remote_code, "revision": self.revision}
@@ -72,6 +83,28 @@ class HFModel(ModelLoader):
         tok = AutoTokenizer.from_pretrained(self.name_or_path, **self._kw())
         log.info("loaded %s in %.1fs", self.name_or_path, time.perf_counter() - t0)
         return model.eval(), tok
+
+    def folder(self) -> Path:
+        """The local checkpoint folder (a hub id is downloaded: config, tokenizer, safetensors only)."""
+        if Path(self.name_or_path).is_dir():
+            return Path(self.name_or_path)
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(self.name_or_path, revision=self.revision,
+                                      allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
+
+    def load_streamed(self):
+        """(model on the meta device with its non-block modules loaded, tokenizer, block source)."""
+        from transformers import AutoTokenizer
+
+        from ..stream import streamed_model
+
+        t0 = time.perf_counter()
+        folder = self.folder()
+        model, source = streamed_model(folder, self.config(), self.dtype)
+        tok = AutoTokenizer.from_pretrained(str(folder), **self._kw())
+        log.info("opened %s streamed from disk in %.1fs (blocks load one at a time)", folder, time.perf_counter() - t0)
+        return model, tok, source
 
 
 def cache_root() -> Path:

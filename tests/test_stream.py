@@ -1,0 +1,126 @@
+"""model.offload=disk: a model built on the meta device, its blocks read from the safetensors shards
+one at a time, written straight into the packed checkpoint, and evaluated block by block. The
+streamed run must give the same checkpoint bytes and the same perplexity as the in-memory run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, OPTConfig
+
+from compresslab.engine import SequentialEngine
+from compresslab.errors import ConfigError
+from compresslab.eval.ppl import perplexity
+from compresslab.eval.zeroshot import ZeroShot
+from compresslab.models.loaders import HFModel, byte_tokenizer
+from compresslab.pipeline import Pipeline
+from compresslab.quantizer.rtn import RTN
+from compresslab.recovery.finetune import Finetune
+from compresslab.stream import StreamedModel, streamed_model
+
+from conftest import ROOT, needs_data
+
+
+def _save(model, folder: Path, shard="60KB") -> Path:
+    model.save_pretrained(folder, max_shard_size=shard)  # several shards: blocks span files
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _llama(layers=4, tied=False):
+    cfg = LlamaConfig(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+                      bos_token_id=256, eos_token_id=256)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _opt():
+    cfg = OPTConfig(vocab_size=257, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                    word_embed_proj_dim=64, bos_token_id=256, eos_token_id=256, pad_token_id=1, dropout=0.0)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _neox():
+    cfg = GPTNeoXConfig(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, bos_token_id=256, eos_token_id=256)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("build", [lambda: _llama(tied=True), _opt, _neox], ids=["llama-tied", "opt", "gpt_neox"])
+def test_streamed_model_matches_the_loaded_one(build, tmp_path):
+    """Non-block modules load once (tied head stays tied, rotary computed), blocks stay on meta until
+    loaded, and block-by-block perplexity equals the whole model's."""
+    model = build()
+    folder = _save(model, tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    sm, source = streamed_model(folder, loaded.config, torch.float32)
+    blocks = source.adapter.block_list(sm)
+    assert all(p.is_meta for p in blocks.parameters())
+    assert not any(p.is_meta for p in sm.get_input_embeddings().parameters())
+    if loaded.config.tie_word_embeddings:
+        assert sm.get_output_embeddings().weight is sm.get_input_embeddings().weight
+    ids = torch.randint(0, 256, (3 * 48,), generator=torch.Generator().manual_seed(1))
+    want, n = perplexity(loaded, ids, 48, progress=False)
+    got, m = perplexity(StreamedModel(sm, source, SequentialEngine(progress=False)), ids, 48, progress=False)
+    assert n == m and got == pytest.approx(want, rel=1e-6)
+    assert source.max_live == 1 and source.live == 0 and source.loads == len(blocks)
+    assert all(p.is_meta for p in blocks.parameters())  # every block freed again
+
+
+def _run(args, out: Path):
+    r = subprocess.run([sys.executable, str(ROOT / "run.py"), *args, f"hydra.run.dir={out}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads((out / "metrics.json").read_text())
+
+
+@needs_data
+def test_offload_gives_the_same_checkpoint_and_ppl(tmp_path):
+    """sparsegpt 2:4 + gptq W4 through run.py, in memory and streamed: the packed checkpoints are the
+    same bytes (several shards), the dense and compressed ppl agree, and the streamed run held one
+    block at a time."""
+    folder = _save(_llama(layers=4), tmp_path / "m")
+    common = [f"model=hf", f"model.name_or_path={folder}", "pruner=sparsegpt", "pruner.pattern=2:4",
+              "quantizer=gptq", "quantizer.bits=4", "quantizer.group_size=32", "data.nsamples=4", "data.seqlen=32",
+              "eval.seqlen=64", "eval.max_windows=3", "eval.dense_baseline=true", "logger=none",
+              "engine.progress=false", "eval.progress=false", "save.max_shard_size=40KB"]
+    mem = _run([*common, f"save.path={tmp_path / 'a'}"], tmp_path / "run_a")
+    disk = _run([*common, f"save.path={tmp_path / 'b'}", "model.offload=disk"], tmp_path / "run_b")
+    ma = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    mb = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert len(ma["files"]) > 1 and ma["files"] == mb["files"]  # same names, sizes and sha256
+    assert ma["layers"] == mb["layers"] and ma["tensors"] == mb["tensors"]
+    a, b = mem["metrics"], disk["metrics"]
+    assert b["dense/ppl/wikitext2"] == pytest.approx(a["dense/ppl/wikitext2"], rel=1e-6)
+    # in memory the eval runs on the fp32 effective weights; streamed, on the packed ones (fp16 scales)
+    assert b["ppl/wikitext2"] == pytest.approx(a["ppl/wikitext2"], rel=1e-3)
+    assert b["sparsity"] == a["sparsity"] == 0.5 and b["avg_bits"] == a["avg_bits"]
+    assert [r["rel_error"] for r in disk["layers"]] == [r["rel_error"] for r in mem["layers"]]
+    assert b["stream/max_live_blocks"] == 1 and "stream/max_live_blocks" not in a
+
+
+def test_offload_errors_before_loading(tmp_path):
+    folder = _save(_llama(layers=2), tmp_path / "m")
+
+    class NoLoad(HFModel):
+        def load_streamed(self):
+            raise AssertionError("the model must not be loaded before validation")
+
+    with pytest.raises(ConfigError, match=r"model.offload='ram' is not known; use null .* or disk"):
+        HFModel(str(folder), offload="ram")
+    loader = NoLoad(str(folder), offload="disk", device="cpu")
+    with pytest.raises(ConfigError, match=r"set save.path"):
+        Pipeline(model=loader, quantizer=RTN(bits=4, group_size=32)).run()
+    with pytest.raises(ConfigError, match=r"use eval=ppl or eval=null"):
+        Pipeline(model=loader, eval=ZeroShot(tasks=["piqa"])).run()
+    with pytest.raises(ConfigError, match=r"block-wise recovery"):
+        Pipeline(model=loader, recovery=Finetune(), save={"path": str(tmp_path / "c")}).run()
+    (folder / "model.safetensors.index.json").unlink()
+    with pytest.raises(ConfigError, match=r"neither model.safetensors nor model.safetensors.index.json"):
+        streamed_model(folder, loader.config(), torch.float32)
