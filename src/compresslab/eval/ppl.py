@@ -20,6 +20,8 @@ from ..utils import resolve_device
 
 log = logging.getLogger(__name__)
 
+STREAM_ROWS = 256  # positions per logits slice for a streamed model (a 128k vocabulary: 128 MB in fp32)
+
 
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
@@ -35,9 +37,12 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = 
     if hasattr(model, "hidden"):  # a streamed model (stream.StreamedModel): all windows block by block
         windows = ids[: nwin * seqlen].view(nwin, seqlen)
         h = model.hidden(windows, progress=progress)  # (W, T, C)
-        for w in range(nwin):
-            logits = model.logits(h[w : w + 1])[0, :-1]  # (T-1, V)
-            nll += F.cross_entropy(logits.float(), windows[w, 1:].to(logits.device), reduction="sum").double().cpu()
+        for w in range(nwin):  # logits a slice of positions at a time: (rows, V), not (T, V)
+            for s in range(0, seqlen - 1, STREAM_ROWS):
+                e = min(s + STREAM_ROWS, seqlen - 1)
+                logits = model.logits(h[w : w + 1, s:e])[0]  # (rows, V)
+                target = windows[w, s + 1 : e + 1].to(logits.device)
+                nll += F.cross_entropy(logits.float(), target, reduction="sum").double().cpu()
             count += seqlen - 1
         return math.exp(nll.item() / count), count
     for w in tqdm(range(nwin), desc="ppl", disable=not progress, leave=False):
