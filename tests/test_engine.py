@@ -239,3 +239,28 @@ def test_recover_with_finetune_measures_against_the_dense_model(monkeypatch):
         assert err > 0.05, n  # 2-bit RTN: far from the dense weights
         assert rows[n]["rel_error"] == pytest.approx(err, rel=2e-3), n
     assert head_calls and during == [0]  # the finetune's steps call the head; the measurement does not
+
+
+def test_chunked_llama_runs_the_attention_only_for_its_own_groups():
+    """Chunked path on a block that ends in h + mlp(norm(h)): the residual h is kept once the attention
+    groups are done, so the attention runs for the q/k/v and o groups and once to reach h (3 calls per
+    chunk, not 5), the MLP for gate/up, down and the outputs; the outputs match the model's."""
+    model = tiny("llama")
+    ids = torch.randint(0, 256, (6, 16))
+    ref = last_block_output(model, ids)
+    calls = {"attn": 0, "mlp": 0}
+    block = model.model.layers[0]
+
+    def count(key):
+        def hook(mod, args, kwargs=None):
+            calls[key] += 1
+        return hook
+
+    hooks = [block.self_attn.register_forward_pre_hook(count("attn")), block.mlp.register_forward_pre_hook(count("mlp"))]
+    rec = Recorder()
+    res = SequentialEngine(device="cpu", chunk_size=2, progress=False).run(model, ids, [rec], keep_outputs=True)
+    for h in hooks:
+        h.remove()
+    assert calls == {"attn": 3 * 3, "mlp": 3 * 3}
+    torch.testing.assert_close(res["outputs"], ref, atol=1e-5, rtol=1e-5)
+    assert [n for n, _ in rec.calls] == [n for n, _ in adapter_for(model).named_linears(model)]

@@ -206,8 +206,7 @@ class SequentialEngine:
                 if self._chunk is None:
                     out = self._one_pass(adapter, i, block, groups, stages, needs, hidden, kwargs)
                 else:
-                    self._sequential(adapter, i, block, groups, stages, needs, hidden, kwargs)
-                    out = None
+                    out = self._sequential(adapter, i, block, groups, stages, needs, hidden, kwargs)
                 changed = False
                 for stage in finishers:
                     rep = stage.finish_block(dense, block, hidden, self._block_fn(kwargs))
@@ -508,9 +507,20 @@ class SequentialEngine:
         return out
 
     def _sequential(self, adapter, i, block, groups, stages, needs, hidden, kwargs):
-        for group in groups:
+        """Per group, stream the chunks up to the group to accumulate its statistics, then compress it.
+        When the block ends in a residual MLP branch (adapter.mlp_branch: h + mlp(norm(h))), the residual
+        h entering it is kept for all samples once the attention groups are done (in the buffer the
+        outputs need anyway): the MLP's groups then run only the branch from h, and the outputs are
+        h + mlp(norm(h)), so the attention is not run again for them. Returns the block's outputs when
+        the branch computed them, else None (the caller propagates)."""
+        branch = adapter.mlp_branch(block)
+        h = None  # (N, T, C): the residual entering the MLP branch
+        for g, group in enumerate(groups):
             lin0 = group[0][1]
             stats = LayerStats(needs, lin0.in_features, hidden.device) if needs else None
+            in_branch = branch is not None and g in branch[2]
+            if in_branch and h is None:
+                h = self._residual(block, branch[0], hidden, kwargs)
 
             def observe(_mod, args, stats=stats):
                 if stats is not None:
@@ -522,7 +532,10 @@ class SequentialEngine:
                 try:
                     for sl in self._chunks(hidden.shape[0]):
                         try:
-                            self._forward(block, hidden[sl], kwargs)
+                            if in_branch:
+                                self._branch(block, branch, h[sl])
+                            else:
+                                self._forward(block, hidden[sl], kwargs)
                         except _Stop:
                             pass
                 finally:
@@ -530,3 +543,40 @@ class SequentialEngine:
             self._compress_group(adapter, i, group, stages, stats)
             if stats is not None:
                 stats.free()
+        if h is None:
+            return None
+        for sl in self._chunks(h.shape[0]):  # the outputs, h + mlp(norm(h)), in h's buffer
+            x = h[sl].to(self.device, non_blocking=True)
+            h[sl] = x + self._branch(block, branch, x)
+        return h
+
+    def _residual(self, block, norm, hidden, kwargs):
+        """(N, T, C): the input of `norm` (the residual stream entering the MLP branch) for all samples;
+        each chunk's forward stops there."""
+        out = (torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True) if hidden.is_pinned()
+               else torch.empty_like(hidden))
+        at = {}
+
+        def grab(_mod, args):
+            out[at["sl"]] = args[0]
+            raise _Stop
+
+        handle = norm.register_forward_pre_hook(grab)
+        try:
+            for sl in self._chunks(hidden.shape[0]):
+                at["sl"] = sl
+                try:
+                    self._forward(block, hidden[sl], kwargs)
+                except _Stop:
+                    pass
+        finally:
+            handle.remove()
+        return out
+
+    def _branch(self, block, branch, x):
+        """mlp(norm(x)) for one chunk of the residual stream."""
+        norm, mlp = branch[0], branch[1]
+        if x.device != self.device:
+            x = x.to(self.device, non_blocking=True)
+        with self._lean(block):
+            return mlp(norm(x))

@@ -29,6 +29,10 @@ class Adapter:
     # modules that turn the last block's output into logits, in order (final norm, head); missing
     # ones (None in some configs) are skipped. Used where blocks are streamed (stream.StreamedModel)
     outputs: tuple[str, ...] = ()
+    # the block ends in a residual MLP branch, block(x) = h + mlp(norm(h)), as (norm, mlp) names, h being
+    # the norm's input: the engine's chunked path keeps h and runs only the branch for the MLP's groups
+    # and the propagation (see `mlp_branch`); None: the block is run whole
+    residual_mlp: tuple[str, str] | None = None
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         blocks = get_module(model, self.blocks)
@@ -72,6 +76,19 @@ class Adapter:
             yield
         finally:
             del mlp.forward
+
+    def mlp_branch(self, block: nn.Module):
+        """(norm, mlp, names of the groups inside mlp) when the block ends in h + mlp(norm(h)), else None."""
+        if self.residual_mlp is None:
+            return None
+        norm, mlp = (get_module(block, n) for n in self.residual_mlp)
+        if norm is None or mlp is None:
+            return None
+        prefix = self.residual_mlp[1] + "."
+        inside = {i for i, g in enumerate(self.groups) if all(n.startswith(prefix) for n in g)}
+        if not inside or inside != set(range(min(inside), len(self.groups))):  # the branch's groups come last
+            return None
+        return norm, mlp, inside
 
     def named_linears(self, model: nn.Module):
         """(qualified name, Linear) for every target Linear of every block."""
@@ -121,6 +138,7 @@ _LLAMA = Adapter(
     ),
     gated_mlp=("mlp", "gate_proj", "up_proj", "down_proj", "act_fn"),
     outputs=("model.norm", "lm_head"),
+    residual_mlp=("post_attention_layernorm", "mlp"),
 )
 _OPT = Adapter(
     family="opt",
