@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models.adapters import adapter_for
 from .layer import PackedLinear, pack_linear, storage_bits
+from .shard import ShardFile
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +95,16 @@ class CheckpointWriter:
     `add_block(i, block)` packs a block's Linears and its other tensors as soon as the block is
     final, `finish(model)` adds what lives outside the blocks (embeddings, final norm, head) and
     writes the manifest last. Shards fill in that order up to `max_shard_size`; they are named
-    model-XXXXX-of-XXXXX.safetensors once their number is known (model.safetensors when one).
-    `save_compressed` is this writer run over an in-memory model, so both give the same files."""
+    model-XXXXX-of-XXXXX.safetensors once their number is known (model.safetensors when one). Each
+    tensor goes to disk as it comes (shard.ShardFile): the writer holds none of them, whatever the
+    shard size. `save_compressed` is this writer run over an in-memory model, so both give the same files."""
 
     def __init__(self, path: str | Path, adapter, max_shard_size: int | str | None = "2GB"):
         self.path, self.adapter = Path(path), adapter
         self.limit = parse_size(max_shard_size)
         self.path.mkdir(parents=True, exist_ok=True)
-        stale = [*self.path.glob("model*.safetensors"), *self.path.glob("model-part-*.safetensors.tmp")]
+        stale = [*self.path.glob("model*.safetensors"), *self.path.glob("model-part-*.safetensors.tmp"),
+                 *self.path.glob(".model-part-*.spool*")]
         for old in stale + [self.path / MANIFEST]:
             old.unlink(missing_ok=True)
         self.layers: dict[str, dict] = {}
@@ -109,29 +112,27 @@ class CheckpointWriter:
         self.aliases: dict[str, str] = {}
         self.buffers: list[str] = []
         self.bits = self.params = 0
-        self._pending: dict[str, torch.Tensor] = {}
-        self._size = 0
+        self._shard: ShardFile | None = None  # the shard being written (tensors go to disk as they come)
         self._written: list[Path] = []  # shard files so far, under temporary names
 
     def _add(self, tensors: dict[str, torch.Tensor]) -> None:
         for key, v in tensors.items():
             nbytes = v.numel() * v.element_size()
-            if self.limit and self._pending and self._size + nbytes > self.limit:
+            if self.limit and self._shard is not None and self._shard.nbytes and \
+                    self._shard.nbytes + nbytes > self.limit:
                 self._flush()
-            self._pending[key] = v
-            self._size += nbytes
+            if self._shard is None:
+                self._shard = ShardFile(self.path / f"model-part-{len(self._written) + 1:05d}.safetensors.tmp")
+            self._shard.add(key, v)
+            self.index[key] = {"file": self._shard.path.name, "dtype": str(v.dtype).removeprefix("torch."),
+                               "shape": list(v.shape)}
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        f = self.path / f"model-part-{len(self._written) + 1:05d}.safetensors.tmp"
-        # one metadata entry: safetensors writes a map's entries in no fixed order, and the same
-        # compression must give the same bytes (the manifest says what produced the files)
-        save_file(self._pending, str(f), metadata={"format": "pt"})
-        for k, v in self._pending.items():
-            self.index[k] = {"file": f.name, "dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
-        self._written.append(f)
-        self._pending, self._size = {}, 0
+        if self._shard is None:
+            self._shard = ShardFile(self.path / f"model-part-{len(self._written) + 1:05d}.safetensors.tmp")
+        self._shard.close()
+        self._written.append(self._shard.path)
+        self._shard = None
 
     def add_block(self, i: int, block: nn.Module) -> None:
         """Pack block `i` (final: compressed and recovered) into the checkpoint."""
@@ -157,7 +158,7 @@ class CheckpointWriter:
         self._add(other)
         self.aliases.update(aliases)
         self.buffers += buffers
-        if self._pending or not self._written:
+        if self._shard is not None or not self._written:
             self._flush()
         n = len(self._written)
         names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
