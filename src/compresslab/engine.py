@@ -528,18 +528,9 @@ class SequentialEngine:
                 raise _Stop  # nothing after this group is needed yet
 
             if stats is not None:
-                handle = lin0.register_forward_pre_hook(observe)
-                try:
-                    for sl in self._chunks(hidden.shape[0]):
-                        try:
-                            if in_branch:
-                                self._branch(block, branch, h[sl])
-                            else:
-                                self._forward(block, hidden[sl], kwargs)
-                        except _Stop:
-                            pass
-                finally:
-                    handle.remove()
+                run = ((lambda sl: self._branch(block, branch, h[sl])) if in_branch
+                       else (lambda sl: self._forward(block, hidden[sl], kwargs)))
+                self._until_hook(lin0, observe, run, hidden.shape[0])
             self._compress_group(adapter, i, group, stages, stats)
             if stats is not None:
                 stats.free()
@@ -561,17 +552,24 @@ class SequentialEngine:
             out[at["sl"]] = args[0]
             raise _Stop
 
-        handle = norm.register_forward_pre_hook(grab)
+        def run(sl):
+            at["sl"] = sl
+            self._forward(block, hidden[sl], kwargs)
+
+        self._until_hook(norm, grab, run, hidden.shape[0])
+        return out
+
+    def _until_hook(self, module, hook, run, n: int) -> None:
+        """run(chunk) for every chunk of n samples with `hook` (which raises _Stop) before `module`."""
+        handle = module.register_forward_pre_hook(hook)
         try:
-            for sl in self._chunks(hidden.shape[0]):
-                at["sl"] = sl
+            for sl in self._chunks(n):
                 try:
-                    self._forward(block, hidden[sl], kwargs)
+                    run(sl)
                 except _Stop:
                     pass
         finally:
             handle.remove()
-        return out
 
     def _branch(self, block, branch, x):
         """mlp(norm(x)) for one chunk of the residual stream."""

@@ -1,0 +1,106 @@
+"""What the chunked path (engine.chunk_size=k, the memory plan's fallback) costs against one pass.
+
+    python experiments/bench/chunked_speed.py [--blocks 4 --nsamples 128 --seqlen 512 --chunk 64 --repeats 2]
+
+SmolLM2-shaped random blocks (hidden 576, MLP 1536, GQA 9/3), sparsegpt 2:4 + gptq W4 g64 on random-token
+calibration, the engine run three ways, each in a fresh 1-thread process, interleaved `--repeats` times
+(A B C A B C ...) so that whatever else the machine runs falls on all three alike:
+- one pass (chunk_size=null);
+- chunked, the residual MLP branch kept (the current path: the attention runs for its own groups and
+  once to reach the MLP's residual);
+- chunked, the block run whole for every group (the path before; adapter data residual_mlp=None).
+Reports the compression seconds (median over repeats), the ratio to one pass, the peak RSS above the
+model (VmHWM), and whether the outputs equal one pass's. Writes experiments/results/chunked_speed.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+from _common import emit
+
+CHILD = r"""
+import json, sys, time
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from compresslab.engine import SequentialEngine
+from compresslab.metrics import peak_rss_since_reset_gb, reset_peak_rss, current_rss_gb
+from compresslab.models import adapters
+from compresslab.pruner.sparsegpt import SparseGPT
+from compresslab.quantizer.gptq import GPTQ
+
+a = json.loads(sys.argv[1])
+torch.set_num_threads(1)
+if not a["branch"]:
+    object.__setattr__(adapters._LLAMA, "residual_mlp", None)
+torch.manual_seed(0)
+cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                  num_hidden_layers=a["blocks"], vocab_size=49152, tie_word_embeddings=True)
+model = LlamaForCausalLM(cfg).eval()
+ids = torch.randint(0, 49152, (a["nsamples"], a["seqlen"]), generator=torch.Generator().manual_seed(1))
+base = current_rss_gb()
+reset_peak_rss()
+eng = SequentialEngine("cpu", chunk_size=a["chunk"], max_memory=None, progress=False)
+t0 = time.perf_counter()
+res = eng.run(model, ids, [SparseGPT(0.5, "2:4"), GPTQ(bits=4, group_size=64)], keep_outputs=True)
+dt = time.perf_counter() - t0
+torch.save(res["outputs"], a["out"])
+print(json.dumps({"compress_s": dt, "peak_above_model_gib": peak_rss_since_reset_gb() - base}))
+"""
+
+VARIANTS = {
+    "one pass": {"chunk": None, "branch": True},
+    "chunked, residual MLP branch kept": {"chunk": "CHUNK", "branch": True},
+    "chunked, block run whole per group (before)": {"chunk": "CHUNK", "branch": False},
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    import tempfile
+
+    import torch
+
+    tmp = tempfile.mkdtemp()
+    runs = {name: [] for name in VARIANTS}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    for r in range(args.repeats):
+        for name, v in VARIANTS.items():
+            a = {"blocks": args.blocks, "nsamples": args.nsamples, "seqlen": args.seqlen, "branch": v["branch"],
+                 "chunk": args.chunk if v["chunk"] == "CHUNK" else None, "out": f"{tmp}/{r}_{list(VARIANTS).index(name)}.pt"}
+            proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(a)], capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise SystemExit(proc.stderr[-2000:])
+            runs[name].append({**json.loads(proc.stdout.strip().splitlines()[-1]), "out": a["out"]})
+            print(name, runs[name][-1], flush=True)
+    ref = torch.load(runs["one pass"][0]["out"])
+    base = statistics.median(x["compress_s"] for x in runs["one pass"])
+    rows = []
+    for name, rs in runs.items():
+        s = statistics.median(x["compress_s"] for x in rs)
+        out = torch.load(rs[0]["out"])
+        rows.append({"variant": name, "compress_s": round(s, 1), "ratio_to_one_pass": round(s / base, 3),
+                     "all_s": [round(x["compress_s"], 1) for x in rs],
+                     "peak_above_model_gib": round(max(x["peak_above_model_gib"] for x in rs), 3),
+                     "outputs_rel_diff": float((out - ref).norm() / ref.norm())})
+    emit("chunked_speed", rows, {
+        "model": f"random-init SmolLM2-shaped Llama, {args.blocks} blocks (hidden 576, MLP 1536, GQA 9/3), fp32",
+        "stages": "sparsegpt 2:4 + gptq W4 g64", "calibration": f"random tokens, {args.nsamples}x{args.seqlen}",
+        "chunk_size": args.chunk, "threads": "1 per process, variants interleaved", "repeats": args.repeats,
+        "note": "outputs_rel_diff: against one pass; chunks change the GEMM batching, so float rounding differs",
+    })
+
+
+if __name__ == "__main__":
+    main()
