@@ -79,19 +79,36 @@ class ShardedTensors:
     def __contains__(self, key: str) -> bool:
         return key in self.name
 
-    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """The tensors of the model's state-dict `keys`, on the CPU, opening each shard once."""
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor of the model's state-dict `key`, on the CPU. The shard is opened for this read
+        and closed again, so no mapping of the file stays resident."""
         from safetensors import safe_open
 
-        by_file: dict[str, list[str]] = {}
-        for k in keys:
-            by_file.setdefault(self.where[self.name[k]], []).append(k)
-        out = {}
-        for fname, names in by_file.items():
-            with safe_open(str(self.folder / fname), framework="pt") as f:
-                for k in names:
-                    out[k] = f.get_tensor(self.name[k])
-        return out
+        with safe_open(str(self.folder / self.where[self.name[key]]), framework="pt") as f:
+            return f.get_tensor(self.name[key])
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc): a streamed run frees a block's worth of tensors
+    per block, and glibc's heap otherwise keeps (and fragments) it, so RSS creeps up block by block."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def prefer_mmap() -> None:
+    """Big allocations straight from the OS and back (glibc M_MMAP_THRESHOLD = 1 MiB, fixed): without
+    it glibc raises the threshold after the first large free and serves a block's tensors from a heap
+    that does not shrink. Process-wide; a no-op off glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _nonpersistent_owners(module: nn.Module) -> list[nn.Module]:
@@ -104,24 +121,36 @@ def _nonpersistent_owners(module: nn.Module) -> list[nn.Module]:
 
 
 def _fill(module: nn.Module, prefix: str, tensors: ShardedTensors, init_fn, skip: tuple[str, ...] = ()) -> None:
-    """Allocate `module`'s meta tensors on the CPU, compute its non-persistent buffers with the
-    model's own initialiser, and copy every persistent tensor from the checkpoint (cast to the
-    module's dtype). A tensor the checkpoint lacks is an error, not a random weight."""
-    module.to_empty(device="cpu")
-    for m in _nonpersistent_owners(module):
-        init_fn(m)
-    state = {k: v for k, v in module.state_dict(keep_vars=True).items()
-             if not any(k == s or k.startswith(s + ".") for s in skip)}
-    keys = {prefix + k: k for k in state}
-    missing = [k for k in keys if k not in tensors]
+    """Give `module`'s meta tensors their values: each persistent one read from the checkpoint (one at
+    a time, cast to the module's dtype, set in place of the meta tensor: no second copy), each
+    non-persistent buffer (rotary inv_freq) computed by the model's own initialiser. Tensors already
+    materialised (a PackedLinear's) and `skip`ped keys are left alone. A tensor the checkpoint lacks
+    is an error, not a random weight."""
+    persistent = set(module.state_dict(keep_vars=True))
+    todo = []
+    for mname, m in module.named_modules():
+        for store in (m._parameters, m._buffers):
+            for n, t in store.items():
+                key = f"{mname}.{n}" if mname else n
+                if t is not None and t.is_meta and key not in skip:
+                    todo.append((store, n, key, t))
+    missing = [prefix + k for _, _, k, _ in todo if k in persistent and prefix + k not in tensors]
     if missing:
         raise ConfigError(f"model.offload=disk: {missing[:3]} are not in the checkpoint {tensors.folder} (its tensor "
                           "names must match the model's state_dict, as save_pretrained writes them); "
                           "use model.offload=null for this checkpoint")
-    with torch.no_grad():
-        for key, v in tensors.read(list(keys)).items():
-            t = state[keys[key]]
-            t.copy_(v.to(t.dtype) if t.is_floating_point() else v)
+    computed = set()
+    for store, n, key, t in todo:  # computed buffers first: their owners' initialiser may touch params (still meta)
+        if key not in persistent:
+            store[n] = torch.empty_like(t, device="cpu")
+            computed.add(key.rpartition(".")[0])
+    for owner in computed:
+        init_fn(module.get_submodule(owner) if owner else module)
+    for store, n, key, t in todo:
+        if key in persistent:
+            v = tensors.get(prefix + key)
+            v = v.to(t.dtype) if v.is_floating_point() else v
+            store[n] = nn.Parameter(v, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else v
 
 
 class DiskBlocks:
@@ -147,6 +176,7 @@ class DiskBlocks:
         for m in block.modules():  # what the stages recorded on its Linears (masks, scales) goes too
             m.__dict__.pop(STATE_ATTR, None)
         block.to("meta")
+        release_freed_memory()
         self.live -= 1
 
 
@@ -179,7 +209,6 @@ class PackedBlocks(DiskBlocks):
 
         prefix = self.prefix(i)
         names = [n for group in self.adapter.linear_groups(block) for n, _ in group]
-        _fill(block, prefix, self.tensors, self.model._init_weights, skip=tuple(names))
         swapped = []
         for name in names:
             meta = self.manifest["layers"].get(prefix + name)
@@ -192,6 +221,7 @@ class PackedBlocks(DiskBlocks):
             swapped.append((name, getattr(owner, child)))
             setattr(owner, child, packed)
         self._swapped[i] = swapped
+        _fill(block, prefix, self.tensors, self.model._init_weights)  # what is not a packed Linear
         self.live += 1
         self.loads += 1
         self.max_live = max(self.max_live, self.live)
@@ -209,6 +239,7 @@ def streamed_model(folder: str | Path, config, dtype: torch.dtype) -> tuple[nn.M
     source that materialises its blocks one at a time."""
     from transformers import AutoModelForCausalLM
 
+    prefer_mmap()
     tensors = ShardedTensors(folder)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -219,18 +250,8 @@ def streamed_model(folder: str | Path, config, dtype: torch.dtype) -> tuple[nn.M
     owner = model.get_submodule(parent)
     setattr(owner, child, nn.ModuleList())  # outside the blocks only
     try:
-        model.to_empty(device="cpu")
-        for m in _nonpersistent_owners(model):
-            model._init_weights(m)
-        state = model.state_dict(keep_vars=True)
-        keys = [k for k in state if k != _tied_head_key(model)]
-        missing = [k for k in keys if k not in tensors]
-        if missing:
-            raise ConfigError(f"model.offload=disk: {missing[:3]} are not in the checkpoint {folder}; "
-                              "use model.offload=null for this checkpoint")
-        with torch.no_grad():
-            for key, v in tensors.read(keys).items():
-                state[key].copy_(v.to(state[key].dtype) if state[key].is_floating_point() else v)
+        head = _tied_head_key(model)
+        _fill(model, "", tensors, model._init_weights, skip=(head,) if head else ())
     finally:
         setattr(owner, child, blocks)
     if getattr(config, "tie_word_embeddings", False):
