@@ -43,15 +43,16 @@ def layer_params(layer: nn.Linear) -> int:
     return factors if adapter.replaces else layer.weight.numel() + factors
 
 
-def layer_summary(name: str, lin: nn.Linear) -> tuple[dict[str, Any], tuple[int, ...]]:
+def layer_summary(name: str, lin: nn.Linear, bits: int | None = None) -> tuple[dict[str, Any], tuple[int, ...]]:
     """One Linear's row of the per-layer table, and its counts for `summarize`:
-    (pruned, zeros, numel, storage bits, stored params, fell back, damping raised)."""
+    (pruned, zeros, numel, storage bits, stored params, fell back, damping raised). `bits`: its storage
+    bits when the caller packed it already (a checkpoint writer), else counted here."""
     w = lin.weight.detach()
     state = layer_state(lin)
     mask = state.keep_mask(w.device) if state is not None else None
     p = int((~mask).sum()) if mask is not None else 0
     z = int((w == 0).sum())
-    b = layer_storage_bits(lin)
+    b = layer_storage_bits(lin) if bits is None else bits
     nm = parse_pattern(state.pattern) if state and state.pattern else None
     row = {
         "name": name, "shape": list(w.shape), "sparsity": p / w.numel(), "zero_fraction": z / w.numel(),

@@ -307,10 +307,9 @@ class BlockSink:
         self.counts: list[tuple[int, ...]] = []
 
     def __call__(self, i: int, block: nn.Module) -> None:
+        bits = self.writer.add_block(i, block) if self.writer is not None else {}  # packed once, counted from it
         for group in self.adapter.linear_groups(block):
             for name, lin in group:
-                row, c = self._summary(f"{self.adapter.blocks}.{i}.{name}", lin)
+                row, c = self._summary(f"{self.adapter.blocks}.{i}.{name}", lin, bits.get(name))
                 self.rows.append(row)
                 self.counts.append(c)
-        if self.writer is not None:
-            self.writer.add_block(i, block)

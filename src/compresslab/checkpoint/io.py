@@ -134,23 +134,26 @@ class CheckpointWriter:
         self._written.append(self._shard.path)
         self._shard = None
 
-    def add_block(self, i: int, block: nn.Module) -> None:
-        """Pack block `i` (final: compressed and recovered) into the checkpoint."""
+    def add_block(self, i: int, block: nn.Module) -> dict[str, int]:
+        """Pack block `i` (final: compressed and recovered) into the checkpoint. Returns each Linear's
+        storage bits, by its name in the block."""
         prefix = f"{self.adapter.blocks}.{i}."
-        names = []
+        names, bits = [], {}
         for group in self.adapter.linear_groups(block):
             for name, lin in group:
                 meta, t = pack_linear(lin)
                 meta["tensors"] = {k: f"{prefix}{name}.{k}" for k in t}
                 self.layers[prefix + name] = meta
                 self._add({f"{prefix}{name}.{k}": v.detach().cpu().contiguous() for k, v in t.items()})
-                self.bits += storage_bits(t)
+                bits[name] = storage_bits(t)
+                self.bits += bits[name]
                 self.params += lin.weight.numel()
                 names.append(name)
         other, aliases, buffers = _other_tensors(block, prefix, set(names))
         self._add(other)
         self.aliases.update(aliases)
         self.buffers += buffers
+        return bits
 
     def finish(self, model: nn.Module, tokenizer=None, extra: dict | None = None) -> dict:
         """Add the tensors outside the blocks, name the shards, write the manifest (last). Returns it."""
