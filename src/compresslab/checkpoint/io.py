@@ -85,9 +85,27 @@ def _other_tensors(module: nn.Module, prefix: str, skip: set[str], seen: dict | 
             aliases[prefix + key] = seen[ptr]
             continue
         seen[ptr] = prefix + key
-        v = v.detach().cpu()
-        out[prefix + key] = (v.half() if v.dtype == torch.float32 else v).contiguous()
+        out[prefix + key] = _Half(v.detach())  # converted one at a time as it is written
     return out, aliases, buffers
+
+
+class _Half:
+    """A parameter stored as fp16 (when fp32), converted only when the writer takes it, so saving
+    never holds a second copy of more than one tensor (the embeddings and head of a streamed model)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+        self.dtype = torch.float16 if t.dtype == torch.float32 else t.dtype
+        self.shape = t.shape
+
+    def numel(self) -> int:
+        return self.t.numel()
+
+    def element_size(self) -> int:
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+    def tensor(self) -> torch.Tensor:
+        return self.t.to("cpu", self.dtype).contiguous()
 
 
 class CheckpointWriter:
@@ -123,7 +141,7 @@ class CheckpointWriter:
                 self._flush()
             if self._shard is None:
                 self._shard = ShardFile(self.path / f"model-part-{len(self._written) + 1:05d}.safetensors.tmp")
-            self._shard.add(key, v)
+            self._shard.add(key, v.tensor() if isinstance(v, _Half) else v)
             self.index[key] = {"file": self._shard.path.name, "dtype": str(v.dtype).removeprefix("torch."),
                                "shape": list(v.shape)}
 

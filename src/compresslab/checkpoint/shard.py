@@ -39,11 +39,11 @@ class ShardFile:
         if t.dtype not in DTYPES:
             raise TypeError(f"{name}: dtype {t.dtype} has no safetensors name")
         t = t.detach().to("cpu").contiguous()
-        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        size = t.element_size()
-        self._spool(size).write(data)
-        self._entries.setdefault(size, []).append((name, DTYPES[t.dtype], list(t.shape), len(data)))
-        self.nbytes += len(data)
+        size, n = t.element_size(), t.numel() * t.element_size()
+        if n:  # the tensor's own bytes, no copy (a uint8 view of its memory)
+            t.reshape(-1).view(torch.uint8).numpy().tofile(self._spool(size))
+        self._entries.setdefault(size, []).append((name, DTYPES[t.dtype], list(t.shape), n))
+        self.nbytes += n
 
     def close(self) -> None:
         header, at = {"__metadata__": {"format": "pt"}}, 0
