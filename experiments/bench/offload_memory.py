@@ -51,6 +51,7 @@ def main():
     ap.add_argument("--intermediate", type=int, default=5632)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--only", nargs="*")
+    ap.add_argument("--collect", action="store_true", help="run nothing: tabulate the runs already in --out")
     ap.add_argument("--out", default=str(ROOT / "outputs" / "bench_offload"))
     args = ap.parse_args()
     out = Path(args.out)
@@ -66,7 +67,7 @@ def main():
     methods = {m: [*o, f"save.path={run_dir_for(out, m) / 'ckpt'}"] for m, o in methods.items()}
     common = ["model=hf", f"model.name_or_path={folder}", "data.nsamples=16", "data.seqlen=512", "eval.seqlen=2048",
               "eval.max_windows=2", "logger=none", "engine.progress=false", "eval.progress=false"]
-    rows = run_table("offload_memory", methods, common, out, args.only)
+    rows = run_table("offload_memory", methods, common, out, args.only, collect=args.collect)
     for row in rows:
         rec_path = run_dir_for(out, row["method"]) / "metrics.json"
         m = json.loads(rec_path.read_text()).get("metrics", {}) if rec_path.is_file() else {}
@@ -81,7 +82,7 @@ def main():
         "eval": "wikitext2 test, 2 windows of 2048, block by block (random weights: the ppl is not a quality figure)",
         "machine": "CPU, 2 cores", "target": "peak RSS below 30% of the fp32 model size",
         "peak_rss_gb": "GiB (ru_maxrss); model size in GB (1e9)",
-    }, merge=bool(args.only))
+    }, merge=bool(args.only) and not args.collect)
 
 
 if __name__ == "__main__":
