@@ -111,15 +111,6 @@ def prefer_mmap() -> None:
         pass
 
 
-def _nonpersistent_owners(module: nn.Module) -> list[nn.Module]:
-    """Submodules that own buffers left out of the state dict (rotary inv_freq): computed, not stored."""
-    owners = []
-    for m in module.modules():
-        if any(n in m._non_persistent_buffers_set for n, b in m._buffers.items() if b is not None):
-            owners.append(m)
-    return owners
-
-
 def _fill(module: nn.Module, prefix: str, tensors: ShardedTensors, init_fn, skip: tuple[str, ...] = ()) -> None:
     """Give `module`'s meta tensors their values: each persistent one read from the checkpoint (one at
     a time, cast to the module's dtype, set in place of the meta tensor: no second copy), each
@@ -205,6 +196,7 @@ class PackedBlocks(DiskBlocks):
         return out
 
     def load(self, i: int, block: nn.Module) -> None:
+        from .checkpoint.io import _set_module
         from .checkpoint.layer import PackedLinear
 
         prefix = self.prefix(i)
@@ -216,20 +208,16 @@ class PackedBlocks(DiskBlocks):
                 raise ConfigError(f"{self.path} has no layer {prefix + name}: it is not this run's checkpoint")
             t = self._packed_tensors(list(meta["tensors"].values()))
             packed = PackedLinear(meta, {role: t[key] for role, key in meta["tensors"].items()}, cache_weight=True)
-            parent, _, child = name.rpartition(".")
-            owner = block.get_submodule(parent) if parent else block
-            swapped.append((name, getattr(owner, child)))
-            setattr(owner, child, packed)
+            swapped.append((name, block.get_submodule(name)))
+            _set_module(block, name, packed)
         self._swapped[i] = swapped
-        _fill(block, prefix, self.tensors, self.model._init_weights)  # what is not a packed Linear
-        self.live += 1
-        self.loads += 1
-        self.max_live = max(self.max_live, self.live)
+        super().load(i, block)  # the rest (norms) from the dense shards: _fill leaves the PackedLinears alone
 
     def free(self, i: int, block: nn.Module) -> None:
+        from .checkpoint.io import _set_module
+
         for name, lin in self._swapped.pop(i, []):  # the meta Linears back in place
-            parent, _, child = name.rpartition(".")
-            setattr(block.get_submodule(parent) if parent else block, child, lin)
+            _set_module(block, name, lin)
         super().free(i, block)
 
 
