@@ -241,15 +241,8 @@ def test_recover_with_finetune_measures_against_the_dense_model(monkeypatch):
     assert head_calls and during == [0]  # the finetune's steps call the head; the measurement does not
 
 
-def test_chunked_llama_runs_the_attention_only_for_its_own_groups():
-    """Chunked path on a block that ends in h + mlp(norm(h)): the residual h is kept once the attention
-    groups are done, so the attention runs for the q/k/v and o groups and once to reach h (3 calls per
-    chunk, not 5), the MLP for gate/up, down and the outputs; the outputs match the model's."""
-    model = tiny("llama")
-    ids = torch.randint(0, 256, (6, 16))
-    ref = last_block_output(model, ids)
+def _count_calls(block):
     calls = {"attn": 0, "mlp": 0}
-    block = model.model.layers[0]
 
     def count(key):
         def hook(mod, args, kwargs=None):
@@ -257,10 +250,56 @@ def test_chunked_llama_runs_the_attention_only_for_its_own_groups():
         return hook
 
     hooks = [block.self_attn.register_forward_pre_hook(count("attn")), block.mlp.register_forward_pre_hook(count("mlp"))]
+    return calls, hooks
+
+
+@pytest.mark.parametrize("writer", [True, False])
+def test_chunked_llama_runs_the_attention_only_for_its_own_groups(monkeypatch, writer):
+    """Chunked path on a block that ends in h + mlp(norm(h)): the residual h is kept once the attention
+    groups are done, so the MLP runs for gate/up, down and the outputs only. With the residual writer
+    (h = x + o_proj(a)) the o group's pass keeps a and h is computed from it: the attention runs for the
+    q/k/v and o groups only (2 calls per chunk); without it once more to reach h (3). The outputs match
+    the model's."""
+    import dataclasses
+
+    from compresslab.models import adapters
+
+    if not writer:
+        monkeypatch.setitem(adapters._ADAPTERS, "llama", dataclasses.replace(adapters._LLAMA, residual_attn=None))
+    model = tiny("llama")
+    ids = torch.randint(0, 256, (6, 16))
+    ref = last_block_output(model, ids)
+    calls, hooks = _count_calls(model.model.layers[0])
     rec = Recorder()
     res = SequentialEngine(device="cpu", chunk_size=2, progress=False).run(model, ids, [rec], keep_outputs=True)
     for h in hooks:
         h.remove()
-    assert calls == {"attn": 3 * 3, "mlp": 3 * 3}
+    assert calls == {"attn": (2 if writer else 3) * 3, "mlp": 3 * 3}
     torch.testing.assert_close(res["outputs"], ref, atol=1e-5, rtol=1e-5)
     assert [n for n, _ in rec.calls] == [n for n, _ in adapter_for(model).named_linears(model)]
+
+
+def test_chunked_residual_writer_uses_the_compressed_o_proj(monkeypatch):
+    """h = x + o(a) from the kept input a, o as compressed, equals h reached by running the block
+    again: GPTQ W3 through the chunked path with and without the residual writer gives the same
+    weights in every block and the same outputs."""
+    import dataclasses
+
+    from compresslab.models import adapters
+    from compresslab.quantizer.gptq import GPTQ
+
+    model = tiny("llama")
+    ids = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(0))
+    outs, weights = [], []
+    for adapter in (adapters._LLAMA, dataclasses.replace(adapters._LLAMA, residual_attn=None)):
+        monkeypatch.setitem(adapters._ADAPTERS, "llama", adapter)
+        m = copy.deepcopy(model)
+        res = SequentialEngine(device="cpu", chunk_size=2, progress=False).run(
+            m, ids, [GPTQ(bits=3, group_size=16)], keep_outputs=True)
+        outs.append(res["outputs"])
+        weights.append({n: p.detach().clone() for n, p in m.named_parameters() if "proj" in n})
+    assert not torch.equal(weights[0]["model.layers.0.self_attn.o_proj.weight"],
+                           model.model.layers[0].self_attn.o_proj.weight)  # o was compressed
+    for n in weights[0]:
+        torch.testing.assert_close(weights[0][n], weights[1][n], atol=0, rtol=0, msg=n)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-6)

@@ -511,29 +511,48 @@ class SequentialEngine:
         When the block ends in a residual MLP branch (adapter.mlp_branch: h + mlp(norm(h))), the residual
         h entering it is kept for all samples once the attention groups are done (in the buffer the
         outputs need anyway): the MLP's groups then run only the branch from h, and the outputs are
-        h + mlp(norm(h)), so the attention is not run again for them. Returns the block's outputs when
-        the branch computed them, else None (the caller propagates)."""
+        h + mlp(norm(h)), so the attention is not run again for them. When h = x + o(a) for a Linear o
+        that is a group of its own (adapter.residual_writer), its statistics pass also keeps its input a
+        in that buffer and h is computed from it once o is compressed: the attention runs once per chunk.
+        Returns the block's outputs when the branch computed them, else None (the caller propagates)."""
         branch = adapter.mlp_branch(block)
-        h = None  # (N, T, C): the residual entering the MLP branch
+        writer = adapter.residual_writer(block)
+        h = None  # (N, T, C): the residual entering the MLP branch (first the writer's input a)
         for g, group in enumerate(groups):
             lin0 = group[0][1]
             stats = LayerStats(needs, lin0.in_features, hidden.device) if needs else None
             in_branch = branch is not None and g in branch[2]
             if in_branch and h is None:
                 h = self._residual(block, branch[0], hidden, kwargs)
+            keep = writer is not None and g == writer[0] and stats is not None
+            if keep:
+                h = self._stream_like(hidden)
+            at = {}
 
-            def observe(_mod, args, stats=stats):
+            def observe(_mod, args, stats=stats, keep=keep):
                 if stats is not None:
                     stats.add_batch(args[0])
+                if keep:
+                    h[at["sl"]] = args[0]
                 raise _Stop  # nothing after this group is needed yet
 
+            def run(sl, in_branch=in_branch):
+                at["sl"] = sl
+                if in_branch:
+                    self._branch(block, branch, h[sl])
+                else:
+                    self._forward(block, hidden[sl], kwargs)
+
             if stats is not None:
-                run = ((lambda sl: self._branch(block, branch, h[sl])) if in_branch
-                       else (lambda sl: self._forward(block, hidden[sl], kwargs)))
                 self._until_hook(lin0, observe, run, hidden.shape[0])
             self._compress_group(adapter, i, group, stages, stats)
             if stats is not None:
                 stats.free()
+            if keep:  # h = x + o(a), o as compressed (the stage may have replaced the module)
+                lin = block.get_submodule(writer[1])
+                for sl in self._chunks(h.shape[0]):
+                    a = h[sl].to(self.device, non_blocking=True)
+                    h[sl] = hidden[sl].to(self.device, non_blocking=True) + lin(a)
         if h is None:
             return None
         for sl in self._chunks(h.shape[0]):  # the outputs, h + mlp(norm(h)), in h's buffer
@@ -541,11 +560,16 @@ class SequentialEngine:
             h[sl] = x + self._branch(block, branch, x)
         return h
 
+    @staticmethod
+    def _stream_like(hidden: torch.Tensor) -> torch.Tensor:
+        """An empty buffer like the hidden-state stream (pinned host memory when the stream is)."""
+        return (torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True) if hidden.is_pinned()
+                else torch.empty_like(hidden))
+
     def _residual(self, block, norm, hidden, kwargs):
         """(N, T, C): the input of `norm` (the residual stream entering the MLP branch) for all samples;
         each chunk's forward stops there."""
-        out = (torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True) if hidden.is_pinned()
-               else torch.empty_like(hidden))
+        out = self._stream_like(hidden)
         at = {}
 
         def grab(_mod, args):

@@ -33,6 +33,10 @@ class Adapter:
     # the norm's input: the engine's chunked path keeps h and runs only the branch for the MLP's groups
     # and the propagation (see `mlp_branch`); None: the block is run whole
     residual_mlp: tuple[str, str] | None = None
+    # the Linear whose output the block adds to its input to make that residual, h = x + o_proj(a), a
+    # group of its own: the chunked path keeps its input a and computes h from it instead of running the
+    # attention again (see `residual_writer`); None: h is reached by running the block up to the norm
+    residual_attn: str | None = None
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         blocks = get_module(model, self.blocks)
@@ -90,6 +94,16 @@ class Adapter:
             return None
         return norm, mlp, inside
 
+    def residual_writer(self, block: nn.Module):
+        """(index of its group, name) of the Linear with h = x + lin(a) (`residual_attn`) when the block
+        also has its residual MLP branch and that Linear is a group of its own before the branch's
+        groups, else None."""
+        branch = self.mlp_branch(block)
+        if self.residual_attn is None or branch is None or get_module(block, self.residual_attn) is None:
+            return None
+        g = next((i for i, names in enumerate(self.groups) if names == (self.residual_attn,)), None)
+        return (g, self.residual_attn) if g is not None and g < min(branch[2]) else None
+
     def named_linears(self, model: nn.Module):
         """(qualified name, Linear) for every target Linear of every block."""
         for i, block in enumerate(self.block_list(model)):
@@ -139,6 +153,7 @@ _LLAMA = Adapter(
     gated_mlp=("mlp", "gate_proj", "up_proj", "down_proj", "act_fn"),
     outputs=("model.norm", "lm_head"),
     residual_mlp=("post_attention_layernorm", "mlp"),
+    residual_attn="self_attn.o_proj",
 )
 _OPT = Adapter(
     family="opt",
