@@ -253,19 +253,24 @@ def _count_calls(block):
     return calls, hooks
 
 
-@pytest.mark.parametrize("writer", [True, False])
-def test_chunked_llama_runs_the_attention_only_for_its_own_groups(monkeypatch, writer):
+@pytest.mark.parametrize("writer,keep_p", [(True, True), (True, False), (False, False)])
+def test_chunked_llama_runs_the_attention_only_for_its_own_groups(monkeypatch, writer, keep_p):
     """Chunked path on a block that ends in h + mlp(norm(h)): the residual h is kept once the attention
-    groups are done, so the MLP runs for gate/up, down and the outputs only. With the residual writer
-    (h = x + o_proj(a)) the o group's pass keeps a and h is computed from it: the attention runs for the
-    q/k/v and o groups only (2 calls per chunk); without it once more to reach h (3). The outputs match
-    the model's."""
+    groups are done, so the MLP runs for gate/up, down and the outputs only (3 calls per chunk). With the
+    residual writer (h = x + o_proj(a)) the o group's pass keeps a and h is computed from it: the
+    attention runs for the q/k/v and o groups only (2 calls per chunk); without it once more to reach h
+    (3). With down's input p kept (no budget: the plan keeps it) the outputs are h + down(p): the MLP
+    runs for gate/up and down only (2). The outputs match the model's."""
     import dataclasses
 
     from compresslab.models import adapters
 
+    adapter = adapters._LLAMA
+    if not keep_p:
+        adapter = dataclasses.replace(adapter, residual_mlp_out=None)
     if not writer:
-        monkeypatch.setitem(adapters._ADAPTERS, "llama", dataclasses.replace(adapters._LLAMA, residual_attn=None))
+        adapter = dataclasses.replace(adapter, residual_attn=None)
+    monkeypatch.setitem(adapters._ADAPTERS, "llama", adapter)
     model = tiny("llama")
     ids = torch.randint(0, 256, (6, 16))
     ref = last_block_output(model, ids)
@@ -274,15 +279,16 @@ def test_chunked_llama_runs_the_attention_only_for_its_own_groups(monkeypatch, w
     res = SequentialEngine(device="cpu", chunk_size=2, progress=False).run(model, ids, [rec], keep_outputs=True)
     for h in hooks:
         h.remove()
-    assert calls == {"attn": (2 if writer else 3) * 3, "mlp": 3 * 3}
+    assert res["plan"].keep_mlp_input == keep_p
+    assert calls == {"attn": (2 if writer else 3) * 3, "mlp": (2 if keep_p else 3) * 3}
     torch.testing.assert_close(res["outputs"], ref, atol=1e-5, rtol=1e-5)
     assert [n for n, _ in rec.calls] == [n for n, _ in adapter_for(model).named_linears(model)]
 
 
 def test_chunked_residual_writer_uses_the_compressed_o_proj(monkeypatch):
-    """h = x + o(a) from the kept input a, o as compressed, equals h reached by running the block
-    again: GPTQ W3 through the chunked path with and without the residual writer gives the same
-    weights in every block and the same outputs."""
+    """h = x + o(a) from the kept input a and the outputs h + down(p) from the kept input p, o and down
+    as compressed, equal what running the block again gives: GPTQ W3 through the chunked path with and
+    without the two shortcuts gives the same weights in every block and the same outputs."""
     import dataclasses
 
     from compresslab.models import adapters
@@ -291,15 +297,15 @@ def test_chunked_residual_writer_uses_the_compressed_o_proj(monkeypatch):
     model = tiny("llama")
     ids = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(0))
     outs, weights = [], []
-    for adapter in (adapters._LLAMA, dataclasses.replace(adapters._LLAMA, residual_attn=None)):
+    for adapter in (adapters._LLAMA, dataclasses.replace(adapters._LLAMA, residual_attn=None, residual_mlp_out=None)):
         monkeypatch.setitem(adapters._ADAPTERS, "llama", adapter)
         m = copy.deepcopy(model)
         res = SequentialEngine(device="cpu", chunk_size=2, progress=False).run(
             m, ids, [GPTQ(bits=3, group_size=16)], keep_outputs=True)
         outs.append(res["outputs"])
         weights.append({n: p.detach().clone() for n, p in m.named_parameters() if "proj" in n})
-    assert not torch.equal(weights[0]["model.layers.0.self_attn.o_proj.weight"],
-                           model.model.layers[0].self_attn.o_proj.weight)  # o was compressed
+    for name in ("self_attn.o_proj", "mlp.down_proj"):  # both were compressed
+        assert not torch.equal(weights[0][f"model.layers.0.{name}.weight"], model.get_submodule(f"model.layers.0.{name}").weight)
     for n in weights[0]:
         torch.testing.assert_close(weights[0][n], weights[1][n], atol=0, rtol=0, msg=n)
     torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-6)

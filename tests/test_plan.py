@@ -56,6 +56,26 @@ def test_plan_takes_one_pass_when_it_fits_and_the_largest_chunk_that_fits_otherw
             make_plan(cfg, n, t, budget=estimate(Shape.of(cfg), n, t, 0, **kw), **kw)
 
 
+def test_plan_keeps_down_input_when_it_fits_beside_a_chunk():
+    """With `mlp_writer` the plan prefers chunks that keep down_proj's (N, T, I) input (every Linear
+    once per sample), the largest that fits; when no chunk fits beside it, chunks without it."""
+    cfg = llama().config
+    n, t, shape = 64, 128, Shape.of(cfg)
+    kept = n * t * cfg.intermediate_size * 4
+    for k_fit in (n // 2, 3):
+        budget = estimate(shape, n, t, k_fit, keep_mlp_input=True) + 1000
+        plan = make_plan(cfg, n, t, budget=budget, mlp_writer=True)
+        fits = [k for k in range(1, n + 1) if estimate(shape, n, t, k, keep_mlp_input=True) <= budget]
+        assert plan.keep_mlp_input and plan.chunk_size == max(fits) >= k_fit
+        assert plan.est_bytes == estimate(shape, n, t, plan.chunk_size) + kept <= budget
+        assert "down input kept" in plan.describe()
+        assert not make_plan(cfg, n, t, budget=budget).keep_mlp_input  # blocks without the writer
+    budget = estimate(shape, n, t, 1, keep_mlp_input=True) - 1  # p and one sample do not fit; chunks do
+    plan = make_plan(cfg, n, t, budget=budget, mlp_writer=True)
+    assert not plan.keep_mlp_input and plan.chunk_size >= 1 and plan.est_bytes <= budget
+    assert make_plan(cfg, n, t, budget=None, chunk_size=8, mlp_writer=True).keep_mlp_input  # no limit: kept
+
+
 def test_on_an_accelerator_hidden_states_go_to_the_host_when_they_do_not_fit_beside_the_block():
     cfg = llama().config
     n, t, cuda = 64, 128, torch.device("cuda")

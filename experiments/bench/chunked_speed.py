@@ -6,10 +6,12 @@ SmolLM2-shaped random blocks (hidden 576, MLP 1536, GQA 9/3), sparsegpt 2:4 + gp
 calibration, the engine run three ways, each in a fresh 1-thread process, interleaved `--repeats` times
 (A B C A B C ...) so that whatever else the machine runs falls on all three alike:
 - one pass (chunk_size=null);
-- chunked, the residual MLP branch kept and h = x + o_proj(a) computed from o_proj's kept input (the
-  current path: the attention runs once per chunk, for its o group's statistics);
-- chunked, the residual MLP branch kept, the attention run again to reach h (adapter data residual_attn=None);
-- chunked, the block run whole for every group (adapter data residual_mlp=None as well).
+- chunked, every Linear once per sample: h = x + o_proj(a) from o_proj's kept input, and the outputs
+  h + down_proj(p) from down_proj's kept input (what the plan picks when p fits the budget);
+- chunked, o_proj's input kept, down_proj's not (adapter data residual_mlp_out=None): gate/up run again
+  for the outputs (what the plan picks when p does not fit);
+- with --all, the earlier paths: the attention run again to reach h (residual_attn=None as well), and the
+  block run whole for every group (residual_mlp=None as well).
 Reports the compression seconds (median over repeats), the ratio to one pass, the peak RSS above the
 model (VmHWM), and the outputs' relative error against the dense blocks' outputs (one uncompressed run)
 beside their difference from one pass's. Writes experiments/results/chunked_speed.{json,md}.
@@ -38,7 +40,9 @@ from compresslab.quantizer.gptq import GPTQ
 
 a = json.loads(sys.argv[1])
 torch.set_num_threads(1)
-if a["path"] != "writer":
+if a["path"] in ("attn", "branch", "whole"):
+    object.__setattr__(adapters._LLAMA, "residual_mlp_out", None)
+if a["path"] in ("branch", "whole"):
     object.__setattr__(adapters._LLAMA, "residual_attn", None)
 if a["path"] == "whole":
     object.__setattr__(adapters._LLAMA, "residual_mlp", None)
@@ -59,11 +63,13 @@ print(json.dumps({"compress_s": dt, "peak_above_model_gib": peak_rss_since_reset
 """
 
 VARIANTS = {
-    "one pass": {"chunk": None, "path": "writer"},
-    "chunked, attention once (o_proj's input kept)": {"chunk": "CHUNK", "path": "writer"},
-    "chunked, attention again to reach h": {"chunk": "CHUNK", "path": "branch"},
+    "one pass": {"chunk": None, "path": "all"},
+    "chunked, every Linear once (o_proj's and down_proj's inputs kept)": {"chunk": "CHUNK", "path": "all"},
+    "chunked, o_proj's input kept (gate/up twice)": {"chunk": "CHUNK", "path": "attn"},
+    "chunked, attention again to reach h (gate/up twice)": {"chunk": "CHUNK", "path": "branch"},
     "chunked, block run whole per group": {"chunk": "CHUNK", "path": "whole"},
 }
+EARLIER = ("chunked, attention again to reach h (gate/up twice)", "chunked, block run whole per group")
 
 
 def main():
@@ -73,24 +79,26 @@ def main():
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--all", action="store_true", help="also the earlier chunked paths")
     args = ap.parse_args()
+    variants = {k: v for k, v in VARIANTS.items() if args.all or k not in EARLIER}
     import tempfile
 
     import torch
 
     tmp = tempfile.mkdtemp()
-    runs = {name: [] for name in VARIANTS}
+    runs = {name: [] for name in variants}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     for r in range(args.repeats):
-        for name, v in VARIANTS.items():
+        for name, v in variants.items():
             a = {"blocks": args.blocks, "nsamples": args.nsamples, "seqlen": args.seqlen, "path": v["path"], "compress": True,
-                 "chunk": args.chunk if v["chunk"] == "CHUNK" else None, "out": f"{tmp}/{r}_{list(VARIANTS).index(name)}.pt"}
+                 "chunk": args.chunk if v["chunk"] == "CHUNK" else None, "out": f"{tmp}/{r}_{list(variants).index(name)}.pt"}
             proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(a)], capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 raise SystemExit(proc.stderr[-2000:])
             runs[name].append({**json.loads(proc.stdout.strip().splitlines()[-1]), "out": a["out"]})
             print(name, runs[name][-1], flush=True)
-    a = {"blocks": args.blocks, "nsamples": args.nsamples, "seqlen": args.seqlen, "path": "writer", "compress": False,
+    a = {"blocks": args.blocks, "nsamples": args.nsamples, "seqlen": args.seqlen, "path": "all", "compress": False,
          "chunk": None, "out": f"{tmp}/dense.pt"}
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(a)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:

@@ -331,7 +331,7 @@ class SequentialEngine:
         mlp_copies = 3 if adapter.gated_mlp is None else 2 if act_quant else 1
         budget = resolve_budget(self.max_memory, self.device)
         plan = make_plan(config, n, t, budget=budget, chunk_size=self.chunk_size, device=self.device,
-                         act_bytes=size, param_bytes=size, mlp_copies=mlp_copies,
+                         mlp_writer=adapter.residual_mlp_out is not None, act_bytes=size, param_bytes=size, mlp_copies=mlp_copies,
                          hessian="hessian" in needs, dense_copy=recovery is not None or finishers,
                          block_on_device=home != self.device, train_batch=getattr(recovery, "batch_size", 0) or 0)
         if quiet:
@@ -514,10 +514,14 @@ class SequentialEngine:
         h + mlp(norm(h)), so the attention is not run again for them. When h = x + o(a) for a Linear o
         that is a group of its own (adapter.residual_writer), its statistics pass also keeps its input a
         in that buffer and h is computed from it once o is compressed: the attention runs once per chunk.
+        Likewise, when the plan has room (`keep_mlp_input`) and block(x) = h + down(p) (adapter.mlp_writer),
+        down's statistics pass keeps p for all samples and the outputs are h + down(p): gate/up run once.
         Returns the block's outputs when the branch computed them, else None (the caller propagates)."""
         branch = adapter.mlp_branch(block)
         writer = adapter.residual_writer(block)
+        out_writer = adapter.mlp_writer(block) if self.plan is not None and self.plan.keep_mlp_input else None
         h = None  # (N, T, C): the residual entering the MLP branch (first the writer's input a)
+        p = None  # (N, T, I): down's input, kept when the plan says so
         for g, group in enumerate(groups):
             lin0 = group[0][1]
             stats = LayerStats(needs, lin0.in_features, hidden.device) if needs else None
@@ -527,13 +531,18 @@ class SequentialEngine:
             keep = writer is not None and g == writer[0] and stats is not None
             if keep:
                 h = self._stream_like(hidden)
+            keep_p = out_writer is not None and g == out_writer[0] and stats is not None
+            if keep_p:
+                p = torch.empty((*hidden.shape[:2], lin0.in_features), dtype=hidden.dtype, device=hidden.device)
             at = {}
 
-            def observe(_mod, args, stats=stats, keep=keep):
+            def observe(_mod, args, stats=stats, keep=keep, keep_p=keep_p):
                 if stats is not None:
                     stats.add_batch(args[0])
                 if keep:
                     h[at["sl"]] = args[0]
+                if keep_p:
+                    p[at["sl"]] = args[0]
                 raise _Stop  # nothing after this group is needed yet
 
             def run(sl, in_branch=in_branch):
@@ -555,6 +564,12 @@ class SequentialEngine:
                     h[sl] = hidden[sl].to(self.device, non_blocking=True) + lin(a)
         if h is None:
             return None
+        if p is not None:  # the outputs, h + down(p), down as compressed, in h's buffer
+            lin = block.get_submodule(out_writer[1])
+            for sl in self._chunks(h.shape[0]):
+                h[sl] = h[sl] + lin(p[sl])
+            del p
+            return h
         for sl in self._chunks(h.shape[0]):  # the outputs, h + mlp(norm(h)), in h's buffer
             x = h[sl].to(self.device, non_blocking=True)
             h[sl] = x + self._branch(block, branch, x)

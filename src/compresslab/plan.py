@@ -8,7 +8,9 @@ through a block that fits the budget:
 - one pass: the whole calibration batch in one forward (calibration, true-sequential order and
   propagation at once);
 - chunks of k samples: per Linear group a forward over the chunks up to the group, then one
-  propagation (about 1.8x the forward work of one pass on a Llama block);
+  propagation. On a Llama block the residual h and o_proj's input are kept (the attention runs once
+  per chunk) and, when the budget also holds down_proj's (N, T, I) input, that too, so that every
+  Linear runs once per sample as in one pass (`keep_mlp_input`); without it gate/up run twice;
 - on an accelerator, hidden states on the host (pinned) when even they do not fit beside the block,
   moved to the device chunk by chunk.
 
@@ -21,7 +23,8 @@ The estimate is per token of the block's widest moment, in units the reader can 
                                          the adapter's lean MLP (2 when a hook, e.g. activation quantization, sees up's input)
     eager attention adds 2 H T b         (scores and probabilities; SDPA does not hold them)
 
-plus the lean MLP's two row-slice temporaries (2 x LEAN_ROWS x I b), and, per plan: the hidden states in and out (2 N T C b, or only the first on the host), the
+plus the lean MLP's two row-slice temporaries (2 x LEAN_ROWS x I b), and, per plan: the hidden states in and out (2 N T C b, or only the first on the host),
+down_proj's kept input (N T I b, chunks with `keep_mlp_input`), the
 statistics of the widest group (a d x d Hessian and the OBS sweep's copies, fp32), a dense copy of
 the block when a recovery or block-level stage needs one, and a block-wise recovery's training set
 (its batch through the block with autograd, and Adam's two states per parameter).
@@ -106,17 +109,19 @@ class Plan:
     est_bytes: int
     budget: int | None
     hidden_on_host: bool = False
+    keep_mlp_input: bool = False  # chunks: down_proj's input kept for all samples (gate/up run once)
 
     def describe(self) -> str:
         how = "one pass" if self.chunk_size is None else f"chunks of {self.chunk_size}"
         host = ", hidden states on the host" if self.hidden_on_host else ""
+        host += ", the MLP's down input kept" if self.keep_mlp_input else ""
         budget = f" (budget {human(self.budget)})" if self.budget else ""
         return f"plan: {how}{host}, est. {human(self.est_bytes)}{budget}"
 
 
 def estimate(shape: Shape, n: int, t: int, chunk: int | None, *, act_bytes: int = 4, param_bytes: int = 4,
              mlp_copies: int = 1, hessian: bool = True, dense_copy: bool = False, block_on_device: bool = False,
-             train_batch: int = 0, hidden_on_host: bool = False) -> int:
+             train_batch: int = 0, hidden_on_host: bool = False, keep_mlp_input: bool = False) -> int:
     """Bytes the engine holds above the loaded model at a block's widest moment (see the module doc)."""
     c, b = shape.hidden, act_bytes
     attn = 2 * c + 5 * shape.q + 4 * shape.kv + (2 * shape.heads * t if shape.eager else 0)
@@ -127,7 +132,7 @@ def estimate(shape: Shape, n: int, t: int, chunk: int | None, *, act_bytes: int 
         total = n * t * per_token
     else:  # chunks: the whole stream in and out, one chunk's intermediates
         stream = (0 if hidden_on_host else 2) * n * t * c * b
-        total = stream + tokens * (per_token - c * b)
+        total = stream + tokens * (per_token - c * b) + (n * t * shape.intermediate * b if keep_mlp_input else 0)
     if mlp_copies < 3 and mlp >= attn:  # the lean MLP's row slices: the activation's and up's outputs
         total += 2 * min(tokens, adapters.LEAN_ROWS) * shape.intermediate * b
     if hessian:
@@ -142,22 +147,30 @@ def estimate(shape: Shape, n: int, t: int, chunk: int | None, *, act_bytes: int 
 
 
 def make_plan(config, n: int, t: int, *, budget: int | None, chunk_size: int | None | str = "auto",
-              device: torch.device = torch.device("cpu"), **kw) -> Plan:
+              device: torch.device = torch.device("cpu"), mlp_writer: bool = False, **kw) -> Plan:
     """The fastest plan that fits `budget` bytes (None: no limit). An int `chunk_size` or None (one
-    pass) is taken as given and only estimated."""
+    pass) is taken as given and only estimated. `mlp_writer`: the blocks let the chunked path keep
+    down_proj's input (adapter data `residual_mlp_out`); chunks that keep it come first (each Linear
+    then runs once per sample), the largest that fits."""
     shape = Shape.of(config)
     if chunk_size != "auto":
         chunk = None if chunk_size is None or chunk_size >= n else int(chunk_size)
+        if chunk is not None and mlp_writer:
+            kept = estimate(shape, n, t, chunk, keep_mlp_input=True, **kw)
+            if budget is None or kept <= budget:
+                return Plan(chunk, kept, budget, keep_mlp_input=True)
         return Plan(chunk, estimate(shape, n, t, chunk, **kw), budget)
     one = estimate(shape, n, t, None, **kw)
     if budget is None or one <= budget:
         return Plan(None, one, budget)
     for host in ((False, True) if device.type != "cpu" else (False,)):
-        fixed = estimate(shape, n, t, 0, hidden_on_host=host, **kw)
-        per = estimate(shape, n, t, 1, hidden_on_host=host, **kw) - fixed
-        k = min(n, (budget - fixed) // per) if budget > fixed else 0
-        if k >= 1:
-            return Plan(int(k), estimate(shape, n, t, int(k), hidden_on_host=host, **kw), budget, host)
+        for keep in ((True, False) if mlp_writer and not host else (False,)):
+            fixed = estimate(shape, n, t, 0, hidden_on_host=host, keep_mlp_input=keep, **kw)
+            per = estimate(shape, n, t, 1, hidden_on_host=host, keep_mlp_input=keep, **kw) - fixed
+            k = min(n, (budget - fixed) // per) if budget > fixed else 0
+            if k >= 1:
+                est = estimate(shape, n, t, int(k), hidden_on_host=host, keep_mlp_input=keep, **kw)
+                return Plan(int(k), est, budget, host, keep)
     need = estimate(shape, n, t, 1, hidden_on_host=device.type != "cpu", **kw)
     raise ConfigError(
         f"engine.max_memory={human(budget)} is less than one calibration sample needs beside the hidden "

@@ -37,6 +37,10 @@ class Adapter:
     # group of its own: the chunked path keeps its input a and computes h from it instead of running the
     # attention again (see `residual_writer`); None: h is reached by running the block up to the norm
     residual_attn: str | None = None
+    # the Linear whose output is the branch's, block(x) = h + down_proj(p), a group of its own and the branch's
+    # last: when the memory plan has room for its (N, T, I) input, the chunked path keeps p during its
+    # statistics pass and the outputs are h + down_proj(p) (see `mlp_writer`): gate/up run once per chunk
+    residual_mlp_out: str | None = None
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         blocks = get_module(model, self.blocks)
@@ -104,6 +108,15 @@ class Adapter:
         g = next((i for i, names in enumerate(self.groups) if names == (self.residual_attn,)), None)
         return (g, self.residual_attn) if g is not None and g < min(branch[2]) else None
 
+    def mlp_writer(self, block: nn.Module):
+        """(index of its group, name) of the Linear with block(x) = h + lin(p) (`residual_mlp_out`) when it
+        is the residual MLP branch's last group and a group of its own, else None."""
+        branch = self.mlp_branch(block)
+        if self.residual_mlp_out is None or branch is None or get_module(block, self.residual_mlp_out) is None:
+            return None
+        g = max(branch[2])
+        return (g, self.residual_mlp_out) if self.groups[g] == (self.residual_mlp_out,) else None
+
     def named_linears(self, model: nn.Module):
         """(qualified name, Linear) for every target Linear of every block."""
         for i, block in enumerate(self.block_list(model)):
@@ -154,6 +167,7 @@ _LLAMA = Adapter(
     outputs=("model.norm", "lm_head"),
     residual_mlp=("post_attention_layernorm", "mlp"),
     residual_attn="self_attn.o_proj",
+    residual_mlp_out="mlp.down_proj",
 )
 _OPT = Adapter(
     family="opt",
