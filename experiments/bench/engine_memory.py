@@ -67,7 +67,7 @@ def smollm2(args):
               "engine.progress=false", "eval.progress=false"]
     methods = {"no budget (one pass)": [*base, "engine.max_memory=null"],
                f"engine.max_memory={args.budget}": [*base, f"engine.max_memory={args.budget}"]}
-    rows = run_table("engine_memory_smollm2", methods, common, Path(args.out))
+    rows = run_table("engine_memory_smollm2", methods, common, Path(args.out), collect=args.collect)
     ref = rows[0]
     for r in rows:
         m = json.loads((Path(args.out) / _dir(r["method"]) / "metrics.json").read_text())["metrics"]
@@ -103,6 +103,8 @@ def main():
     ap.add_argument("--smollm2", action="store_true", help="the memory plan on SmolLM2 (see the module doc)")
     ap.add_argument("--budget", default="1GB")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--collect", action="store_true",
+                    help="--smollm2: run nothing, tabulate the runs in --out (e.g. the two rows run side by side)")
     args = ap.parse_args()
     if args.smollm2:
         from _common import ROOT
