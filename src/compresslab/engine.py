@@ -331,7 +331,8 @@ class SequentialEngine:
         mlp_copies = 3 if adapter.gated_mlp is None else 2 if act_quant else 1
         budget = resolve_budget(self.max_memory, self.device)
         plan = make_plan(config, n, t, budget=budget, chunk_size=self.chunk_size, device=self.device,
-                         mlp_writer=adapter.residual_mlp_out is not None, act_bytes=size, param_bytes=size, mlp_copies=mlp_copies,
+                         mlp_writer=adapter.residual_mlp_out is not None, act_bytes=size, param_bytes=size,
+                         mlp_copies=mlp_copies,
                          hessian="hessian" in needs, dense_copy=recovery is not None or finishers,
                          block_on_device=home != self.device, train_batch=getattr(recovery, "batch_size", 0) or 0)
         if quiet:
