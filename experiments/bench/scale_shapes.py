@@ -121,21 +121,21 @@ def main():
             proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
                                   text=True, cwd=ROOT / "experiments" / "bench")
             if proc.returncode:
-                rows.append({"shape": shape, "method": method, "status": f"rc={proc.returncode}",
+                rows.append({"method": f"{shape}: {method}", "status": f"rc={proc.returncode}",
                              "error": proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else ""})
                 continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             whole = extrapolate(row, spec)
-            rows.append({"shape": shape, "method": method, "status": "ok", **row,
+            rows.append({"method": f"{shape}: {method}", "status": "ok", **row,
                          "whole_model_s_at_128x2048": round(whole), "whole_model_h": round(whole / 3600, 2)})
             print(json.dumps(rows[-1]), flush=True)
     if "tiny" in args.shapes:  # a smoke run: printed, not written to the results
         return
-    emit("scale_shapes", rows, {
+    emit("scale_shapes", rows, merge=True, meta={  # merge: shapes run in separate invocations share the table
         "blocks": "2 random-init blocks per shape, fp32, CPU, one pass (engine.max_memory=null)",
         "calibration": f"random tokens, {args.samples}x{args.seqlen}",
         "shapes": {k: dict(zip(("hidden", "intermediate", "heads", "kv_heads", "layers"), v)) for k, v in SHAPES.items()
-                   if k in args.shapes},
+                   if k != "tiny"},
         "cost model": "forward N T (2P + 4TC); Hessian sum 2 N T d^2 (full product); factorization sum d^3; "
                       "sweep sum rows d^2 (per block, in GFLOP)",
         "extrapolation": "layers x ((forward + statistics + other) x tokens ratio + factorization + sweep) to "
