@@ -37,3 +37,23 @@ def test_write_json_atomic(tmp_path):
     p = write_json_atomic(tmp_path / "a" / "m.json", {"x": torch.tensor(1.0).item(), "y": [1, 2]})
     assert json.loads(p.read_text()) == {"x": 1.0, "y": [1, 2]}
     assert [f.name for f in p.parent.iterdir()] == ["m.json"]
+
+
+def test_fault_in_makes_a_lazily_mapped_checkpoint_resident(tmp_path):
+    """safetensors maps tensors lazily: a 64 MiB weight costs no RSS until read; after fault_in the
+    module's pages are resident (what memory/rss_after_load_gb counts)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from compresslab.metrics import current_rss_gb, fault_in
+
+    save_file({"w": torch.ones(4096, 4096)}, str(tmp_path / "w.safetensors"))
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
+        w = f.get_tensor("w")
+    lin = torch.nn.Linear(4096, 4096, bias=False)
+    del lin.weight
+    lin.weight = torch.nn.Parameter(w, requires_grad=False)
+    before = current_rss_gb()
+    fault_in(lin)
+    grew = current_rss_gb() - before
+    assert 0.05 < grew < 0.08  # the 0.0625 GiB weight

@@ -126,6 +126,18 @@ def peak_rss_since_reset_gb() -> float | None:
     return None
 
 
+def fault_in(module) -> None:
+    """Read one element per 4 KiB page of every CPU parameter and buffer of `module`. A checkpoint
+    that transformers maps lazily (safetensors) is then resident, so the RSS taken after loading counts
+    the model (else its pages arrive during compression and look like the engine's memory)."""
+    import torch
+
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            if t.device.type == "cpu" and t.numel() and t.is_contiguous():
+                t.detach().reshape(-1)[:: max(1, 4096 // t.element_size())].sum()
+
+
 def current_rss_gb() -> float:
     """Resident set size of this process now (GiB, as peak_rss_gb)."""
     import psutil

@@ -13,7 +13,7 @@ import torch
 from .api import compress, evaluate
 from .engine import SequentialEngine
 from .errors import ConfigError
-from .metrics import current_rss_gb, environment, peak_rss_gb, reset_peak_rss, write_json_atomic
+from .metrics import current_rss_gb, environment, fault_in, peak_rss_gb, reset_peak_rss, write_json_atomic
 from .stages import fuse_stages
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,7 @@ class Pipeline:
             else:
                 model, tok = self.model_loader.load()
                 eval_model = model
+                fault_in(model)  # resident now, not page by page during compression (see memory/rss_after_load_gb)
             metrics["time/load_s"] = time.perf_counter() - t_start
             metrics["memory/rss_after_load_gb"] = current_rss_gb()
             evals = [self.evaluator] if self.evaluator is not None else []
