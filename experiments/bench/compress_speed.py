@@ -80,6 +80,7 @@ def instrument() -> dict:
     wrap(O, "inverse_hessian_upper", "factorization")
     wrap(GQ, "obs_compress", "obs")
     wrap(SG, "obs_compress", "obs")
+    wrap(E, "hessian_rel_error", "error")  # each Linear's ‖ΔX‖/‖WX‖ through H, after its group
     return timers
 
 

@@ -13,9 +13,10 @@ fp32 2048² matmul measured in the same process. The cost model per block (so a 
     Hessian        Σ_groups 2 N T d²          (the symmetric accumulation does ~(k+1)/2k of it)
     factorization  Σ_groups d³                (Cholesky of H and the inverse's upper factor)
     sweep          Σ_groups rows · d²         (OBS: each column's rank-1 update of the remaining columns)
+    error          Σ_linears 4 rows · d²      (‖ΔX‖² and ‖WX‖² through H: ΔH and WH, per Linear)
 
-Extrapolation to the whole model at 128 x 2048 calibration: forward and statistics scale with the
-tokens, factorization and sweep do not; times the model's layer count. Writes
+Extrapolation to the whole model at 128 x 2048 calibration: forward, statistics and other scale
+with the tokens, factorization, sweep and error do not; times the model's layer count. Writes
 experiments/results/scale_shapes.{json,md}.
 """
 
@@ -52,7 +53,8 @@ def cost_model(model, n, t):
     hess = sum(2 * n * t * g[0][1].in_features ** 2 for g in groups)
     fact = sum(g[0][1].in_features ** 3 for g in groups)
     sweep = sum(sum(lin.out_features for _, lin in g) * g[0][1].in_features ** 2 for g in groups)
-    return {"forward": fwd, "hessian": hess, "factorization": fact, "sweep": sweep}
+    error = sum(4 * lin.out_features * lin.in_features ** 2 for g in groups for _, lin in g)
+    return {"forward": fwd, "hessian": hess, "factorization": fact, "sweep": sweep, "error": error}
 
 
 def child(spec: dict) -> dict:
@@ -82,7 +84,7 @@ def child(spec: dict) -> dict:
     forward = timers["forward_with_hooks"] - timers["compress_group"] - timers["statistics"]
     sweep = timers["obs"] - timers["factorization"]
     parts = {"forward": forward, "statistics": timers["statistics"], "factorization": timers["factorization"],
-             "sweep": sweep}
+             "sweep": sweep, "error": timers["error"]}
     parts["other"] = total - sum(parts.values())
     per = {k: v / blocks for k, v in parts.items()}
     return {"s_per_block": round(total / blocks, 1), **{f"{k}_s": round(v, 2) for k, v in per.items()},
@@ -99,8 +101,8 @@ def extrapolate(row: dict, spec: dict, samples=128, seqlen=2048) -> float:
     per = row.pop("_per")
     scale = samples * seqlen / (spec["samples"] * spec["seqlen"])
     layers = SHAPES[spec["shape"]][4]
-    return layers * ((per["forward"] + per["statistics"]) * scale + per["factorization"] + per["sweep"]
-                     + per["other"] * scale)
+    return layers * ((per["forward"] + per["statistics"] + per["other"]) * scale + per["factorization"]
+                     + per["sweep"] + per["error"])
 
 
 def main():
@@ -137,8 +139,8 @@ def main():
         "shapes": {k: dict(zip(("hidden", "intermediate", "heads", "kv_heads", "layers"), v)) for k, v in SHAPES.items()
                    if k != "tiny"},
         "cost model": "forward N T (2P + 4TC); Hessian sum 2 N T d^2 (full product); factorization sum d^3; "
-                      "sweep sum rows d^2 (per block, in GFLOP)",
-        "extrapolation": "layers x ((forward + statistics + other) x tokens ratio + factorization + sweep) to "
+                      "sweep sum rows d^2; error sum 4 rows d^2 per Linear (per block, in GFLOP)",
+        "extrapolation": "layers x ((forward + statistics + other) x tokens ratio + factorization + sweep + error) to "
                          "128x2048; the attention term grows with seqlen too, so this is a lower bound when "
                          "seqlen grows",
     })
