@@ -184,13 +184,14 @@ class SequentialEngine:
                                         bool(finishers), param.device, param.dtype)
             result["plan"] = self.plan
             self._chunk = self.plan.chunk_size
-            hidden, kwargs = self._capture(model, adapter, calibration)
+            hidden, kws = self._capture(model, adapter, calibration)
             for s in [*finishers, block_recovery]:
                 if s is not None and hasattr(s, "begin"):
                     s.begin(len(blocks))
             held: list[_Held] = []  # blocks of a recovery group not yet trained (on the device)
             group_in = None  # the hidden states entering the first of them
             for i, block in enumerate(tqdm(blocks, desc="compress", disable=not self.progress)):
+                kwargs = kws[i]
                 self._load(i, block)
                 home = next(block.parameters()).device
                 block.to(self.device)
@@ -215,7 +216,7 @@ class SequentialEngine:
                     changed = True
                 if block_recovery is None:
                     if changed:  # measure the finished block and propagate it
-                        hidden = self._measure_and_propagate(adapter, [entry], hidden, kwargs)
+                        hidden = self._measure_and_propagate(adapter, [entry], hidden, kws)
                     elif out is None:
                         hidden = self._propagate(block, hidden, kwargs)
                     else:
@@ -225,13 +226,14 @@ class SequentialEngine:
                 if not held:
                     group_in = hidden
                 held.append(entry)
-                rep = dict(block_recovery.recover(dense, block, hidden, self._block_fn(kwargs)) or {})
+                per_block = {m: kws[e.index] for e in held for m in (e.block, e.dense)}  # a group's blocks
+                rep = dict(block_recovery.recover(dense, block, hidden, self._block_fn(kwargs, per_block)) or {})
                 if rep.pop("deferred", False):  # the group goes on: the next block needs this one's outputs
                     hidden = self._propagate(block, hidden, kwargs) if out is None or changed else out
                     continue
                 result["recovery"].append({"block": i, **rep})
                 # the group is trained: its blocks are final; measure them on the recovered stream
-                hidden = self._measure_and_propagate(adapter, held, group_in, kwargs)
+                hidden = self._measure_and_propagate(adapter, held, group_in, kws)
                 for e in held:
                     self._release_entry(e)
                 held, group_in = [], None
@@ -252,13 +254,13 @@ class SequentialEngine:
         plan, chunk = self.plan, self._chunk
         self.plan, self._chunk = None, 1  # one window per forward, as the in-memory eval runs
         try:
-            hidden, kwargs = self._capture(model, adapter, ids)
+            hidden, kws = self._capture(model, adapter, ids)
             for i, block in enumerate(tqdm(adapter.block_list(model), desc="blocks", disable=not progress,
                                            leave=False)):
                 source.load(i, block)
                 try:
                     block.to(self.device)
-                    hidden = self._propagate(block, hidden, kwargs)
+                    hidden = self._propagate(block, hidden, kws[i])
                 finally:
                     source.free(i, block)
         finally:
@@ -364,14 +366,14 @@ class SequentialEngine:
         if self._source is not None:
             self._source.free(e.index, e.block)
 
-    def _measure_and_propagate(self, adapter, entries: list["_Held"], hidden, kwargs):
+    def _measure_and_propagate(self, adapter, entries: list["_Held"], hidden, kws):
         """Run final blocks one after another from `hidden`, measuring each target Linear's error
         against its dense copy; returns the last block's outputs."""
         for e in entries:
             layers = {name: (lin, e.dense.get_submodule(name).weight.detach())
                       for group in adapter.linear_groups(e.block) for name, lin in group}
             with ErrorMeter(layers) as meter:
-                hidden = self._propagate(e.block, hidden, kwargs)
+                hidden = self._propagate(e.block, hidden, kws[e.index])
             meter.record()
         return hidden
 
@@ -381,28 +383,37 @@ class SequentialEngine:
         return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
     def _capture(self, model: nn.Module, adapter: Adapter, ids: torch.Tensor):
-        """Hidden states entering block 0 for all samples, (N, T, C) on the device, plus the block kwargs."""
+        """Hidden states entering block 0 for all samples, (N, T, C) on the device, and each block's
+        kwargs, [dict] per block: families whose layers differ (Gemma's sliding-window and global
+        layers get their own mask and rotary) give each its own; blocks given the same objects share
+        one dict. The blocks do not run: each is replaced by a stub that records its call."""
         blocks = adapter.block_list(model)
-        first = blocks[0]
         pre = adapter.input_modules(model)
         homes = [next(m.parameters(), torch.empty(0)).device for m in pre]
         for m in pre:
             m.to(self.device)
-        captured: dict[str, Any] = {}
+        per_block: list[dict | None] = [None] * len(blocks)
         hidden_parts = []
 
-        def grab(module, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            hidden_parts.append(self._to_stream(h))
-            if not captured:
-                kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                kw["use_cache"] = False
-                kw.pop("past_key_values", None)
-                kw.pop("layer_past", None)
-                captured.update(kw)
-            raise _Stop
+        def stub(i):
+            def forward(*args, **kwargs):
+                h = args[0] if args else kwargs["hidden_states"]
+                if i == 0:
+                    hidden_parts.append(self._to_stream(h))
+                if per_block[i] is None:
+                    kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                    kw["use_cache"] = False
+                    for k in ("past_key_values", "layer_past", "cache"):
+                        kw.pop(k, None)
+                    per_block[i] = kw
+                if per_block[-1] is not None:  # every block's kwargs known: the rest of the model is not needed
+                    raise _Stop
+                return h  # the next stub ignores it
+            return forward
 
-        handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+        saved = [vars(b).pop("forward", None) for b in blocks]
+        for i, b in enumerate(blocks):
+            b.forward = stub(i)
         try:
             for sl in self._chunks(ids.shape[0]):
                 try:
@@ -410,15 +421,23 @@ class SequentialEngine:
                 except _Stop:
                     pass
         finally:
-            handle.remove()
+            for b, f in zip(blocks, saved):
+                del b.forward
+                if f is not None:
+                    b.forward = f
             for m, home in zip(pre, homes):
                 m.to(home)
         hidden = torch.cat(hidden_parts) if len(hidden_parts) > 1 else hidden_parts[0]  # (N, T, C)
         if self.plan is not None and self.plan.hidden_on_host and self.device.type == "cuda":
             hidden = hidden.pin_memory()  # chunks move to the device asynchronously
-        kwargs = to_device(captured, self.device)
-        kwargs["_batch"] = hidden_parts[0].shape[0]
-        return hidden, kwargs
+        shared: dict[tuple, dict] = {}
+        kws = []
+        for kw in per_block:
+            key = tuple((k, id(v)) for k, v in kw.items())
+            if key not in shared:
+                shared[key] = {**to_device(kw, self.device), "_batch": hidden_parts[0].shape[0]}
+            kws.append(shared[key])
+        return hidden, kws
 
     def _forward(self, block, x, kwargs, params=None):
         """Run `block` on a batch with the captured kwargs, optionally with some parameters
@@ -433,8 +452,11 @@ class SequentialEngine:
         with self._lean(block):  # the adapter's lower-memory forward (same result), no-grad only
             return _block_out(block(x, **kw))
 
-    def _block_fn(self, kwargs):
-        """forward(block, x, params=None) for block-level stages and recoveries."""
+    def _block_fn(self, kwargs, per_block: dict | None = None):
+        """forward(block, x, params=None) for block-level stages and recoveries; `per_block`: the
+        kwargs of each block (and dense copy) a recovery group runs, by module."""
+        if per_block:
+            return lambda block, x, params=None: self._forward(block, x, per_block.get(block, kwargs), params)
         return lambda block, x, params=None: self._forward(block, x, kwargs, params)
 
     def _to_stream(self, h: torch.Tensor) -> torch.Tensor:

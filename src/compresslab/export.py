@@ -56,6 +56,13 @@ def export_compressed_tensors(model: nn.Module, out: str | Path, tokenizer=None)
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
     from safetensors.torch import save_file
 
+    from .models.conv1d import has_conv1d
+
+    with torch.device("meta"):
+        plain = type(model)(model.config)  # the family as transformers builds it
+    if has_conv1d(plain):
+        raise ConfigError(f"{type(model).__name__} is built from GPT-2 style Conv1D layers, which compressed-tensors "
+                          "does not quantize; save it with python -m compresslab.save instead")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     linears = dict(adapter_for(model).named_linears(model))

@@ -61,7 +61,9 @@ class Pipeline:
 
     @property
     def uses_calibration(self) -> bool:
-        return any(s.needs for s in self.stages) or self.recovery is not None
+        # engine.layer_error: Hessians for the per-layer error even of weight-only methods (magnitude, RTN)
+        layer_error = bool(getattr(self.engine, "layer_error", False)) and any(s is not None for s in self.stages)
+        return any(s.needs for s in self.stages if s is not None) or self.recovery is not None or layer_error
 
     def validate(self) -> None:
         """Catch bad input before any weights are loaded: data files, and every stage on every layer's shape."""
@@ -79,8 +81,11 @@ class Pipeline:
         try:
             from transformers import AutoModelForCausalLM
 
+            from .models.conv1d import conv1d_to_linear
+
             with torch.device("meta"):
                 meta = AutoModelForCausalLM.from_config(self.model_loader.config())
+            conv1d_to_linear(meta)  # as the loader will (GPT-2 style layers)
         except ConfigError:
             raise
         except Exception as e:  # the engine checks again after loading

@@ -1,7 +1,9 @@
 """Per-family adapters: where the blocks are, what runs before them, and the Linear groups.
 
 This is the only place that knows model families. The engine asks `adapter_for(model)` and
-never looks at class names. To support a new family, add an `Adapter` to `_ADAPTERS`.
+never looks at class names. A family without an entry in `_ADAPTERS` gets the adapter that
+models/discover.py finds by tracing the model; an entry here is for what tracing cannot know (see
+each one).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class Adapter:
     # last: when the memory plan has room for its (N, T, I) input, the chunked path keeps p during its
     # statistics pass and the outputs are h + down_proj(p) (see `mlp_writer`): gate/up run once per chunk
     residual_mlp_out: str | None = None
+    # found by tracing the model (models/discover.py) rather than written here
+    discovered: bool = False
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         blocks = get_module(model, self.blocks)
@@ -169,49 +173,32 @@ _LLAMA = Adapter(
     residual_attn="self_attn.o_proj",
     residual_mlp_out="mlp.down_proj",
 )
-_OPT = Adapter(
-    family="opt",
-    blocks="model.decoder.layers",
-    inputs=("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.project_in"),
-    groups=(
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.out_proj",),
-        ("fc1",),
-        ("fc2",),
-    ),
-    outputs=("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"),
-)
-_NEOX = Adapter(
-    family="gpt_neox",
-    blocks="gpt_neox.layers",
-    inputs=("gpt_neox.embed_in", "gpt_neox.rotary_emb", "gpt_neox.emb_dropout"),
-    groups=(
-        ("attention.query_key_value",),
-        ("attention.dense",),
-        ("mlp.dense_h_to_4h",),
-        ("mlp.dense_4h_to_h",),
-    ),
-    outputs=("gpt_neox.final_layer_norm", "lm_head", "embed_out"),  # transformers 5 names the head lm_head
-)
-
-# config.model_type -> adapter
+# config.model_type -> adapter, for what tracing (models/discover.py) cannot know. These families'
+# blocks are x + attn(norm(x)) then h + mlp(norm(h)) with a gated MLP: the lean MLP forward and the
+# chunked path's residual shortcuts rely on that dataflow, which a trace of the Linears' inputs does
+# not show (OLMo-2 normalises the branch outputs instead, so the shortcuts would be wrong there). Their
+# groups are the traced ones (tests/models/test_discover.py checks it); every other family is traced.
 _ADAPTERS = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "smollm3": _LLAMA,
-    "opt": _OPT,
-    "gpt_neox": _NEOX,
 }
 
 
 def adapter_for(model_or_config) -> Adapter:
+    """The hand-written adapter of the model's family, else the one `discover` finds by tracing it
+    (kept on the model, so a model is traced once)."""
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
-    try:
+    if model_type in _ADAPTERS:
         return _ADAPTERS[model_type]
-    except KeyError:
-        raise ConfigError(
-            f"unsupported architecture '{model_type}': add an adapter for it in "
-            f"src/compresslab/models/adapters.py (supported: {', '.join(sorted(_ADAPTERS))})"
-        ) from None
+    cached = getattr(model_or_config, "_compresslab_adapter", None) if isinstance(model_or_config, nn.Module) else None
+    if cached is not None:
+        return cached
+    from .discover import discover
+
+    adapter = discover(config)
+    if isinstance(model_or_config, nn.Module):
+        model_or_config.__dict__["_compresslab_adapter"] = adapter
+    return adapter

@@ -79,8 +79,12 @@ class HFModel(ModelLoader):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         t0 = time.perf_counter()
+        from .conv1d import conv1d_to_linear
+
         model = AutoModelForCausalLM.from_pretrained(self.name_or_path, dtype=self.dtype, **self._kw())
         tok = AutoTokenizer.from_pretrained(self.name_or_path, **self._kw())
+        if conv1d_to_linear(model):  # GPT-2 style layers, as the engine's nn.Linear (same outputs)
+            log.info("%s: its Conv1D layers are nn.Linear from here on", self.name_or_path)
         log.info("loaded %s in %.1fs", self.name_or_path, time.perf_counter() - t0)
         return model.eval(), tok
 
@@ -99,9 +103,14 @@ class HFModel(ModelLoader):
 
         from ..stream import streamed_model
 
+        from .conv1d import has_conv1d
+
         t0 = time.perf_counter()
         folder = self.folder()
         model, source = streamed_model(folder, self.config(), self.dtype)
+        if has_conv1d(model):
+            raise ConfigError(f"{self.name_or_path}: model.offload=disk cannot stream GPT-2 style Conv1D layers "
+                              "(their shards hold (in, out) weights); load it in memory (model.offload=null)")
         tok = AutoTokenizer.from_pretrained(str(folder), **self._kw())
         log.info("opened %s streamed from disk in %.1fs (blocks load one at a time)", folder, time.perf_counter() - t0)
         return model, tok, source
@@ -235,7 +244,11 @@ def byte_tokenizer():
 
 
 class TinyModel(ModelLoader):
-    """A small random-weight model built from a config in-process, for tests (byte tokenizer)."""
+    """A small random-weight model built from a config in-process, for tests (byte tokenizer).
+
+    `family`: llama, opt and gpt_neox have configs written here; any other transformers model type
+    (qwen3, gemma3_text, phi3, falcon, gpt2, ...) gets its config class's defaults with these sizes
+    (head_dim = hidden / heads)."""
 
     FAMILIES = ("llama", "opt", "gpt_neox")
 
@@ -243,7 +256,11 @@ class TinyModel(ModelLoader):
                  num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, max_positions: int = 2048,
                  seed: int = 0, dtype: str = "auto", device: str = "auto", name: str | None = None):
         if family not in self.FAMILIES:
-            raise ConfigError(f"unknown tiny family {family!r}; use one of {', '.join(self.FAMILIES)}")
+            from transformers import CONFIG_MAPPING
+
+            if family not in CONFIG_MAPPING:
+                raise ConfigError(f"unknown tiny family {family!r}; use one of {', '.join(self.FAMILIES)} or a "
+                                  "transformers model type (e.g. qwen3, gemma3_text, phi3, falcon, gpt2)")
         super().__init__(name or f"tiny_{family}", dtype, device)
         self.family, self.seed = family, seed
         self.dims = dict(hidden_size=hidden_size, intermediate_size=intermediate_size, num_layers=num_layers,
@@ -263,6 +280,19 @@ class TinyModel(ModelLoader):
                              num_hidden_layers=d["num_layers"], num_attention_heads=d["num_heads"],
                              max_position_embeddings=d["max_positions"], word_embed_proj_dim=d["hidden_size"],
                              bos_token_id=256, eos_token_id=256, pad_token_id=1, dropout=0.0)
+        if self.family != "gpt_neox":
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.for_model(
+                self.family, vocab_size=vocab, hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+                num_hidden_layers=d["num_layers"], num_attention_heads=d["num_heads"],
+                num_key_value_heads=d["num_kv_heads"], max_position_embeddings=d["max_positions"],
+                tie_word_embeddings=False, bos_token_id=256, eos_token_id=256, pad_token_id=None)
+            try:  # some families default to a fixed head_dim (Qwen3: 128, Gemma: 256); others derive it
+                cfg.head_dim = d["hidden_size"] // d["num_heads"]
+            except AttributeError:
+                pass
+            return cfg
         return GPTNeoXConfig(vocab_size=vocab, hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
                              num_hidden_layers=d["num_layers"], num_attention_heads=d["num_heads"],
                              max_position_embeddings=d["max_positions"], bos_token_id=256, eos_token_id=256)
@@ -270,7 +300,10 @@ class TinyModel(ModelLoader):
     def load(self):
         from transformers import AutoModelForCausalLM
 
+        from .conv1d import conv1d_to_linear
+
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             model = AutoModelForCausalLM.from_config(self.config(), dtype=self.dtype)
+        conv1d_to_linear(model)
         return model.eval(), byte_tokenizer()
