@@ -228,3 +228,24 @@ def test_run_py_compresses_saved_families_through_model_hf(tmp_path):
     assert len(by) == len(FAMILIES)
     for family, errs in by.items():
         assert all(errs["gptq"][n] < errs["rtn"][n] for n in errs["gptq"]), (family, errs)
+
+
+def test_conv1d_families_refuse_what_cannot_hold_them(tmp_path):
+    """GPT-2 style checkpoints: streaming from disk would read (in, out) shards into Linears, and
+    compressed-tensors export has no Conv1D; both fail with the reason."""
+    from transformers import AutoModelForCausalLM
+
+    from compresslab.export import export_compressed_tensors
+    from compresslab.models.loaders import HFModel
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(TinyModel("gpt2").config()).eval()
+    model.save_pretrained(tmp_path / "gpt2")
+    byte_tokenizer().save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ConfigError, match="cannot stream GPT-2 style Conv1D layers"):
+        HFModel(str(tmp_path / "gpt2"), offload="disk").load_streamed()
+    loaded, _ = HFModel(str(tmp_path / "gpt2"), device="cpu").load()
+    assert not any(type(m).__name__ == "Conv1D" for m in loaded.modules())
+    SequentialEngine("cpu", max_memory=None, progress=False).run(loaded, None, [RTN(bits=4, group_size=32, grid="sym")])
+    with pytest.raises(ConfigError, match="Conv1D layers, which compressed-tensors does not quantize"):
+        export_compressed_tensors(loaded, tmp_path / "out")
