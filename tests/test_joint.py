@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from compresslab.errors import ConfigError
 from compresslab.engine import SequentialEngine
 from compresslab.models.loaders import TinyModel
 from compresslab.obs import GridSpec, PruneSpec, obs_compress
@@ -159,3 +160,24 @@ def test_nm_drop_takes_the_k_lowest_of_each_group(G, m, k):
     for g in range(G):
         for o in range(5, 50):  # distinct scores: exactly the k lowest (brute force)
             assert set(torch.nonzero(drop[g, :, o]).flatten().tolist()) == set(torch.argsort(score[g, :, o])[:k].tolist())
+
+
+def test_sparsegpt_joint_false_prunes_then_quantizes_holding_the_mask():
+    """pruner.joint=false: no fusion; GPTQ runs on SparseGPT's output and keeps exactly its mask, so
+    the weights are SparseGPT's mask applied to a grid-valued matrix (not the joint pass's result)."""
+    X = correlated_inputs(512, 128)
+    stages = fuse_stages([SparseGPT(0.5, "2:4", joint=False), GPTQ(bits=4, group_size=32)])
+    assert [type(s) for s in stages] == [SparseGPT, GPTQ]
+    lin = nn.Linear(128, 32, bias=False)
+    joint = nn.Linear(128, 32, bias=False)
+    joint.weight.data.copy_(lin.weight.data)
+    stages[0].compress("l", lin, _stats(X))
+    mask = layer_state(lin).mask.clone()
+    stages[1].compress("l", lin, _stats(X))
+    W = lin.weight.data
+    assert torch.equal(W != 0, mask & (W != 0)) and nm_valid(mask, (2, 4))
+    torch.testing.assert_close(layer_state(lin).quant.encode(W).dequantize(), W, atol=1e-6, rtol=0)
+    fuse_stages([SparseGPT(0.5, "2:4"), GPTQ(bits=4, group_size=32)])[0].compress("l", joint, _stats(X))
+    assert not torch.equal(joint.weight.data, W)
+    with pytest.raises(ConfigError, match="pruner.joint='yes' must be true"):
+        SparseGPT(0.5, "2:4", joint="yes")

@@ -28,16 +28,20 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: tuple
 
 
 class SparseGPT(Pruner):
-    """`pruner=sparsegpt`: `sparsity`, `pattern`, `percdamp` (0.01), `blocksize` (128)."""
+    """`pruner=sparsegpt`: `sparsity`, `pattern`, `percdamp` (0.01), `blocksize` (128), `joint` (true:
+    absorb quantizer=gptq into one pass; false: two passes, GPTQ holding SparseGPT's mask)."""
 
     needs = frozenset({"hessian"})
 
     def __init__(self, sparsity: float = 0.5, pattern: str = "unstructured", percdamp: float = 0.01,
-                 blocksize: int = 128):
+                 blocksize: int = 128, joint: bool = True):
         super().__init__(sparsity, pattern)
         if not 0 <= percdamp < 1 or blocksize < 1:
             raise ConfigError(f"pruner.percdamp={percdamp} must be in [0, 1) and pruner.blocksize={blocksize} >= 1")
-        self.percdamp, self.blocksize = percdamp, blocksize
+        if not isinstance(joint, bool):
+            raise ConfigError(f"pruner.joint={joint!r} must be true (one pass with quantizer=gptq) or false "
+                              "(prune, then quantize the pruned weights holding the mask)")
+        self.percdamp, self.blocksize, self.joint = percdamp, blocksize, joint
 
     def prune(self, name, W, stats, numerics=None):
         W_hat, keep, _ = sparsegpt_prune(W, stats.hessian, self.sparsity, self.nm, self.percdamp,
@@ -64,7 +68,7 @@ class SparseGPT(Pruner):
         size for both, or a ConfigError naming the two values)."""
         from ..quantizer.gptq import GPTQ
 
-        if not isinstance(quantizer, GPTQ) or quantizer.act_order:
+        if not self.joint or not isinstance(quantizer, GPTQ) or quantizer.act_order:
             return None
         for key in ("percdamp", "blocksize"):
             p, q = getattr(self, key), getattr(quantizer, key)
