@@ -27,6 +27,10 @@ METHODS = {
     "absmax W4 g64": ["quantizer=absmax", "quantizer.bits=4", G],
     "awq+rtn W4 g64": ["quantizer=awq", "quantizer.bits=4", G],
     "sparsegpt 2:4 + gptq W4 g64": ["pruner=sparsegpt", "pruner.pattern=2:4", "quantizer=gptq", "quantizer.bits=4", G],
+    # the same two methods in two passes: SparseGPT, then GPTQ holding its mask (pruner.joint=false)
+    "sparsegpt 2:4 + gptq W4 g64 (two passes)": ["pruner=sparsegpt", "pruner.pattern=2:4", "pruner.joint=false",
+                                                 "quantizer=gptq", "quantizer.bits=4", G],
+    "sparsegpt 2:4 + rtn W4 g64": ["pruner=sparsegpt", "pruner.pattern=2:4", "quantizer=rtn", "quantizer.bits=4", G],
     "wanda 2:4 + slim_quant W4": ["pruner=wanda", "pruner.pattern=2:4", "quantizer=slim_quant", "quantizer.bits=4"],
 }
 
