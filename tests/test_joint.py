@@ -99,36 +99,34 @@ def test_joint_pass_needs_one_damping_and_one_block_size():
 def nm_joint_reference(W, X, n, m, bits=None, group_size=None, percdamp=0.01):
     """SparseGPT's N:M pass written plainly (Frantar & Alistarh 2023, Alg. 1 without lazy batching),
     optionally with quantization on a min/max grid per group of `group_size` columns: column by
-    column, in float64. Without quantization each N:M group's mask is chosen when its first column
-    comes up, from the current (already updated) weights, as the m−n lowest w²/U_jj²; with
-    quantization, at each quantization group's start, the masks of all its N:M groups are chosen
-    first and the group's range is taken over the survivors. Pruned weights become 0, kept ones
-    their grid value, and the error (w − q)/U_ii goes to the later columns along U_i,i+1:."""
+    column, in float64. Each N:M group's mask is chosen when its first column comes up, from the
+    current (already updated) weights, as the m−n lowest w²/U_jj²; with quantization, each
+    quantization group's min/max range is taken at its first column over its current weights (its
+    N:M masks are not chosen yet). Pruned weights become 0, kept ones their grid value, and the
+    error (w − q)/U_ii goes to the later columns along U_i,i+1:."""
     W = W.double().clone()
     H = 2 * X.double().T @ X.double() / X.shape[0]
     H += percdamp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
     U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
     out, d = W.shape
     keep = torch.ones(out, d, dtype=torch.bool)
-    span = m if bits is None else group_size
 
-    def choose(j0):
-        for j in range(j0, j0 + span, m):
-            score = W[:, j:j + m] ** 2 / torch.diag(U)[j:j + m] ** 2
-            for r in range(out):
-                for c in torch.argsort(score[r])[:m - n]:
-                    keep[r, j + int(c)] = False
+    def choose(j):
+        score = W[:, j:j + m] ** 2 / torch.diag(U)[j:j + m] ** 2
+        for r in range(out):
+            for c in torch.argsort(score[r])[:m - n]:
+                keep[r, j + int(c)] = False
 
     Q = torch.zeros_like(W)
     for i in range(d):
-        if i % span == 0:
+        if bits is not None and i % group_size == 0:
+            blk = W[:, i:i + group_size]
+            lo, hi = blk.min(1).values.clamp(max=0), blk.max(1).values.clamp(min=0)
+            maxq = 2**bits - 1
+            scale = ((hi - lo) / maxq).half().double()  # scales are stored in fp16
+            zero = torch.round(-lo / scale)
+        if i % m == 0:
             choose(i)
-            if bits is not None:
-                blk = W[:, i:i + group_size] * keep[:, i:i + group_size]
-                lo, hi = blk.min(1).values.clamp(max=0), blk.max(1).values.clamp(min=0)
-                maxq = 2**bits - 1
-                scale = ((hi - lo) / maxq).half().double()  # scales are stored in fp16
-                zero = torch.round(-lo / scale)
         q = W[:, i] if bits is None else scale * (torch.clamp(torch.round(W[:, i] / scale) + zero, 0, maxq) - zero)
         Q[:, i] = q * keep[:, i]
         err = (W[:, i] - Q[:, i]) / U[i, i]
@@ -138,8 +136,8 @@ def nm_joint_reference(W, X, n, m, bits=None, group_size=None, percdamp=0.01):
 
 @pytest.mark.parametrize("bits,group_size,blocksize", [(None, None, 128), (None, None, 32), (4, 32, 128), (3, 16, 32)])
 def test_nm_pass_matches_a_plain_reference(bits, group_size, blocksize):
-    """The blocked sweep (lazy updates, a quantization group's N:M masks chosen in one call) gives
-    the plain loop's masks and weights, for SparseGPT 2:4 alone and jointly with GPTQ."""
+    """The blocked sweep (two-level lazy updates) gives the plain loop's masks and weights, for
+    SparseGPT 2:4 alone and jointly with GPTQ."""
     X = correlated_inputs(1024, 128, seed=3)
     W = torch.randn(48, 128, generator=torch.Generator().manual_seed(4))
     quant = GridSpec(bits, group_size) if bits else None

@@ -267,18 +267,23 @@ def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = N
             j2 = min(j1 + sub, b)
             for i in range(j1, j2):
                 col = i1 + i
-                if not fixed and nm is not None and not dynamic:
-                    choose_nm(i + 1)  # an N:M group's mask is chosen when its first column comes up
+                if quant is not None and dynamic and col % g == 0:
+                    # The group's range from its current weights and the masks known now (a fixed one, or
+                    # this block's unstructured one); its N:M masks are not chosen yet (see below)
+                    gi = groups[col]
+                    Wg = Wt[i:i + g] * Mt[i:i + g] if masked else Wt[i:i + g]
+                    sc, ze = _group_params(Wg.T, quant, gi, dU[i:i + g])
+                    scales[:, gi], zeros[:, gi] = sc, ze
+                    params[gi] = (sc.contiguous(), ze.contiguous(), quant.group_maxq(gi))
+                if not fixed and nm is not None:
+                    # an N:M group's mask is chosen when its first column comes up, from weights that carry
+                    # every earlier column's error (SparseGPT's rule). Choosing a quantization group's masks
+                    # all at its start, from weights before the group's own updates, raised the joint
+                    # pass's error (2:4 + W4 g32 on correlated inputs: 0.296 vs 0.282)
+                    choose_nm(i + 1)
                 w = Wt[i]
                 if quant is not None:
                     gi = groups[col]
-                    if dynamic and col % g == 0:
-                        if nm is not None and not fixed:  # the group's masks first: its range sees survivors
-                            choose_nm(i + g)
-                        Wg = Wt[i:i + g] * Mt[i:i + g] if masked else Wt[i:i + g]
-                        sc, ze = _group_params(Wg.T, quant, gi, dU[i:i + g])
-                        scales[:, gi], zeros[:, gi] = sc, ze
-                        params[gi] = (sc.contiguous(), ze.contiguous(), quant.group_maxq(gi))
                     sc, ze, maxq = params[gi]
                     q = torch.div(w, sc).round_().add_(ze)
                     if isinstance(maxq, int):
