@@ -82,12 +82,16 @@ def test_joint_pass_needs_one_damping_and_one_block_size():
     from compresslab.pipeline import Pipeline
     from tests.test_errors import NoLoad
 
-    fused = fuse_stages([SparseGPT(0.5, "2:4", percdamp=0.05, blocksize=64), GPTQ(bits=4, percdamp=0.05, blocksize=64)])
+    fused = fuse_stages([SparseGPT(0.5, "2:4", percdamp=0.05, blocksize=64),
+                         GPTQ(bits=4, group_size=32, percdamp=0.05, blocksize=64)])
     assert isinstance(fused[0], JointSparseGPTQ)
     with pytest.raises(ConfigError, match=r"pruner.percdamp=0.01 and quantizer.percdamp=0.1"):
-        fuse_stages([SparseGPT(0.5, "2:4"), GPTQ(bits=4, percdamp=0.1)])
+        fuse_stages([SparseGPT(0.5, "2:4"), GPTQ(bits=4, group_size=32, percdamp=0.1)])
     with pytest.raises(ConfigError, match=r"pruner.blocksize=128 and quantizer.blocksize=32"):
-        fuse_stages([SparseGPT(0.5, "2:4"), GPTQ(bits=4, blocksize=32)])
+        fuse_stages([SparseGPT(0.5, "2:4"), GPTQ(bits=4, group_size=32, blocksize=32)])
+    # a per-row grid is not fused (its range would be fixed before pruning moves the weights): two
+    # passes, each with its own damping
+    assert [type(s) for s in fuse_stages([SparseGPT(0.5, "2:4"), GPTQ(bits=4, percdamp=0.1)])] == [SparseGPT, GPTQ]
     from compresslab.data.calibration import CalibrationData
 
     p = Pipeline(model=NoLoad(device="cpu"), data=CalibrationData(nsamples=2, seqlen=16), pruner=SparseGPT(0.5, "2:4"),
