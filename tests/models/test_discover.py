@@ -249,3 +249,24 @@ def test_conv1d_families_refuse_what_cannot_hold_them(tmp_path):
     SequentialEngine("cpu", max_memory=None, progress=False).run(loaded, None, [RTN(bits=4, group_size=32, grid="sym")])
     with pytest.raises(ConfigError, match="Conv1D layers, which compressed-tensors does not quantize"):
         export_compressed_tensors(loaded, tmp_path / "out")
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "falcon", "gpt2", "phi3"])
+def test_chunked_path_sees_the_one_pass_inputs(family):
+    """The memory plan's chunked path (chunks of 2 of 5 samples, the last one short) hands every group
+    of a traced family the Hessian the one pass does (that the one pass runs each block as the model
+    does is checked above)."""
+    from conftest import Recorder
+
+    extra = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"]) \
+        if family == "gemma3_text" else {}
+    ids = torch.randint(0, 256, (5, 16), generator=torch.Generator().manual_seed(3))
+    seen = {}
+    for chunk in (None, 2):
+        rec = Recorder()
+        SequentialEngine("cpu", chunk_size=chunk, max_memory=None, progress=False).run(tiny(family, 3, **extra), ids,
+                                                                                       [rec])
+        seen[chunk] = rec.calls
+    assert [n for n, _ in seen[None]] == [n for n, _ in seen[2]]
+    for (name, (h1, _)), (_, (h2, _)) in zip(seen[None], seen[2]):
+        torch.testing.assert_close(h2, h1, rtol=1e-4, atol=1e-6 * float(h1.abs().max()), msg=name)
