@@ -92,6 +92,8 @@ def test_joint_pass_needs_one_damping_and_one_block_size():
     # a per-row grid is not fused (its range would be fixed before pruning moves the weights): two
     # passes, each with its own damping
     assert [type(s) for s in fuse_stages([SparseGPT(0.5, "2:4"), GPTQ(bits=4, percdamp=0.1)])] == [SparseGPT, GPTQ]
+    static = GPTQ(bits=4, group_size=32, static_groups=True)  # ranges fixed before the sweep too
+    assert [type(s) for s in fuse_stages([SparseGPT(0.5, "2:4"), static])] == [SparseGPT, GPTQ]
     from compresslab.data.calibration import CalibrationData
 
     p = Pipeline(model=NoLoad(device="cpu"), data=CalibrationData(nsamples=2, seqlen=16), pruner=SparseGPT(0.5, "2:4"),

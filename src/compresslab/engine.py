@@ -33,6 +33,7 @@ from .models.adapters import Adapter, adapter_for
 from .plan import Plan, make_plan, parse_memory, resolve_budget
 from .stages import effective_weight, fuse_stages, layer_state
 from .stats import LayerStats
+from .errors import ConfigError
 from .utils import resolve_device, to_device
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,36 @@ class _Held:
     home: torch.device
     dense: nn.Module | None
     dense_home: torch.device | None
+
+
+def _bind_block_call(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """(hidden states, every other argument by name) of a call `block(*args, **kwargs)`: families
+    pass the mask and more by position (GPT-2: block(h, cache, mask, ...)), and the engine calls
+    block(h, **named). The cache is dropped and use_cache turned off where the block takes it."""
+    import inspect
+
+    sig = inspect.signature(type(block).forward)
+    bound = sig.bind(block, *args, **kwargs)
+    params = sig.parameters
+    named: dict[str, Any] = {}
+    for name, value in list(bound.arguments.items())[1:]:  # [0] is self
+        kind = params[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise ConfigError(f"{type(block).__name__} is called with {len(value)} extra positional arguments "
+                                  "compresslab cannot name; add an adapter in src/compresslab/models/adapters.py")
+        else:
+            named[name] = value
+    first = next(n for n in list(params)[1:] if params[n].kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                                         inspect.Parameter.VAR_KEYWORD))
+    hidden = named.pop(first)
+    for k in ("past_key_values", "past_key_value", "layer_past", "cache"):
+        named.pop(k, None)
+    if "use_cache" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        named["use_cache"] = False
+    return hidden, named
 
 
 def _block_out(out):
@@ -397,14 +428,10 @@ class SequentialEngine:
 
         def stub(i):
             def forward(*args, **kwargs):
-                h = args[0] if args else kwargs["hidden_states"]
+                h, kw = _bind_block_call(blocks[i], args, kwargs)
                 if i == 0:
                     hidden_parts.append(self._to_stream(h))
                 if per_block[i] is None:
-                    kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                    kw["use_cache"] = False
-                    for k in ("past_key_values", "layer_past", "cache"):
-                        kw.pop(k, None)
                     per_block[i] = kw
                 if per_block[-1] is not None:  # every block's kwargs known: the rest of the model is not needed
                     raise _Stop
@@ -420,6 +447,16 @@ class SequentialEngine:
                     model(input_ids=ids[sl].to(self.device), use_cache=False)
                 except _Stop:
                     pass
+                except Exception as e:  # the model's own code between blocks, fed the stubs' outputs
+                    if per_block[0] is None:
+                        raise
+                    raise ConfigError(f"{type(model).__name__}: the forward failed after block 0 while compresslab "
+                                      f"recorded each block's arguments ({type(e).__name__}: {e}); this family "
+                                      "needs an adapter in src/compresslab/models/adapters.py") from e
+            missing = [i for i, kw in enumerate(per_block) if kw is None]
+            if missing:
+                raise ConfigError(f"{type(model).__name__}: blocks {missing[:5]} were never called by the model's "
+                                  "forward; compresslab cannot tell their arguments")
         finally:
             for b, f in zip(blocks, saved):
                 del b.forward

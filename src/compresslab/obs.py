@@ -261,15 +261,17 @@ def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = N
 
         # Two-level lazy updates: inside a sub-block of `sub` columns the error of each column goes
         # to the sub-block's later columns (rank-1); at the sub-block's end, to the block's remaining
-        # columns in one GEMM. A group's range or N:M mask is only read at a sub-block start, when
-        # every column of the block is up to date.
+        # columns in one GEMM. A group's range is read at a sub-block start, when every column of the
+        # block is up to date; an N:M group's mask at its first column, whose M columns lie in the
+        # current sub-block (sub is a multiple of M) and carry every earlier column's error.
         for j1 in range(0, b, sub):
             j2 = min(j1 + sub, b)
             for i in range(j1, j2):
                 col = i1 + i
                 if quant is not None and dynamic and col % g == 0:
-                    # The group's range from its current weights and the masks known now (a fixed one, or
-                    # this block's unstructured one); its N:M masks are not chosen yet (see below)
+                    # The group's range from its current weights and the masks known now (a fixed one, this
+                    # block's unstructured one, and N:M masks of groups that began before it: none when
+                    # group_size is a multiple of M, as in every grid this project ships)
                     gi = groups[col]
                     Wg = Wt[i:i + g] * Mt[i:i + g] if masked else Wt[i:i + g]
                     sc, ze = _group_params(Wg.T, quant, gi, dU[i:i + g])

@@ -42,7 +42,7 @@ EXPECTED = {
 FAMILIES = sorted(EXPECTED)
 
 
-def tiny(family, layers=2, **extra):
+def tiny(family, layers=2, attn=None, **extra):
     loader = TinyModel(family, num_layers=layers)
     cfg = loader.config()
     for k, v in extra.items():
@@ -50,7 +50,7 @@ def tiny(family, layers=2, **extra):
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model = AutoModelForCausalLM.from_config(cfg, **({"attn_implementation": attn} if attn else {})).eval()
     conv1d_to_linear(model)
     return model
 
@@ -83,15 +83,16 @@ def _final_hidden(model, adapter, ids):
     return got["x"]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_engine_runs_each_block_as_the_model_does(family):
+@pytest.mark.parametrize("family,attn", [(f, None) for f in FAMILIES] + [("gpt2", "eager"), ("gpt_neox", "eager")])
+def test_engine_runs_each_block_as_the_model_does(family, attn):
     """The engine's block-by-block outputs equal the model's own forward. Gemma 3 here alternates
     sliding-window (window 4 < 16 tokens) and global layers, which get their own masks and rotary:
-    with block 0's kwargs for every block the global layers would see a sliding window."""
+    with block 0's kwargs for every block the global layers would see a sliding window. GPT-2 passes
+    its mask by position, and with eager attention the mask is its only causal mask."""
     extra = {}
     if family == "gemma3_text":
         extra = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
-    model = tiny(family, layers=3, **extra)
+    model = tiny(family, layers=3, attn=attn, **extra)
     adapter = adapter_for(model)
     ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(1))
     want = _final_hidden(model, adapter, ids)

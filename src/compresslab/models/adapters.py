@@ -66,7 +66,10 @@ class Adapter:
             for name in group:
                 mod = get_module(block, name)
                 if not isinstance(mod, nn.Linear):
-                    raise ConfigError(f"{self.family} adapter: '{name}' is not an nn.Linear in {type(block).__name__}")
+                    hint = (" (a GPT-2 style Conv1D: compresslab.models.conv1d.conv1d_to_linear(model) turns it into "
+                            "one, as model=hf does at load)") if type(mod).__name__ == "Conv1D" else ""
+                    raise ConfigError(f"{self.family} adapter: '{name}' is not an nn.Linear in "
+                                      f"{type(block).__name__}{hint}")
                 members.append((name, mod))
             out.append(members)
         return out

@@ -28,8 +28,13 @@ def meta_twin(config) -> nn.Module:
     """The causal LM of `config`, built on the meta device (nothing allocated)."""
     from transformers import AutoModelForCausalLM
 
+    import copy
+
     from .conv1d import conv1d_to_linear
 
+    config = copy.deepcopy(config)  # from_config writes to it (dtype, attention backend)
+    if getattr(config, "_attn_implementation", None) not in (None, "eager", "sdpa"):
+        config._attn_implementation = "eager"  # flash / flex kernels do not run on meta tensors
     with torch.device("meta"):
         twin = AutoModelForCausalLM.from_config(config)
     conv1d_to_linear(twin)  # as the loaders do (GPT-2 style Conv1D)

@@ -292,6 +292,9 @@ class TinyModel(ModelLoader):
                 cfg.head_dim = d["hidden_size"] // d["num_heads"]
             except AttributeError:
                 pass
+            for name in ("n_inner", "ffn_hidden_size"):  # GPT-2's and Falcon's names for the MLP width
+                if hasattr(cfg, name):
+                    setattr(cfg, name, d["intermediate_size"])
             return cfg
         return GPTNeoXConfig(vocab_size=vocab, hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
                              num_hidden_layers=d["num_layers"], num_attention_heads=d["num_heads"],
