@@ -82,3 +82,10 @@ def test_memory_budget_below_one_sample_fails_before_load():
     with pytest.raises(ConfigError, match=r"engine.max_memory=100 kB is less than one calibration sample needs.*"
                                           r"raise engine.max_memory, or lower data.nsamples"):
         p.run()
+    # a weight-only method measuring its layers' errors runs a calibration forward too: planned the same
+    from compresslab.quantizer.rtn import RTN
+
+    p = Pipeline(model=NoLoad(device="cpu"), data=CalibrationData(nsamples=8, seqlen=64), quantizer=RTN(bits=4),
+                 engine=SequentialEngine(device="cpu", max_memory="100kB", layer_error=True))
+    with pytest.raises(ConfigError, match=r"engine.max_memory=100 kB is less than one calibration sample needs"):
+        p.run()

@@ -348,6 +348,8 @@ class SequentialEngine:
             return None
         stages = [s for s in stages if s is not None]
         needs = _needs(stages)
+        if self.layer_error and stages:  # as `run` does: Hessians for every group's error
+            needs |= {"hessian"}
         finishers = any(hasattr(s, "finish_block") for s in stages)
         if not (needs or recovery is not None or finishers):
             return None  # weight-only: no calibration forward to plan
