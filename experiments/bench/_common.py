@@ -111,3 +111,26 @@ def row_from_run(method: str, run_dir: Path, wall: float | None = None, proc=Non
     if rec.get("status") != "ok":
         row["error"] = rec.get("error") or (proc.stderr[-500:] if proc else "no metrics.json")
     return row
+
+
+def run_child(script: str, spec: dict, method: str) -> dict:
+    """Run `script --child <spec as JSON>` in its own process (so peak RSS is its own) and return
+    {"method", "status": "ok", **the JSON of its last stdout line}, or a status/error row when it failed."""
+    proc = subprocess.run([sys.executable, script, "--child", json.dumps(spec)], capture_output=True, text=True,
+                          cwd=ROOT / "experiments" / "bench")
+    if proc.returncode:
+        err = proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else ""
+        return {"method": method, "status": f"rc={proc.returncode}", "error": err}
+    return {"method": method, "status": "ok", **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def parse_or_run_child(ap: argparse.ArgumentParser, child) -> argparse.Namespace:
+    """Parse the options; when called as `--child <spec>` (from `run_child`), print child(spec) as
+    JSON and exit instead."""
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        sys.exit(0)
+    return args
+

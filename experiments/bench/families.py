@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 
-from _common import ROOT, emit
+from _common import emit, parse_or_run_child, run_child
 
 FAMILIES = ["llama", "mistral", "qwen2", "smollm3", "qwen3", "gemma2", "gemma3_text", "phi3", "falcon", "stablelm",
             "olmo2", "granite", "opt", "gpt_neox", "gpt2"]
@@ -64,22 +62,12 @@ def main():
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--families", nargs="+", default=FAMILIES)
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
-        return
+    args = parse_or_run_child(ap, child)
     rows = []
     for family in args.families:
         spec = {"family": family, "hidden": args.hidden, "layers": args.layers, "samples": args.samples,
                 "seqlen": args.seqlen, "repeats": args.repeats}
-        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                              cwd=ROOT / "experiments" / "bench")
-        if proc.returncode:
-            rows.append({"method": family, "status": f"rc={proc.returncode}",
-                         "error": proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else ""})
-        else:
-            rows.append({"method": family, "status": "ok", **json.loads(proc.stdout.strip().splitlines()[-1])})
+        rows.append(run_child(__file__, spec, family))
         print(json.dumps(rows[-1]), flush=True)
     ref = next((r for r in rows if r["method"] == "llama" and r["status"] == "ok"), None)
     for r in rows:

@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 
 import torch
 
-from _common import ROOT, emit
+from _common import emit, parse_or_run_child, run_child
 
 SHAPES = {  # hidden, intermediate, heads, kv heads, layers of the full model
     "llama2_7b": (4096, 11008, 32, 32, 32),
@@ -111,25 +109,16 @@ def main():
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--shapes", nargs="+", default=["llama2_7b", "llama3_8b"], choices=list(SHAPES))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
-        return
+    args = parse_or_run_child(ap, child)
     rows = []
     for shape in args.shapes:
         for method in args.methods:
             spec = {"shape": shape, "method": method, "samples": args.samples, "seqlen": args.seqlen}
-            proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
-                                  text=True, cwd=ROOT / "experiments" / "bench")
-            if proc.returncode:
-                rows.append({"method": f"{shape}: {method}", "status": f"rc={proc.returncode}",
-                             "error": proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else ""})
-                continue
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
-            whole = extrapolate(row, spec)
-            rows.append({"method": f"{shape}: {method}", "status": "ok", **row,
-                         "whole_model_s_at_128x2048": round(whole), "whole_model_h": round(whole / 3600, 2)})
+            row = run_child(__file__, spec, f"{shape}: {method}")
+            if row["status"] == "ok":
+                whole = extrapolate(row, spec)
+                row.update(whole_model_s_at_128x2048=round(whole), whole_model_h=round(whole / 3600, 2))
+            rows.append(row)
             print(json.dumps(rows[-1]), flush=True)
     if "tiny" in args.shapes:  # a smoke run: printed, not written to the results
         return
