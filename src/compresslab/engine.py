@@ -32,8 +32,8 @@ from .layer_error import ErrorMeter, hessian_rel_error
 from .models.adapters import Adapter, adapter_for
 from .plan import Plan, make_plan, parse_memory, resolve_budget
 from .stages import effective_weight, fuse_stages, layer_state
-from .stats import LayerStats
 from .errors import ConfigError
+from .stats import LayerStats
 from .utils import resolve_device, to_device
 
 log = logging.getLogger(__name__)
@@ -125,8 +125,6 @@ class SequentialEngine:
 
     def __init__(self, device: str = "auto", chunk_size: int | str | None = "auto", max_memory: int | str | None = None,
                  progress: bool = True, layer_error: bool = False):
-        from .errors import ConfigError
-
         if not (chunk_size is None or chunk_size == "auto" or (isinstance(chunk_size, int) and chunk_size >= 1)):
             raise ConfigError(f"engine.chunk_size must be auto, null (one pass) or an int >= 1, got {chunk_size!r}")
         parse_memory(max_memory)  # a bad size fails now, before any model is loaded

@@ -79,13 +79,9 @@ class Pipeline:
             return
         stages = fuse_stages(self.stages)  # a pair that cannot share one pass as configured fails here
         try:
-            from transformers import AutoModelForCausalLM
+            from .models.discover import meta_twin
 
-            from .models.conv1d import conv1d_to_linear
-
-            with torch.device("meta"):
-                meta = AutoModelForCausalLM.from_config(self.model_loader.config())
-            conv1d_to_linear(meta)  # as the loader will (GPT-2 style layers)
+            meta = meta_twin(self.model_loader.config())  # as the loader will build it (Conv1D as Linear)
         except ConfigError:
             raise
         except Exception as e:  # the engine checks again after loading
