@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .engine import SequentialEngine
-from .metrics import compression_summary, peak_rss_gb, peak_rss_since_reset_gb, summarize
+from .metrics import compression_summary, experts_summary, peak_rss_gb, peak_rss_since_reset_gb, summarize
 
 
 @dataclass
@@ -25,6 +25,7 @@ class CompressionReport:
     metrics: dict[str, float]  # sparsity, avg_bits, time/compress_s, memory/peak_rss_gb, ...
     layers: list[dict[str, Any]] = field(default_factory=list)  # one row per compressed Linear
     recovery: list[dict[str, Any]] = field(default_factory=list)
+    experts: list[dict[str, Any]] = field(default_factory=list)  # MoE: one row per expert (tokens, stats_from)
 
 
 def _calibration_ids(calibration, tokenizer) -> torch.Tensor | None:
@@ -79,7 +80,9 @@ def compress(model, tokenizer=None, *, pruner=None, quantizer=None, lowrank=None
     metrics = {**summary, "time/compress_s": result["time/compress_s"], "memory/peak_rss_gb": peak,
                "memory/compress_peak_rss_gb": peak if since is None else since}  # the first: a run's final peak
     metrics.update(_plan_metrics(result.get("plan"), engine))
-    return CompressionReport(metrics, layers, result["recovery"])
+    moe, experts = experts_summary(layers)
+    metrics.update(moe)
+    return CompressionReport(metrics, layers, result["recovery"], experts)
 
 
 def recover(dense_model, compressed_model, tokenizer=None, *, recovery, calibration=None,

@@ -121,13 +121,22 @@ class SequentialEngine:
         layer_error: collect each group's Hessian even when no stage needs it, so that every
             Linear reports ‖WX − ŴX‖/‖WX‖ on the calibration inputs. By default the error is
             reported whenever some stage already collects the Hessian.
+        moe_calibration: where Mixture-of-Experts experts take their statistics from: 'routed' (the
+            tokens the router sends each) or 'all' (every token; outputs still routed). models/moe.py.
+        moe_min_tokens: an expert routed fewer tokens in a calibration forward takes its statistics
+            from all the forward's tokens (recorded per expert as `stats_from`).
     """
 
     def __init__(self, device: str = "auto", chunk_size: int | str | None = "auto", max_memory: int | str | None = None,
-                 progress: bool = True, layer_error: bool = False):
+                 progress: bool = True, layer_error: bool = False, moe_calibration: str = "routed",
+                 moe_min_tokens: int = 64):
         if not (chunk_size is None or chunk_size == "auto" or (isinstance(chunk_size, int) and chunk_size >= 1)):
             raise ConfigError(f"engine.chunk_size must be auto, null (one pass) or an int >= 1, got {chunk_size!r}")
         parse_memory(max_memory)  # a bad size fails now, before any model is loaded
+        from .models.moe import check_calibration
+
+        check_calibration(moe_calibration, moe_min_tokens)
+        self.moe = (moe_calibration, moe_min_tokens)
         self.device = resolve_device(device)
         self.chunk_size = chunk_size
         self.max_memory = max_memory
@@ -536,11 +545,12 @@ class SequentialEngine:
                 layer_state(lin).rel_error = hessian_rel_error(original, effective_weight(lin), H)
 
     def _one_pass(self, adapter, i, block, groups, stages, needs, hidden, kwargs):
-        handles = []
+        handles, states = [], []
         for group in groups:
             state = {"handles": []}
 
             def hook(mod, args, group=group, state=state):
+                state["fired"] = True
                 for h in state["handles"]:  # fires once: later calls of the group run unhooked
                     h.remove()
                 x = args[0]  # (N, T, d_in), already the output of this block's compressed groups
@@ -559,11 +569,16 @@ class SequentialEngine:
 
             state["handles"] = [lin.register_forward_pre_hook(hook) for _, lin in group]
             handles += state["handles"]
+            states.append(state)
         try:
-            out = self._forward(block, hidden, kwargs)
+            with adapter.calibrating(block, *self.moe, hidden.shape[0] * hidden.shape[1]):
+                out = self._forward(block, hidden, kwargs)
         finally:
             for h in handles:
                 h.remove()
+        idle = [[n for n, _ in g] for g, st in zip(groups, states) if not st.get("fired")]
+        if idle:  # would stay dense without a word
+            raise RuntimeError(f"block {i}: the forward never called {idle[:3]}; they were not compressed")
         return out
 
     def _sequential(self, adapter, i, block, groups, stages, needs, hidden, kwargs):
@@ -613,7 +628,10 @@ class SequentialEngine:
                     self._forward(block, hidden[sl], kwargs)
 
             if stats is not None:
-                self._until_hook(lin0, observe, run, hidden.shape[0])
+                with adapter.calibrating(block, *self.moe, hidden.shape[0] * hidden.shape[1]):
+                    self._until_hook(lin0, observe, run, hidden.shape[0])
+                if not stats.n:  # would divide by zero tokens
+                    raise RuntimeError(f"block {i}: the forward never called {[n for n, _ in group]}; no statistics")
             self._compress_group(adapter, i, group, stages, stats)
             if stats is not None:
                 stats.free()

@@ -63,6 +63,12 @@ def export_compressed_tensors(model: nn.Module, out: str | Path, tokenizer=None)
     if has_conv1d(plain):
         raise ConfigError(f"{type(model).__name__} is built from GPT-2 style Conv1D layers, which compressed-tensors "
                           "does not quantize; save it with python -m compresslab.save instead")
+    from .models.moe import has_fused_experts
+
+    if has_fused_experts(plain):
+        raise ConfigError(f"{type(model).__name__} keeps its experts as fused 3-D tensors in transformers, which a "
+                          "compressed-tensors folder cannot hold quantized per expert; save it with python -m "
+                          "compresslab.save instead (the packed checkpoint stores each expert's layers)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     linears = dict(adapter_for(model).named_linears(model))

@@ -72,6 +72,8 @@ def layer_summary(name: str, lin: nn.Linear, bits: int | None = None) -> tuple[d
         fell, raised = int(state.fallback), int(any(n.retries for n in state.numerics))
     if state is not None and state.adapter is not None:
         row["rank"] = state.adapter.rank
+    if state is not None and state.tokens is not None:  # an expert (models/moe.py)
+        row["tokens"], row["stats_from"] = state.tokens, state.stats_from
     return row, (p, z, w.numel(), b, layer_params(lin), fell, raised)
 
 
@@ -82,6 +84,23 @@ def summarize(counts: list[tuple[int, ...]]) -> dict[str, float]:
     return {"sparsity": pruned / d, "zero_fraction": zeros / d, "avg_bits": bits / d,
             "params/compressed": float(numel), "params/ratio": stored / d, "fallbacks": float(fallbacks),
             "damp_raised": float(raised)}
+
+
+def experts_summary(layers: list[dict[str, Any]]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Mixture-of-Experts figures from the per-layer rows: one row per expert (its name, the calibration
+    tokens routed to it, where its statistics came from) and {'moe/experts', 'moe/starved' (experts
+    whose statistics came from all tokens because too few were routed), 'moe/tokens_min', '..._max'};
+    empty for a dense model."""
+    experts: dict[str, dict[str, Any]] = {}
+    for row in layers:
+        if row.get("tokens") is not None:
+            experts.setdefault(row["name"].rpartition(".")[0], {"tokens": row["tokens"], "stats_from": row["stats_from"]})
+    if not experts:
+        return {}, []
+    rows = [{"expert": name, **v} for name, v in experts.items()]
+    tokens = [r["tokens"] for r in rows]
+    return {"moe/experts": float(len(rows)), "moe/starved": float(sum(r["stats_from"] == "all (starved)" for r in rows)),
+            "moe/tokens_min": float(min(tokens)), "moe/tokens_max": float(max(tokens))}, rows
 
 
 def compression_summary(model: nn.Module) -> tuple[dict[str, float], list[dict[str, Any]]]:

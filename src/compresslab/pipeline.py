@@ -151,6 +151,8 @@ class Pipeline:
                               source=source, sink=sink)
             metrics.update(report.metrics)
             record["layers"], record["recovery"] = report.layers, report.recovery
+            if report.experts:
+                record["experts"] = report.experts
             self._log_recovery(report.recovery)
             if self.save.get("path") and (writer is not None or source is None):  # before eval: a failing eval loses nothing
                 from .checkpoint import save_compressed
@@ -174,6 +176,8 @@ class Pipeline:
                                                self.engine)
             if self.logger is not None and report.layers:
                 self.logger.table("layers", report.layers)
+                if report.experts:
+                    self.logger.table("experts", report.experts)
             if evals:
                 t0 = time.perf_counter()
                 metrics.update(evaluate(eval_model, tok, evals))

@@ -78,6 +78,8 @@ class LayerState:
     packed_mask: Any = None  # the pruner's keep-mask, 1 bit per weight: (uint8, shape); see `mask`
     adapter: Any = None  # lowrank.base.AdapterInfo when low-rank adapters are attached
     factors: Any = None  # (B, A) in fp16 when the layer is replaced by its low-rank factors
+    tokens: int | None = None  # an expert's Linear: calibration tokens the router sent to its expert
+    stats_from: str | None = None  # an expert's Linear: "routed", "all" or "all (starved)" (models/moe.py)
 
     @property
     def mask(self) -> torch.Tensor | None:

@@ -231,6 +231,12 @@ def streamed_model(folder: str | Path, config, dtype: torch.dtype) -> tuple[nn.M
     tensors = ShardedTensors(folder)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    from .models.moe import has_fused_experts
+
+    if has_fused_experts(model):
+        raise ConfigError(f"{config.model_type}: model.offload=disk cannot stream fused Mixture-of-Experts tensors yet "
+                          "(its shards hold (E, 2I, H) expert tensors, compressed per expert); load it in memory "
+                          "(model.offload=null)")
     tensors.bind(model)
     adapter = adapter_for(model)
     blocks = adapter.block_list(model)

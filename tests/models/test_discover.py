@@ -143,7 +143,6 @@ def test_conv1d_becomes_the_same_linear():
 
 
 @pytest.mark.parametrize("family,match", [
-    ("mixtral", "fused Mixture-of-Experts weights"), ("qwen3_moe", "fused Mixture-of-Experts weights"),
     ("mamba", "weights of more than 2-D"), ("t5", "cannot build it as a causal LM"),
 ])
 def test_what_cannot_work_says_why(family, match):
@@ -155,27 +154,52 @@ def test_what_cannot_work_says_why(family, match):
         discover(cfg)
 
 
-def test_blocks_of_different_layouts_fail_with_the_block(monkeypatch):
-    """The engine applies one group list to every block: a block that calls another Linear fails."""
+class _Post(nn.Module):  # an MLP, then one more Linear
+    def __init__(self, mlp):
+        super().__init__()
+        self.inner, self.post = mlp, nn.Linear(64, 64, device="meta")
+
+    def forward(self, x):
+        return self.post(self.inner(x))
+
+
+def test_blocks_of_different_layouts_get_their_own_groups(monkeypatch):
+    """A block that calls one more Linear (as DeepSeek-V3's dense first layers differ from its MoE ones):
+    the groups are the union, each block's order kept; the others skip the group they lack."""
     from compresslab.models import discover as D
-
-    class Post(nn.Module):  # the MLP, then one more Linear
-        def __init__(self, mlp):
-            super().__init__()
-            self.inner, self.post = mlp, nn.Linear(64, 64, device="meta")
-
-        def forward(self, x):
-            return self.post(self.inner(x))
 
     build = D.meta_twin
 
     def odd_twin(config):
         twin = build(config)
-        twin.model.layers[2].mlp = Post(twin.model.layers[2].mlp)
+        twin.model.layers[1].mlp = _Post(twin.model.layers[1].mlp)
         return twin
 
     monkeypatch.setattr(D, "meta_twin", odd_twin)
-    with pytest.raises(ConfigError, match=r"unsupported architecture 'qwen3': block 2 has other Linear groups.*mlp\.post"):
+    model = tiny("qwen3", layers=3)
+    adapter = discover(model.config)
+    mlp = (("mlp.inner.gate_proj", "mlp.inner.up_proj"), ("mlp.inner.down_proj",), ("mlp.post",))
+    assert adapter.groups == LLAMA_LIKE[:2] + mlp + LLAMA_LIKE[2:]  # block 1's MLP groups, then the others'
+    model.model.layers[1].mlp = _Post(model.model.layers[1].mlp).to_empty(device="cpu")
+    got = [tuple(tuple(n for n, _ in g) for g in adapter.linear_groups(b)) for b in model.model.layers]
+    assert got == [LLAMA_LIKE, LLAMA_LIKE[:2] + mlp, LLAMA_LIKE]
+
+
+def test_blocks_that_group_the_same_linears_differently_fail(monkeypatch):
+    from compresslab.models import discover as D
+
+    build = D.meta_twin
+
+    def odd_twin(config):  # block 2's q_proj reads its own input: no group list fits both
+        twin = build(config)
+        attn = twin.model.layers[2].self_attn
+        q = attn.q_proj
+        attn.q_proj = type("Q", (nn.Module,), {"forward": lambda self, x: self.lin(x.clone())})()
+        attn.q_proj.lin = q
+        return twin
+
+    monkeypatch.setattr(D, "meta_twin", odd_twin)
+    with pytest.raises(ConfigError, match="unsupported architecture 'qwen3': its blocks group the same Linears differently"):
         discover(tiny("qwen3", layers=3).config)
 
 

@@ -305,6 +305,9 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype:
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    from ..models import as_linears
+
+    as_linears(model)  # the layers as they were saved: Linears, one MLP per expert
     for name, meta in manifest["layers"].items():
         try:
             t = {role: tensors.pop(key) for role, key in meta["tensors"].items()}

@@ -63,6 +63,8 @@ class Adapter:
         out = []
         for group in self.groups:
             members = []
+            if self.discovered and all(get_module(block, name) is None for name in group):
+                continue  # blocks that differ (models/discover.py): this one lacks the group
             for name in group:
                 mod = get_module(block, name)
                 if not isinstance(mod, nn.Linear):
@@ -91,6 +93,13 @@ class Adapter:
             yield
         finally:
             del mlp.forward
+
+    def calibrating(self, block: nn.Module, mode: str = "routed", min_tokens: int = 1, total_tokens: int | None = None):
+        """Context of a calibration forward of `block`: its Mixture-of-Experts experts take their
+        statistics from their routed tokens or all of them (models/moe.py); nothing for dense blocks."""
+        from .moe import calibrating
+
+        return calibrating(block, mode, min_tokens, total_tokens)
 
     def mlp_branch(self, block: nn.Module):
         """(norm, mlp, names of the groups inside mlp) when the block ends in h + mlp(norm(h)), else None."""

@@ -10,8 +10,11 @@ weights, any size) tells everything `Adapter` holds:
   Hessian: q/k/v, gate/up, or attention and MLP of a parallel block reading one norm's output), and
   groups are ordered by first use, which is the true-sequential order the engine compresses in.
 
-Every block must have the same layout (the engine applies one group list to all of them); a model
-whose blocks differ fails with the reason.
+Blocks may differ (DeepSeek-V3's first layers are dense, the rest Mixture-of-Experts): the groups
+are the union of every block's, each block's order kept, and a block skips the groups it lacks.
+Fused MoE experts are one MLP of Linears per expert by the time this runs (models/moe.py): their
+groups are per expert ([experts.e.gate_proj, experts.e.up_proj], [experts.e.down_proj]), since each
+reads its own routed tokens.
 """
 
 from __future__ import annotations
@@ -30,14 +33,14 @@ def meta_twin(config) -> nn.Module:
 
     import copy
 
-    from .conv1d import conv1d_to_linear
+    from . import as_linears
 
     config = copy.deepcopy(config)  # from_config writes to it (dtype, attention backend)
     if getattr(config, "_attn_implementation", None) not in (None, "eager", "sdpa"):
         config._attn_implementation = "eager"  # flash / flex kernels do not run on meta tensors
     with torch.device("meta"):
         twin = AutoModelForCausalLM.from_config(config)
-    conv1d_to_linear(twin)  # as the loaders do (GPT-2 style Conv1D)
+    as_linears(twin)  # as the loaders do (GPT-2 style Conv1D, fused MoE experts)
     return twin
 
 
@@ -135,6 +138,27 @@ def _groups(layout: list[tuple[str, torch.Tensor]]) -> tuple[tuple[str, ...], ..
     return tuple(tuple(g) for g in by_input.values())
 
 
+def _scalar_gate(m: nn.Module) -> bool:
+    """A Linear of one output (Qwen2-MoE's shared_expert_gate: a sigmoid gate on a whole branch) stays
+    dense: nothing to gain, and its error would scale the branch."""
+    return isinstance(m, nn.Linear) and m.out_features == 1
+
+
+def _union(layouts: list[tuple[tuple[str, ...], ...]]) -> tuple[tuple[str, ...], ...]:
+    """The groups of blocks that differ (DeepSeek-V3's first dense layers, Qwen-MoE's dense-only
+    layers) merged into one list that keeps each block's own order; a block skips the groups it lacks."""
+    union: list[tuple[str, ...]] = []
+    for layout in layouts:
+        at = -1
+        for g in layout:
+            if g in union:
+                at = union.index(g)
+            else:
+                at += 1
+                union.insert(at, g)
+    return tuple(union)
+
+
 def discover(model_or_config):
     """An `Adapter` for a model (or config) with no hand-written one. See the module doc."""
     from .adapters import Adapter
@@ -150,29 +174,33 @@ def discover(model_or_config):
     blocks_path = find_blocks(twin, config)
     odd = sorted({n.split(".", 1)[1] for n, p in twin.get_submodule(blocks_path).named_parameters() if p.dim() > 2})
     if odd:  # e.g. transformers 5's fused experts, (E, 2I, H) and (E, H, I), or a convolution: not Linears
-        what = "fused Mixture-of-Experts weights" if any("expert" in n for n in odd) else "weights of more than 2-D"
+        what = ("Mixture-of-Experts weights of a layout compresslab cannot split into Linears"
+                if any("expert" in n for n in odd) else "weights of more than 2-D")
         raise ConfigError(f"unsupported architecture '{model_type}': its blocks hold {what} {odd}, which compresslab "
                           f"does not compress yet (they would stay dense)")
     calls, start, end, linears = _trace(twin, blocks_path)
-    layouts = [_groups(layout) for layout in linears]
-    if not layouts[0]:
+    blocks = twin.get_submodule(blocks_path)
+    layouts = [_groups([(n, x) for n, x in layout if not _scalar_gate(blocks[i].get_submodule(n))])
+               for i, layout in enumerate(linears)]
+    if not any(layouts):
         raise ConfigError(f"unsupported architecture '{model_type}': its blocks ('{blocks_path}') call no nn.Linear, so there is "
                           f"nothing compresslab can compress; add an adapter in src/compresslab/models/adapters.py")
-    differ = [i for i, g in enumerate(layouts) if g != layouts[0]]
-    if differ:
-        raise ConfigError(f"unsupported architecture '{model_type}': block {differ[0]} has other Linear groups than block 0 "
-                          f"({layouts[differ[0]]} vs {layouts[0]}); blocks of different layouts are not "
-                          f"supported yet (add an adapter in src/compresslab/models/adapters.py)")
-    missed = sorted(n for n, m in twin.get_submodule(blocks_path)[0].named_modules()
-                    if isinstance(m, nn.Linear) and all(n != name for g in layouts[0] for name in g))
-    if missed:  # a Linear the forward never calls would silently stay dense
-        raise ConfigError(f"unsupported architecture '{model_type}': Linears {missed} in a block are never called by its forward; "
-                          f"add an adapter in src/compresslab/models/adapters.py")
+    for i, layout in enumerate(layouts):
+        called = {n for g in layout for n in g}
+        missed = sorted(n for n, m in blocks[i].named_modules()
+                        if isinstance(m, nn.Linear) and n not in called and not _scalar_gate(m))
+        if missed:  # a Linear the forward never calls would silently stay dense
+            raise ConfigError(f"unsupported architecture '{model_type}': Linears {missed} in block {i} are never called by its "
+                              f"forward; add an adapter in src/compresslab/models/adapters.py")
+    groups = _union(layouts)
+    if any(set(a) & set(b) for a in groups for b in groups if a != b):
+        raise ConfigError(f"unsupported architecture '{model_type}': its blocks group the same Linears differently "
+                          f"({groups}); add an adapter in src/compresslab/models/adapters.py")
     return Adapter(
         family=str(model_type),
         blocks=blocks_path,
         inputs=_outermost(calls[:start], blocks_path),
-        groups=layouts[0],
+        groups=groups,
         outputs=_outermost(calls[end:], blocks_path),
         discovered=True,
     )

@@ -79,12 +79,15 @@ class HFModel(ModelLoader):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         t0 = time.perf_counter()
-        from .conv1d import conv1d_to_linear
+        from . import as_linears
 
         model = AutoModelForCausalLM.from_pretrained(self.name_or_path, dtype=self.dtype, **self._kw())
         tok = AutoTokenizer.from_pretrained(self.name_or_path, **self._kw())
-        if conv1d_to_linear(model):  # GPT-2 style layers, as the engine's nn.Linear (same outputs)
+        conv, moe = as_linears(model)  # as the engine's nn.Linear (same outputs)
+        if conv:
             log.info("%s: its Conv1D layers are nn.Linear from here on", self.name_or_path)
+        if moe:
+            log.info("%s: the experts of its %d MoE blocks are nn.Linear from here on", self.name_or_path, moe)
         log.info("loaded %s in %.1fs", self.name_or_path, time.perf_counter() - t0)
         return model.eval(), tok
 
@@ -292,9 +295,13 @@ class TinyModel(ModelLoader):
                 cfg.head_dim = d["hidden_size"] // d["num_heads"]
             except AttributeError:
                 pass
-            for name in ("n_inner", "ffn_hidden_size"):  # GPT-2's and Falcon's names for the MLP width
-                if hasattr(cfg, name):
+            for name in ("n_inner", "ffn_hidden_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
+                if hasattr(cfg, name):  # GPT-2's, Falcon's and the MoE families' names for MLP widths
                     setattr(cfg, name, d["intermediate_size"])
+            for name in ("num_local_experts", "num_experts", "n_routed_experts"):  # a tiny MoE: 8 experts, top-2
+                if getattr(cfg, name, None):
+                    setattr(cfg, name, min(getattr(cfg, name), 8))
+                    cfg.num_experts_per_tok = min(getattr(cfg, "num_experts_per_tok", 2), 2)
             return cfg
         return GPTNeoXConfig(vocab_size=vocab, hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
                              num_hidden_layers=d["num_layers"], num_attention_heads=d["num_heads"],
@@ -303,10 +310,10 @@ class TinyModel(ModelLoader):
     def load(self):
         from transformers import AutoModelForCausalLM
 
-        from .conv1d import conv1d_to_linear
+        from . import as_linears
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             model = AutoModelForCausalLM.from_config(self.config(), dtype=self.dtype)
-        conv1d_to_linear(model)
+        as_linears(model)
         return model.eval(), byte_tokenizer()
