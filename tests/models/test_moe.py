@@ -345,3 +345,37 @@ def test_run_py_compresses_saved_moe_models_with_every_kind_of_stage(tmp_path):
         mode = r["config"]["engine"]["moe_calibration"]
         assert r["metrics"]["moe/experts"] == len(experts)
         assert all((x["stats_from"] == "all") == (mode == "all") for x in experts.values())
+
+
+@needs_data
+def test_readme_moe_commands_run_as_printed(tmp_path):
+    """The two MoE commands of the README, read from it, with tiny data settings appended: ok, every
+    expert of the tiny 8-expert models compressed, routed and all calibration both run."""
+    import os
+    import subprocess
+    import sys
+
+    from test_sweeps import ROOT, records
+
+    lines = [ln.strip() for ln in (ROOT / "README.md").read_text().splitlines()
+             if ln.startswith(".venv/bin/python run.py") and "model.family=" in ln and "moe" in ln]
+    assert len(lines) == 2, lines
+    env = {**os.environ, "COMPRESSLAB_DATA_DIR": str(small_data_dir(tmp_path / "data")), "TQDM_DISABLE": "1"}
+    tiny = ["data.nsamples=4", "data.seqlen=64", "eval.seqlen=64", "eval.max_windows=2", "logger=none",
+            "engine.progress=false", "eval.progress=false"]
+    recs = []
+    for k, line in enumerate(lines):
+        out_dir = tmp_path / f"cmd{k}"
+        args = line.split()[2:] + tiny + [f"hydra.{'sweep' if '-m' in line.split() else 'run'}.dir={out_dir}"]
+        out = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, capture_output=True,
+                             text=True, env=env, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        recs += list(records(out_dir).values())
+    assert len(recs) == 1 + 4
+    modes = set()
+    for r in recs:
+        assert r["status"] == "ok", r.get("error")
+        assert r["metrics"]["moe/experts"] == 2 * 8  # 2 layers of 8 experts
+        assert all(row["bits"] == 4 for row in r["layers"])
+        modes.add(r["config"]["engine"]["moe_calibration"])
+    assert modes == {"routed", "all"}
