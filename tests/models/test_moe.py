@@ -95,6 +95,20 @@ def test_linear_experts_give_the_fused_models_logits(family):
         torch.testing.assert_close(model(IDS).logits, want, rtol=1e-5, atol=1e-5)
 
 
+def test_experts_train_as_the_fused_tensors_did():
+    """Recoveries train what requires grad (recovery/ste.py): every expert's Linears do, as the fused
+    tensors did, and a loss reaches each expert the router sent tokens to."""
+    model = tiny("mixtral")
+    counts = routed_counts(model, IDS[:2])
+    model(IDS[:2]).logits.square().mean().backward()
+    for mlp, c in counts.items():
+        for e in range(E):
+            for p in ("gate_proj", "up_proj", "down_proj"):
+                w = model.get_submodule(f"{mlp}.experts.{e}.{p}").weight
+                assert w.requires_grad
+                assert (w.grad is not None and bool(w.grad.any())) == bool(c[e]), (mlp, e, p)
+
+
 @pytest.mark.parametrize("layout", ["gpt_oss", "mixtral"])
 def test_every_fused_layout_splits_into_the_same_expert(layout):
     """GPT-OSS keeps its experts transposed (E, H, 2I), gate and up interleaved, with biases and its own

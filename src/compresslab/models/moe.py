@@ -117,11 +117,11 @@ class LinearExperts(nn.ModuleList):
         return out
 
 
-def _linear(w: torch.Tensor, b: torch.Tensor | None) -> nn.Linear:
+def _linear(w: torch.Tensor, b: torch.Tensor | None, grad: bool) -> nn.Linear:
     lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
-    lin.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+    lin.weight = nn.Parameter(w.detach().clone(), requires_grad=grad)  # trainable as the fused tensor was
     if b is not None:
-        lin.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
+        lin.bias = nn.Parameter(b.detach().clone(), requires_grad=grad)
     return lin
 
 
@@ -135,19 +135,19 @@ def linear_experts(fused: nn.Module) -> LinearExperts:
     up_w = fused.gate_up_proj if has_gate else fused.up_proj
     up_b = getattr(fused, "gate_up_proj_bias" if has_gate else "up_proj_bias", None) if fused.has_bias else None
     down_b = getattr(fused, "down_proj_bias", None) if fused.has_bias else None
-    experts = []
+    experts, grad = [], up_w.requires_grad
     for e in range(up_w.shape[0]):
         w = up_w[e].T if transposed else up_w[e]  # (2I, H) or (I, H)
         b = up_b[e] if up_b is not None else None
         if has_gate:
             rows = (slice(0, w.shape[0] // 2), slice(w.shape[0] // 2, None)) if concat else (slice(0, None, 2),
                                                                                              slice(1, None, 2))
-            gate = _linear(w[rows[0]], b[rows[0]] if b is not None else None)
-            up = _linear(w[rows[1]], b[rows[1]] if b is not None else None)
+            gate = _linear(w[rows[0]], b[rows[0]] if b is not None else None, grad)
+            up = _linear(w[rows[1]], b[rows[1]] if b is not None else None, grad)
         else:
-            gate, up = None, _linear(w, b)
+            gate, up = None, _linear(w, b, grad)
         dw = fused.down_proj[e].T if transposed else fused.down_proj[e]  # (H, I)
-        experts.append(ExpertMLP(gate, up, _linear(dw, down_b[e] if down_b is not None else None)))
+        experts.append(ExpertMLP(gate, up, _linear(dw, down_b[e] if down_b is not None else None, grad)))
     from transformers.integrations import moe as hf_moe
 
     custom = type(fused)._apply_gate
