@@ -84,6 +84,16 @@ def _bind_block_call(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch
     return hidden, named
 
 
+def _common_prefix(parts: list[list[str]]) -> list[str]:
+    """The dotted path all of `parts` start with, up to the last module before they differ."""
+    out = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        out.append(level[0])
+    return out[:-1] if len(out) == min(len(p) for p in parts) else out
+
+
 def _block_out(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -591,13 +601,20 @@ class SequentialEngine:
         in that buffer and h is computed from it once o is compressed: the attention runs once per chunk.
         Likewise, when the plan has room (`keep_mlp_input`) and block(x) = h + down(p) (adapter.mlp_writer),
         down's statistics pass keeps p for all samples and the outputs are h + down(p): gate/up run once.
+        Groups of one wave (adapter.group_waves: an MoE block's experts) share their statistics passes.
         Returns the block's outputs when the branch computed them, else None (the caller propagates)."""
         branch = adapter.mlp_branch(block)
         writer = adapter.residual_writer(block)
         out_writer = adapter.mlp_writer(block) if self.plan is not None and self.plan.keep_mlp_input else None
         h = None  # (N, T, C): the residual entering the MLP branch (first the writer's input a)
         p = None  # (N, T, I): down's input, kept when the plan says so
+        waves = {w[0]: w for w in adapter.group_waves(block) if len(w) > 1} if needs else {}
+        in_wave = {g for w in waves.values() for g in w}
         for g, group in enumerate(groups):
+            if g in waves:  # e.g. every expert's gate/up: one pass observes them all
+                self._wave(adapter, i, block, [groups[k] for k in waves[g]], stages, needs, hidden, kwargs)
+            if g in in_wave:
+                continue
             lin0 = group[0][1]
             stats = LayerStats(needs, lin0.in_features, hidden.device) if needs else None
             in_branch = branch is not None and g in branch[2]
@@ -652,6 +669,48 @@ class SequentialEngine:
             x = h[sl].to(self.device, non_blocking=True)
             h[sl] = x + self._branch(block, branch, x)
         return h
+
+    def _wave(self, adapter, i, block, wave, stages, needs, hidden, kwargs):
+        """Groups whose inputs do not depend on each other's compression (adapter.waves: the experts of
+        an MoE block), observed together: per chunk one forward up to the end of the module that holds
+        them, then each compressed. As many at once as the memory plan has room for (their statistics
+        live together), so a wave may take a few passes."""
+        owner = ".".join(_common_prefix([group[0][0].split(".") for group in wave]))
+        stop_at = block.get_submodule(owner) if owner else block
+        d = max(g[0][1].in_features for g in wave)
+        per_pass = self._wave_size(d, needs)
+        for start in range(0, len(wave), per_pass):
+            part = wave[start:start + per_pass]
+            stats = [LayerStats(needs, g[0][1].in_features, hidden.device) for g in part]
+            handles = [g[0][1].register_forward_pre_hook(lambda _m, args, st=st: st.add_batch(args[0]))
+                       for g, st in zip(part, stats)]
+
+            def stop(*_):
+                raise _Stop  # nothing after the wave's module is needed yet
+
+            handles.append(stop_at.register_forward_hook(stop))
+            try:
+                with adapter.calibrating(block, *self.moe, hidden.shape[0] * hidden.shape[1]):
+                    for sl in self._chunks(hidden.shape[0]):
+                        try:
+                            self._forward(block, hidden[sl], kwargs)
+                        except _Stop:
+                            pass
+            finally:
+                for h in handles:
+                    h.remove()
+            for group, st in zip(part, stats):
+                if not st.n:
+                    raise RuntimeError(f"block {i}: the forward never called {[n for n, _ in group]}; no statistics")
+                self._compress_group(adapter, i, group, stages, st)
+                st.free()
+
+    def _wave_size(self, d: int, needs) -> int:
+        """Groups of input width d whose statistics fit beside the plan's estimate in its budget (at least 1)."""
+        budget = self.plan.budget if self.plan is not None else None
+        if budget is None or "hessian" not in needs:
+            return 1 << 30
+        return max(1, int((budget - self.plan.est_bytes) // (4 * d * d)) + 1)  # the plan counted one already
 
     @staticmethod
     def _stream_like(hidden: torch.Tensor) -> torch.Tensor:

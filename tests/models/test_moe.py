@@ -30,10 +30,12 @@ FAMILIES = {
 ATTN = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",))
 MLA = (("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), ("self_attn.q_b_proj",), ("self_attn.kv_b_proj",),
        ("self_attn.o_proj",))
-EXPERTS = tuple(g for e in range(E) for g in ((f"mlp.experts.{e}.gate_proj", f"mlp.experts.{e}.up_proj"),
-                                              (f"mlp.experts.{e}.down_proj",)))
-# family -> the groups of each of its 3 blocks, read off each family's forward: routed experts one by
-# one (each reads its own tokens), then (Qwen2-MoE: before them) the shared expert, an ordinary MLP
+EXPERTS = (tuple((f"mlp.experts.{e}.gate_proj", f"mlp.experts.{e}.up_proj") for e in range(E))
+           + tuple((f"mlp.experts.{e}.down_proj",) for e in range(E)))
+# family -> the groups of each of its 3 blocks, read off each family's forward: routed experts one group
+# each (each reads its own tokens), every expert's gate/up before every expert's down (a wave each: see
+# test_chunked_path_observes_each_wave_of_experts_in_one_pass), then (Qwen2-MoE: before them) the shared
+# expert, an ordinary MLP
 SHARED = (("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), ("mlp.shared_expert.down_proj",))
 EXPECTED = {
     "mixtral": [ATTN + EXPERTS] * 3,
@@ -393,3 +395,41 @@ def test_readme_moe_commands_run_as_printed(tmp_path):
         assert all(row["bits"] == 4 for row in r["layers"])
         modes.add(r["config"]["engine"]["moe_calibration"])
     assert modes == {"routed", "all"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_path_sees_the_one_pass_statistics(family):
+    """Chunks of 3 of 8 samples (the last short) give every group, experts included, the Hessian of the
+    one pass (every expert on its routed tokens)."""
+    from conftest import Recorder
+
+    seen = {}
+    for chunk in (None, 3):
+        rec = Recorder()
+        # moe_min_tokens=1: the starved rule is applied per chunk (in proportion), so it may differ by design
+        SequentialEngine("cpu", chunk_size=chunk, max_memory=None, progress=False, moe_min_tokens=1).run(
+            tiny(family), IDS, [rec])
+        seen[chunk] = dict(rec.calls)  # in one pass experts come in forward order, in chunks wave by wave
+    assert sorted(seen[None]) == sorted(seen[3]) and len(seen[3]) == len(rec.calls)  # each group once
+    for name, (h1, _) in seen[None].items():
+        torch.testing.assert_close(seen[3][name][0], h1, rtol=1e-4, atol=1e-6 * float(h1.abs().max()), msg=name)
+
+
+@pytest.mark.parametrize("per_pass,passes", [(None, 2), (2, 4)])
+def test_chunked_path_observes_each_wave_of_experts_in_one_pass(monkeypatch, per_pass, passes):
+    """In chunks, the experts' gate/up groups share one statistics pass and their down groups another
+    (per expert and group it would be 2E passes through the router); when the memory plan has room for
+    only `per_pass` Hessians at once, a wave takes more passes. Counted at the router: per block, the
+    passes times 3 chunks, plus the propagation's 3."""
+    from conftest import Recorder
+
+    if per_pass is not None:
+        monkeypatch.setattr(SequentialEngine, "_wave_size", lambda self, d, needs: per_pass)
+    model = tiny("mixtral")
+    calls = []
+    for name, m in model.named_modules():
+        if name.endswith("mlp.gate"):
+            m.register_forward_pre_hook(lambda mod, a, name=name: calls.append(name))
+    SequentialEngine("cpu", chunk_size=3, max_memory=None, progress=False).run(model, IDS, [Recorder()])
+    for i in range(3):
+        assert calls.count(f"model.layers.{i}.mlp.gate") == (passes + 1) * 3

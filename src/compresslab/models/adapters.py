@@ -45,6 +45,10 @@ class Adapter:
     residual_mlp_out: str | None = None
     # found by tracing the model (models/discover.py) rather than written here
     discovered: bool = False
+    # per group (aligned with `groups`), its wave: consecutive groups of one wave read inputs that the
+    # others' compression does not change (the experts of an MoE block), so the chunked path observes
+    # them in one pass; None: every group is a wave of its own
+    waves: tuple[int, ...] | None = None
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         blocks = get_module(model, self.blocks)
@@ -61,10 +65,8 @@ class Adapter:
     def linear_groups(self, block: nn.Module) -> list[list[tuple[str, nn.Linear]]]:
         """[[(name, Linear), ...], ...] for one block, in true-sequential order."""
         out = []
-        for group in self.groups:
+        for group in self._present(block):
             members = []
-            if self.discovered and all(get_module(block, name) is None for name in group):
-                continue  # blocks that differ (models/discover.py): this one lacks the group
             for name in group:
                 mod = get_module(block, name)
                 if not isinstance(mod, nn.Linear):
@@ -93,6 +95,24 @@ class Adapter:
             yield
         finally:
             del mlp.forward
+
+    def _present(self, block: nn.Module) -> list[tuple[str, ...]]:
+        """The groups of `block`: blocks that differ (models/discover.py) skip the groups they lack."""
+        if not self.discovered:
+            return list(self.groups)
+        return [g for g in self.groups if any(get_module(block, name) is not None for name in g)]
+
+    def group_waves(self, block: nn.Module) -> list[list[int]]:
+        """Indices into `linear_groups(block)`, split into waves (see `waves`), in order."""
+        present = self._present(block)
+        ids = [self.waves[self.groups.index(g)] for g in present] if self.waves else list(range(len(present)))
+        out: list[list[int]] = []
+        for k, w in enumerate(ids):
+            if out and ids[k - 1] == w:
+                out[-1].append(k)
+            else:
+                out.append([k])
+        return out
 
     def calibrating(self, block: nn.Module, mode: str = "routed", min_tokens: int = 1, total_tokens: int | None = None):
         """Context of a calibration forward of `block`: its Mixture-of-Experts experts take their

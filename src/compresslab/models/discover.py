@@ -159,6 +159,42 @@ def _union(layouts: list[tuple[tuple[str, ...], ...]]) -> tuple[tuple[str, ...],
     return tuple(union)
 
 
+def _waves(groups, blocks) -> tuple[tuple[tuple[str, ...], ...], tuple[int, ...] | None]:
+    """(groups, wave of each group): the groups of the experts of one MoE module that play the same part
+    (every expert's gate/up, then every expert's down) made consecutive and given one wave: their inputs
+    do not depend on each other's compression (expert e's tokens and gate/up are its own), so the
+    engine's chunked path may observe a whole wave in one pass. Other groups are waves of one."""
+    from .moe import LinearExperts
+
+    def key(group):
+        owner, _, index = group[0].rpartition(".")[0].rpartition(".")  # mlp.experts.3.gate_proj -> mlp.experts, 3
+        if index.isdigit() and owner and any(_has(b, owner) and isinstance(b.get_submodule(owner), LinearExperts)
+                                             for b in blocks):
+            return owner, tuple(n.rpartition(".")[2] for n in group)
+        return None
+
+    buckets: list[tuple[object, list]] = []
+    for g in groups:
+        k = key(g)
+        hit = next((b for kb, b in buckets if k is not None and kb == k), None)
+        if hit is None:
+            buckets.append((k, [g]))
+        else:
+            hit.append(g)
+    if all(len(b) == 1 for _, b in buckets):
+        return groups, None
+    ordered = tuple(g for _, b in buckets for g in b)
+    return ordered, tuple(w for w, (_, b) in enumerate(buckets) for _ in b)
+
+
+def _has(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
 def discover(model_or_config):
     """An `Adapter` for a model (or config) with no hand-written one. See the module doc."""
     from .adapters import Adapter
@@ -192,7 +228,7 @@ def discover(model_or_config):
         if missed:  # a Linear the forward never calls would silently stay dense
             raise ConfigError(f"unsupported architecture '{model_type}': Linears {missed} in block {i} are never called by its "
                               f"forward; add an adapter in src/compresslab/models/adapters.py")
-    groups = _union(layouts)
+    groups, waves = _waves(_union(layouts), blocks)
     if any(set(a) & set(b) for a in groups for b in groups if a != b):
         raise ConfigError(f"unsupported architecture '{model_type}': its blocks group the same Linears differently "
                           f"({groups}); add an adapter in src/compresslab/models/adapters.py")
@@ -201,6 +237,7 @@ def discover(model_or_config):
         blocks=blocks_path,
         inputs=_outermost(calls[:start], blocks_path),
         groups=groups,
+        waves=waves,
         outputs=_outermost(calls[end:], blocks_path),
         discovered=True,
     )
