@@ -5,7 +5,7 @@
 When the memory plan chunks the calibration, every Linear group gets a statistics pass over the chunks
 up to it. An MoE block has 2E expert groups; the experts' gate/up groups do not depend on each other's
 compression, nor do their down groups, so the engine observes each of these waves in one pass
-(adapter.group_waves). Here: sparsegpt 2:4 + gptq W4 g64 on the MoE families of families.py (8 experts,
+(adapter.group_waves), after one routing pass that counts every expert's tokens. Here: sparsegpt 2:4 + gptq W4 g64 on the MoE families of families.py (8 experts,
 top-2), in one pass, in chunks with waves, and in chunks one group per pass (`_wave_size` forced to 1:
 the pass count of the path before waves). Best of --repeats each, same process, fp32, CPU.
 Writes experiments/results/moe_chunked.{json,md}.
@@ -43,7 +43,7 @@ def child(spec: dict) -> dict:
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
             as_linears(model)
-            engine = SequentialEngine("cpu", chunk_size=chunk, max_memory=None, progress=False, moe_min_tokens=1)
+            engine = SequentialEngine("cpu", chunk_size=chunk, max_memory=None, progress=False)
             if how == "per_group":
                 engine._wave_size = lambda d, needs: 1
             t0 = time.perf_counter()
@@ -73,7 +73,7 @@ def main():
     emit("moe_chunked", rows, {
         "model": f"random-init, hidden {args.hidden}, 8 experts of intermediate {3 * args.hidden}, top-2, "
                  f"{args.layers} layers, fp32, CPU (torch threads: default)",
-        "method": "sparsegpt 2:4 + gptq W4 g64 (joint pass), engine.moe_min_tokens=1",
+        "method": "sparsegpt 2:4 + gptq W4 g64 (joint pass)",
         "calibration": f"random tokens, {args.samples}x{args.seqlen}; chunks of {args.chunk} samples",
         "times": f"best of {args.repeats}; per_group: each expert group its own statistics pass (as before waves)",
     })

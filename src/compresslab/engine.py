@@ -581,7 +581,7 @@ class SequentialEngine:
             handles += state["handles"]
             states.append(state)
         try:
-            with adapter.calibrating(block, *self.moe, hidden.shape[0] * hidden.shape[1]):
+            with adapter.calibrating(block, *self.moe):  # one forward: every token at once
                 out = self._forward(block, hidden, kwargs)
         finally:
             for h in handles:
@@ -610,9 +610,13 @@ class SequentialEngine:
         p = None  # (N, T, I): down's input, kept when the plan says so
         waves = {w[0]: w for w in adapter.group_waves(block) if len(w) > 1} if needs else {}
         in_wave = {g for w in waves.values() for g in w}
+        routed = None  # where the block's routers send the tokens, over all chunks (MoE: see _routing)
         for g, group in enumerate(groups):
             if g in waves:  # e.g. every expert's gate/up: one pass observes them all
-                self._wave(adapter, i, block, [groups[k] for k in waves[g]], stages, needs, hidden, kwargs)
+                wave = [groups[k] for k in waves[g]]
+                if routed is None:
+                    routed = self._routing(adapter, block, [groups[k] for k in waves[max(waves)]], hidden, kwargs)
+                self._wave(adapter, i, block, wave, stages, needs, hidden, kwargs, routed)
             if g in in_wave:
                 continue
             lin0 = group[0][1]
@@ -645,7 +649,7 @@ class SequentialEngine:
                     self._forward(block, hidden[sl], kwargs)
 
             if stats is not None:
-                with adapter.calibrating(block, *self.moe, hidden.shape[0] * hidden.shape[1]):
+                with adapter.calibrating(block, *self.moe, routed):
                     self._until_hook(lin0, observe, run, hidden.shape[0])
                 if not stats.n:  # would divide by zero tokens
                     raise RuntimeError(f"block {i}: the forward never called {[n for n, _ in group]}; no statistics")
@@ -670,13 +674,30 @@ class SequentialEngine:
             h[sl] = x + self._branch(block, branch, x)
         return h
 
-    def _wave(self, adapter, i, block, wave, stages, needs, hidden, kwargs):
+    def _routing(self, adapter, block, last_wave, hidden, kwargs) -> dict:
+        """Once per block, before its first wave: the chunks run up to the module holding the last wave
+        (after its router) while `adapter.routing` counts where the routers send every token, so that
+        rules on an expert's token count (moe_min_tokens) see the whole calibration set, as in one pass."""
+        def stop(*_):
+            raise _Stop
+
+        with adapter.routing(block) as counts:
+            self._until_hook(self._owner(block, last_wave), stop, lambda sl: self._forward(block, hidden[sl], kwargs),
+                             hidden.shape[0])
+        return counts
+
+    @staticmethod
+    def _owner(block, wave) -> nn.Module:
+        """The innermost module holding every group of a wave (an MoE block's experts)."""
+        owner = ".".join(_common_prefix([group[0][0].split(".") for group in wave]))
+        return block.get_submodule(owner) if owner else block
+
+    def _wave(self, adapter, i, block, wave, stages, needs, hidden, kwargs, routed=None):
         """Groups whose inputs do not depend on each other's compression (adapter.waves: the experts of
         an MoE block), observed together: per chunk one forward up to the end of the module that holds
         them, then each compressed. As many at once as the memory plan has room for (their statistics
         live together), so a wave may take a few passes."""
-        owner = ".".join(_common_prefix([group[0][0].split(".") for group in wave]))
-        stop_at = block.get_submodule(owner) if owner else block
+        stop_at = self._owner(block, wave)
         d = max(g[0][1].in_features for g in wave)
         per_pass = self._wave_size(d, needs)
         for start in range(0, len(wave), per_pass):
@@ -690,7 +711,7 @@ class SequentialEngine:
 
             handles.append(stop_at.register_forward_hook(stop))
             try:
-                with adapter.calibrating(block, *self.moe, hidden.shape[0] * hidden.shape[1]):
+                with adapter.calibrating(block, *self.moe, routed):
                     for sl in self._chunks(hidden.shape[0]):
                         try:
                             self._forward(block, hidden[sl], kwargs)

@@ -400,16 +400,19 @@ def test_readme_moe_commands_run_as_printed(tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_chunked_path_sees_the_one_pass_statistics(family):
     """Chunks of 3 of 8 samples (the last short) give every group, experts included, the Hessian of the
-    one pass (every expert on its routed tokens)."""
+    one pass; the experts under moe_min_tokens (128, the average here) are starved in both,
+    since chunks decide on the whole set's counts too."""
     from conftest import Recorder
 
-    seen = {}
+    seen, starved = {}, {}
     for chunk in (None, 3):
-        rec = Recorder()
-        # moe_min_tokens=1: the starved rule is applied per chunk (in proportion), so it may differ by design
-        SequentialEngine("cpu", chunk_size=chunk, max_memory=None, progress=False, moe_min_tokens=1).run(
-            tiny(family), IDS, [rec])
-        seen[chunk] = dict(rec.calls)  # in one pass experts come in forward order, in chunks wave by wave
+        rec, model = Recorder(), tiny(family)
+        SequentialEngine("cpu", chunk_size=chunk, max_memory=None, progress=False, moe_min_tokens=128).run(
+            model, IDS, [rec])
+        seen[chunk] = dict(rec.calls)
+        starved[chunk] = {r["expert"] for r in experts_summary(compression_summary(model)[1])[1]
+                          if r["stats_from"] == "all (starved)"}
+    assert starved[3] == starved[None] and starved[None]  # in one pass experts come in forward order, in chunks wave by wave
     assert sorted(seen[None]) == sorted(seen[3]) and len(seen[3]) == len(rec.calls)  # each group once
     for name, (h1, _) in seen[None].items():
         torch.testing.assert_close(seen[3][name][0], h1, rtol=1e-4, atol=1e-6 * float(h1.abs().max()), msg=name)
@@ -420,7 +423,7 @@ def test_chunked_path_observes_each_wave_of_experts_in_one_pass(monkeypatch, per
     """In chunks, the experts' gate/up groups share one statistics pass and their down groups another
     (per expert and group it would be 2E passes through the router); when the memory plan has room for
     only `per_pass` Hessians at once, a wave takes more passes. Counted at the router: per block, the
-    passes times 3 chunks, plus the propagation's 3."""
+    passes times 3 chunks, plus the routing pass's 3 (whole-set counts first) and the propagation's 3."""
     from conftest import Recorder
 
     if per_pass is not None:
@@ -432,4 +435,4 @@ def test_chunked_path_observes_each_wave_of_experts_in_one_pass(monkeypatch, per
             m.register_forward_pre_hook(lambda mod, a, name=name: calls.append(name))
     SequentialEngine("cpu", chunk_size=3, max_memory=None, progress=False).run(model, IDS, [Recorder()])
     for i in range(3):
-        assert calls.count(f"model.layers.{i}.mlp.gate") == (passes + 1) * 3
+        assert calls.count(f"model.layers.{i}.mlp.gate") == (passes + 2) * 3

@@ -114,12 +114,19 @@ class Adapter:
                 out.append([k])
         return out
 
-    def calibrating(self, block: nn.Module, mode: str = "routed", min_tokens: int = 1, total_tokens: int | None = None):
+    def calibrating(self, block: nn.Module, mode: str = "routed", min_tokens: int = 1, routed=None):
         """Context of a calibration forward of `block`: its Mixture-of-Experts experts take their
-        statistics from their routed tokens or all of them (models/moe.py); nothing for dense blocks."""
+        statistics from their routed tokens or all of them (models/moe.py); nothing for dense blocks.
+        `routed`: what `routing` counted, when the calibration runs in chunks."""
         from .moe import calibrating
 
-        return calibrating(block, mode, min_tokens, total_tokens)
+        return calibrating(block, mode, min_tokens, routed)
+
+    def routing(self, block: nn.Module):
+        """Context that counts where the block's routers send each token (models/moe.py); yields the counts."""
+        from .moe import routing
+
+        return routing(block)
 
     def mlp_branch(self, block: nn.Module):
         """(norm, mlp, names of the groups inside mlp) when the block ends in h + mlp(norm(h)), else None."""

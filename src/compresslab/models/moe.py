@@ -13,8 +13,8 @@ Calibration (`calibrating`): expert e's statistics come from the tokens the rout
 (`routed`), or from every token (`all`: each expert also runs on all tokens, its outputs still taken
 only for its routed tokens). An expert routed fewer than `min_tokens` tokens in a calibration forward
 is "starved": it sees every token of that forward instead (the rule peers adopted after routed-only
-calibration left rare experts with no statistics at all); when the memory plan runs a pass in chunks,
-the minimum is taken per chunk in proportion to its tokens. Each expert's Linears record how many
+calibration left rare experts with no statistics at all); the count is over the whole calibration
+set, also when the memory plan runs it in chunks (a routing pass counts first). Each expert's Linears record how many
 tokens were routed to them and where their statistics came from (`LayerState.tokens`, `stats_from`).
 
 The router stays as the family wrote it (a bare weight in every family here: not a Linear, so it
@@ -97,9 +97,10 @@ class LinearExperts(nn.ModuleList):
         with torch.no_grad():
             counts = torch.bincount(top_k_index.flatten(), minlength=len(self) + 1)[: len(self)].tolist()
         starved = set()
-        if calib is not None:  # the minimum for this forward's share of the calibration tokens
-            least = calib["min_tokens"] * hidden_states.shape[0] / (calib["total"] or hidden_states.shape[0])
-            starved = {e for e, c in enumerate(counts) if c < least} if calib["mode"] == "routed" else set()
+        if calib is not None:  # whole-set counts from a routing pass when chunked; else this forward has all tokens
+            basis = calib["routed"] if calib["routed"] is not None else counts
+            if calib["mode"] == "routed":
+                starved = {e for e, c in enumerate(basis) if c < calib["min_tokens"]}
             calib["starved"] |= starved
             for e, c in enumerate(counts):
                 calib["counts"][e] += c
@@ -182,18 +183,37 @@ def check_calibration(mode: str, min_tokens: int) -> None:
 
 
 @contextlib.contextmanager
-def calibrating(block: nn.Module, mode: str = "routed", min_tokens: int = 1, total_tokens: int | None = None):
+def routing(block: nn.Module):
+    """Within this context the router's choices for the experts of `block` are counted; yields
+    {LinearExperts: [tokens per expert]}, complete once every chunk has run up to the experts (the
+    engine's chunked path does this once per block, so that `calibrating` decides on whole-set counts)."""
+    counts: dict[nn.Module, list[int]] = {}
+
+    def count(m, args):
+        c = torch.bincount(args[1].flatten(), minlength=len(m) + 1)[: len(m)].tolist()
+        counts[m] = [a + b for a, b in zip(counts.get(m, [0] * len(m)), c)]
+
+    handles = [m.register_forward_pre_hook(count) for m in block.modules() if isinstance(m, LinearExperts)]
+    try:
+        yield counts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def calibrating(block: nn.Module, mode: str = "routed", min_tokens: int = 1,
+                routed: dict[nn.Module, list[int]] | None = None):
     """Within this context the experts of `block` calibrate as `mode` says (see the module doc). On
     exit, when the router ran, each expert's Linears record their routed token count and where their
-    statistics came from. `total_tokens`: the calibration tokens of the whole pass; when a pass runs
-    in chunks, an expert is starved in a chunk routed fewer than its share of `min_tokens` (the same
-    rule as in one forward of all tokens, applied to the tokens at hand)."""
+    statistics came from. `routed`: each expert's tokens over the whole calibration set (`routing`),
+    when this pass sees it in chunks; without it a forward is taken to hold the whole set (one pass)."""
     from ..stages import layer_state
 
     moes = [m for m in block.modules() if isinstance(m, LinearExperts)]
     for m in moes:
-        vars(m)["_calib"] = {"mode": mode, "min_tokens": min_tokens, "total": total_tokens, "counts": [0] * len(m),
-                             "starved": set()}
+        vars(m)["_calib"] = {"mode": mode, "min_tokens": min_tokens, "routed": (routed or {}).get(m),
+                             "counts": [0] * len(m), "starved": set()}
     try:
         yield
     finally:
@@ -206,4 +226,5 @@ def calibrating(block: nn.Module, mode: str = "routed", min_tokens: int = 1, tot
                 for lin in expert.modules():
                     if isinstance(lin, nn.Linear):
                         st = layer_state(lin, create=True)
-                        st.tokens, st.stats_from = calib["counts"][e], source
+                        st.tokens = calib["routed"][e] if calib["routed"] is not None else calib["counts"][e]
+                        st.stats_from = source
