@@ -33,7 +33,7 @@ from .models.adapters import Adapter, adapter_for
 from .plan import Plan, make_plan, parse_memory, resolve_budget
 from .stages import effective_weight, fuse_stages, layer_state
 from .errors import ConfigError
-from .stats import LayerStats
+from .stats import SAMPLE_MAX, LayerStats
 from .utils import resolve_device, to_device
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,20 @@ def _bind_block_call(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch
     if "use_cache" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         named["use_cache"] = False
     return hidden, named
+
+
+def _as_linears(model: nn.Module) -> None:
+    """A model loaded outside compresslab's loaders (compress(model) on a transformers model): GPT-2 style
+    Conv1D and fused MoE experts become Linears now, as the loaders do (models.as_linears), or the traced
+    groups would not find them and they would stay dense."""
+    from .models import as_linears
+    from .models.conv1d import has_conv1d
+    from .models.moe import has_fused_experts
+
+    if has_conv1d(model) or has_fused_experts(model):
+        conv, moe = as_linears(model)
+        log.info("%s: %d Conv1D and %d fused experts modules are nn.Linear from here on", type(model).__name__,
+                 conv, moe)
 
 
 def _common_prefix(parts: list[list[str]]) -> list[str]:
@@ -133,8 +147,8 @@ class SequentialEngine:
             reported whenever some stage already collects the Hessian.
         moe_calibration: where Mixture-of-Experts experts take their statistics from: 'routed' (the
             tokens the router sends each) or 'all' (every token; outputs still routed). models/moe.py.
-        moe_min_tokens: an expert routed fewer tokens in a calibration forward takes its statistics
-            from all the forward's tokens (recorded per expert as `stats_from`).
+        moe_min_tokens: an expert routed fewer tokens of the calibration set takes its statistics from
+            all tokens (recorded per expert as `stats_from`).
     """
 
     def __init__(self, device: str = "auto", chunk_size: int | str | None = "auto", max_memory: int | str | None = None,
@@ -186,6 +200,9 @@ class SequentialEngine:
         is propagated again from its input with an ErrorMeter attached, so each Linear's
         `rel_error` is measured on the layer as it finally is."""
         t0 = time.perf_counter()
+        for m in (model, dense_model):
+            if m is not None:
+                _as_linears(m)
         adapter = adapter_for(model)
         self._lean = adapter.lean
         stages = fuse_stages([s for s in stages if s is not None])
@@ -620,7 +637,7 @@ class SequentialEngine:
             if g in in_wave:
                 continue
             lin0 = group[0][1]
-            stats = LayerStats(needs, lin0.in_features, hidden.device) if needs else None
+            stats = LayerStats(needs, lin0.in_features, self.device) if needs else None  # hooks see device tensors
             in_branch = branch is not None and g in branch[2]
             if in_branch and h is None:
                 h = self._residual(block, branch[0], hidden, kwargs)
@@ -649,8 +666,7 @@ class SequentialEngine:
                     self._forward(block, hidden[sl], kwargs)
 
             if stats is not None:
-                with adapter.calibrating(block, *self.moe, routed):
-                    self._until_hook(lin0, observe, run, hidden.shape[0])
+                self._until_hook(lin0, observe, run, hidden.shape[0])
                 if not stats.n:  # would divide by zero tokens
                     raise RuntimeError(f"block {i}: the forward never called {[n for n, _ in group]}; no statistics")
             self._compress_group(adapter, i, group, stages, stats)
@@ -702,7 +718,7 @@ class SequentialEngine:
         per_pass = self._wave_size(d, needs)
         for start in range(0, len(wave), per_pass):
             part = wave[start:start + per_pass]
-            stats = [LayerStats(needs, g[0][1].in_features, hidden.device) for g in part]
+            stats = [LayerStats(needs, g[0][1].in_features, self.device) for g in part]
             handles = [g[0][1].register_forward_pre_hook(lambda _m, args, st=st: st.add_batch(args[0]))
                        for g, st in zip(part, stats)]
 
@@ -727,11 +743,17 @@ class SequentialEngine:
                 st.free()
 
     def _wave_size(self, d: int, needs) -> int:
-        """Groups of input width d whose statistics fit beside the plan's estimate in its budget (at least 1)."""
+        """Groups of input width d whose statistics fit beside the plan's estimate in its budget (the plan
+        counted one group's already), at least 1; without a budget, in most of the memory free now."""
+        per_group = (4 * d * d if "hessian" in needs else 0) + (4 * SAMPLE_MAX * d if "input_sample" in needs else 0)
+        per_group += 4 * 4 * d  # the per-channel vectors
         budget = self.plan.budget if self.plan is not None else None
-        if budget is None or "hessian" not in needs:
-            return 1 << 30
-        return max(1, int((budget - self.plan.est_bytes) // (4 * d * d)) + 1)  # the plan counted one already
+        if budget is None:
+            budget = resolve_budget("auto", self.device)
+            if budget is None:  # free memory unknown: one at a time
+                return 1
+            return max(1, int(budget // per_group))
+        return max(1, int((budget - self.plan.est_bytes) // per_group) + 1)
 
     @staticmethod
     def _stream_like(hidden: torch.Tensor) -> torch.Tensor:

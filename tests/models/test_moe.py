@@ -209,16 +209,19 @@ def test_routed_statistics_come_from_the_routed_tokens(family, chunk):
             assert layer_state(model.get_submodule(name)).stats_from == "routed"
         else:
             assert n == tokens, name
-    seen = Seen()
+    seen, model = Seen(), tiny(family)
     SequentialEngine("cpu", chunk_size=chunk, max_memory=None, progress=False, moe_calibration="all").run(
-        tiny(family), IDS, [seen])
+        model, IDS, [seen])
     for mlp in want:
         ns = [seen.n[f"{mlp}.experts.{e}.{p}"] for e in range(E) for p in ("gate_proj", "down_proj")]
         assert ns == [tokens] * len(ns)
         for e in range(1, E):
             torch.testing.assert_close(seen.h[f"{mlp}.experts.{e}.gate_proj"], seen.h[f"{mlp}.experts.0.gate_proj"])
-    assert {layer_state(lin).stats_from for name, lin in adapter_for(model).named_linears(model)
-            if ".experts." in name} == {"routed"}
+    for name, lin in adapter_for(model).named_linears(model):
+        if ".experts." in name:  # every token seen, and the routed count still reported
+            mlp, _, rest = name.partition(".experts.")
+            assert layer_state(lin).stats_from == "all", name
+            assert layer_state(lin).tokens == int(want[mlp][int(rest.split(".")[0])]), name
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
@@ -436,3 +439,37 @@ def test_chunked_path_observes_each_wave_of_experts_in_one_pass(monkeypatch, per
     SequentialEngine("cpu", chunk_size=3, max_memory=None, progress=False).run(model, IDS, [Recorder()])
     for i in range(3):
         assert calls.count(f"model.layers.{i}.mlp.gate") == (passes + 2) * 3
+
+
+def test_a_fused_model_given_to_the_engine_is_split_first():
+    """compress(model) on a model loaded by transformers itself (fused experts): the engine splits the
+    experts before tracing, so they are compressed, not silently left dense."""
+    from compresslab import compress
+    from compresslab.quantizer.rtn import RTN
+
+    model = fused("qwen3_moe")
+    with torch.no_grad():
+        want = model(IDS).logits
+    report = compress(model, quantizer=RTN(bits=8, group_size=16), engine=SequentialEngine("cpu", progress=False))
+    names = {row["name"] for row in report.layers}
+    assert {f"model.layers.{i}.mlp.experts.{e}.down_proj" for i in range(3) for e in range(E)} <= names
+    with torch.no_grad():  # 8-bit: the same model to within rounding
+        assert float((model(IDS).logits - want).norm() / want.norm()) < 1e-2
+
+
+def test_wave_size_fits_the_budget():
+    """As many experts' statistics at once as the budget holds beside the plan's estimate (which counts
+    one group's): 4 d² bytes per Hessian, and SliM-LLM's input sample when asked for."""
+    from compresslab.plan import Plan
+    from compresslab.stats import SAMPLE_MAX
+
+    engine = SequentialEngine("cpu", progress=False)
+    d = 64
+    per = 4 * d * d + 16 * d
+    engine.plan = Plan(chunk_size=2, est_bytes=10_000, budget=10_000 + 5 * per)
+    assert engine._wave_size(d, {"hessian"}) == 6
+    per_sample = per + 4 * SAMPLE_MAX * d
+    engine.plan = Plan(chunk_size=2, est_bytes=10_000, budget=10_000 + 2 * per_sample)
+    assert engine._wave_size(d, {"hessian", "input_sample"}) == 3
+    engine.plan = Plan(chunk_size=2, est_bytes=10_000, budget=5_000)  # over budget already: still one at a time
+    assert engine._wave_size(d, {"hessian"}) == 1

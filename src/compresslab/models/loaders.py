@@ -188,12 +188,15 @@ class GGUFModel(ModelLoader):
     def load(self):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from . import as_linears
+
         t0 = time.perf_counter()
         cached = self._cached()
         if cached:
             model = AutoModelForCausalLM.from_pretrained(cached, dtype=self.dtype)
             tok = AutoTokenizer.from_pretrained(cached)
             log.info("loaded %s from cache %s in %.1fs", self.name, cached, time.perf_counter() - t0)
+            as_linears(model)
             return model.eval(), tok
         f = self.file()
         # Dequantize in fp32 (the GGUF codes are exact there), then cast.
@@ -201,7 +204,8 @@ class GGUFModel(ModelLoader):
         tok = AutoTokenizer.from_pretrained(f.parent, gguf_file=f.name)
         log.info("dequantized %s in %.1fs", f.name, time.perf_counter() - t0)
         if self.cache:
-            self._save_cache(model, tok)
+            self._save_cache(model, tok)  # as transformers names the tensors
+        as_linears(model)  # GPT-2 style Conv1D, fused MoE experts: Linears, as every loader gives them
         return model.to(self.dtype).eval(), tok
 
     @staticmethod

@@ -120,9 +120,10 @@ class LinearExperts(nn.ModuleList):
 
 def _linear(w: torch.Tensor, b: torch.Tensor | None, grad: bool) -> nn.Linear:
     lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
-    lin.weight = nn.Parameter(w.detach().clone(), requires_grad=grad)  # trainable as the fused tensor was
+    # contiguous: a transposed layout's slice is a strided view; trainable as the fused tensor was
+    lin.weight = nn.Parameter(w.detach().contiguous().clone(), requires_grad=grad)
     if b is not None:
-        lin.bias = nn.Parameter(b.detach().clone(), requires_grad=grad)
+        lin.bias = nn.Parameter(b.detach().contiguous().clone(), requires_grad=grad)
     return lin
 
 
@@ -179,7 +180,7 @@ def check_calibration(mode: str, min_tokens: int) -> None:
                           "expert's statistics from the tokens routed to it; all: from every token)")
     if not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or min_tokens < 1:
         raise ConfigError(f"engine.moe_min_tokens={min_tokens!r} must be an int >= 1 (an expert routed fewer tokens "
-                          "in a calibration forward takes its statistics from all of them)")
+                          "of the calibration set takes its statistics from all of them)")
 
 
 @contextlib.contextmanager
