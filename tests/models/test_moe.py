@@ -473,3 +473,18 @@ def test_wave_size_fits_the_budget():
     assert engine._wave_size(d, {"hessian", "input_sample"}) == 3
     engine.plan = Plan(chunk_size=2, est_bytes=10_000, budget=5_000)  # over budget already: still one at a time
     assert engine._wave_size(d, {"hessian"}) == 1
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"])
+def test_tiny_moe_families_have_8_experts_top2(family):
+    """model=tiny_llama model.family=<moe family>: 8 experts of intermediate_size, top-2; DeepSeek-V3 with
+    MLA at this width and one dense first layer, so that its second layer is MoE."""
+    from compresslab.models.loaders import TinyModel
+
+    model, _ = TinyModel(family, num_layers=2).load()
+    moes = [m for m in model.modules() if isinstance(m, LinearExperts)]
+    assert len(moes) == (1 if family == "deepseek_v3" else 2)
+    assert all(len(m) == 8 and m[0].down_proj.in_features == 128 for m in moes)
+    assert model.config.num_experts_per_tok == 2
+    with torch.no_grad():
+        assert torch.isfinite(model(IDS[:1]).logits).all()

@@ -306,6 +306,16 @@ class TinyModel(ModelLoader):
                 if getattr(cfg, name, None):
                     setattr(cfg, name, min(getattr(cfg, name), 8))
                     cfg.num_experts_per_tok = min(getattr(cfg, "num_experts_per_tok", 2), 2)
+            if getattr(cfg, "kv_lora_rank", None):  # DeepSeek-style MLA at this width, one dense first layer
+                head = d["hidden_size"] // d["num_heads"]
+                for k, v in dict(num_key_value_heads=d["num_heads"], q_lora_rank=d["hidden_size"] // 2,
+                                 kv_lora_rank=d["hidden_size"] // 2, qk_rope_head_dim=head // 2,
+                                 qk_nope_head_dim=head // 2, head_dim=head // 2, v_head_dim=head,
+                                 first_k_dense_replace=min(getattr(cfg, "first_k_dense_replace", 0),
+                                                           d["num_layers"] - 1),
+                                 n_group=1, topk_group=1).items():
+                    if hasattr(cfg, k):
+                        setattr(cfg, k, v)
             return cfg
         return GPTNeoXConfig(vocab_size=vocab, hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
                              num_hidden_layers=d["num_layers"], num_attention_heads=d["num_heads"],
