@@ -488,3 +488,32 @@ def test_tiny_moe_families_have_8_experts_top2(family):
     assert model.config.num_experts_per_tok == 2
     with torch.no_grad():
         assert torch.isfinite(model(IDS[:1]).logits).all()
+
+
+def test_gpt_oss_experts_compress_end_to_end():
+    """GPT-OSS's experts (transposed, interleaved gate/up, biases, clamped gate) through the engine: split
+    with the same logits, every expert's Linears 2:4 and 4-bit, the compressed model's logits finite."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("gpt_oss", vocab_size=257, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=E,
+                               num_experts_per_tok=K, layer_types=["sliding_attention", "full_attention"],
+                               sliding_window=8, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    for name, p in model.named_parameters():
+        if ".experts." in name or name.endswith("router.weight"):
+            nn.init.normal_(p, std=0.1)
+    with torch.no_grad():
+        want = model(IDS).logits
+    assert as_linears(model)[1] == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, want, rtol=1e-5, atol=1e-5)
+    SequentialEngine("cpu", max_memory=None, progress=False).run(model, IDS, [SparseGPT(0.5, "2:4"),
+                                                                               GPTQ(bits=4, group_size=16)])
+    summary, rows = compression_summary(model)
+    experts = {r["name"] for r in rows if ".experts." in r["name"]}
+    assert len(experts) == 2 * E * 3 and all(r["nm_valid"] and r["bits"] == 4 for r in rows)
+    assert all(model.get_submodule(n).weight.is_contiguous() for n in experts)
+    with torch.no_grad():
+        assert torch.isfinite(model(IDS).logits).all()
