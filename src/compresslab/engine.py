@@ -43,6 +43,11 @@ class _Stop(Exception):
     """Raised from a hook to end a forward early."""
 
 
+def _stop(*_):
+    """A hook that ends the forward here."""
+    raise _Stop
+
+
 @dataclass
 class _Held:
     """A block on the compute device, with its dense copy (or the dense model's block) and homes."""
@@ -89,11 +94,9 @@ def _as_linears(model: nn.Module) -> None:
     Conv1D and fused MoE experts become Linears now, as the loaders do (models.as_linears), or the traced
     groups would not find them and they would stay dense."""
     from .models import as_linears
-    from .models.conv1d import has_conv1d
-    from .models.moe import has_fused_experts
 
-    if has_conv1d(model) or has_fused_experts(model):
-        conv, moe = as_linears(model)
+    conv, moe = as_linears(model)
+    if conv or moe:
         log.info("%s: %d Conv1D and %d fused experts modules are nn.Linear from here on", type(model).__name__,
                  conv, moe)
 
@@ -351,11 +354,7 @@ class SequentialEngine:
         home = next(model.parameters()).device
         model.to(self.device)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-
-        def stop(*_):
-            raise _Stop
-
-        handle = head.register_forward_pre_hook(stop) if head is not None else None
+        handle = head.register_forward_pre_hook(_stop) if head is not None else None
         try:
             with ErrorMeter(layers) as meter:
                 for sl in self._chunks(ids.shape[0]):
@@ -694,11 +693,8 @@ class SequentialEngine:
         """Once per block, before its first wave: the chunks run up to the module holding the last wave
         (after its router) while `adapter.routing` counts where the routers send every token, so that
         rules on an expert's token count (moe_min_tokens) see the whole calibration set, as in one pass."""
-        def stop(*_):
-            raise _Stop
-
         with adapter.routing(block) as counts:
-            self._until_hook(self._owner(block, last_wave), stop, lambda sl: self._forward(block, hidden[sl], kwargs),
+            self._until_hook(self._owner(block, last_wave), _stop, lambda sl: self._forward(block, hidden[sl], kwargs),
                              hidden.shape[0])
         return counts
 
@@ -721,18 +717,10 @@ class SequentialEngine:
             stats = [LayerStats(needs, g[0][1].in_features, self.device) for g in part]
             handles = [g[0][1].register_forward_pre_hook(lambda _m, args, st=st: st.add_batch(args[0]))
                        for g, st in zip(part, stats)]
-
-            def stop(*_):
-                raise _Stop  # nothing after the wave's module is needed yet
-
-            handles.append(stop_at.register_forward_hook(stop))
-            try:
+            try:  # nothing after the wave's module is needed yet
                 with adapter.calibrating(block, *self.moe, routed):
-                    for sl in self._chunks(hidden.shape[0]):
-                        try:
-                            self._forward(block, hidden[sl], kwargs)
-                        except _Stop:
-                            pass
+                    self._until_hook(stop_at, _stop, lambda sl: self._forward(block, hidden[sl], kwargs),
+                                     hidden.shape[0], after=True)
             finally:
                 for h in handles:
                     h.remove()
@@ -778,9 +766,10 @@ class SequentialEngine:
         self._until_hook(norm, grab, run, hidden.shape[0])
         return out
 
-    def _until_hook(self, module, hook, run, n: int) -> None:
-        """run(chunk) for every chunk of n samples with `hook` (which raises _Stop) before `module`."""
-        handle = module.register_forward_pre_hook(hook)
+    def _until_hook(self, module, hook, run, n: int, after: bool = False) -> None:
+        """run(chunk) for every chunk of n samples with `hook` (which raises _Stop) before `module` (after
+        it, with `after`)."""
+        handle = module.register_forward_hook(hook) if after else module.register_forward_pre_hook(hook)
         try:
             for sl in self._chunks(n):
                 try:

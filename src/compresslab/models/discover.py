@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..utils import get_module
 
 TRACE_TOKENS = 8
 
@@ -168,8 +169,7 @@ def _waves(groups, blocks) -> tuple[tuple[tuple[str, ...], ...], tuple[int, ...]
 
     def key(group):
         owner, _, index = group[0].rpartition(".")[0].rpartition(".")  # mlp.experts.3.gate_proj -> mlp.experts, 3
-        if index.isdigit() and owner and any(_has(b, owner) and isinstance(b.get_submodule(owner), LinearExperts)
-                                             for b in blocks):
+        if index.isdigit() and owner and any(isinstance(get_module(b, owner), LinearExperts) for b in blocks):
             return owner, tuple(n.rpartition(".")[2] for n in group)
         return None
 
@@ -185,14 +185,6 @@ def _waves(groups, blocks) -> tuple[tuple[tuple[str, ...], ...], tuple[int, ...]
         return groups, None
     ordered = tuple(g for _, b in buckets for g in b)
     return ordered, tuple(w for w, (_, b) in enumerate(buckets) for _ in b)
-
-
-def _has(module: nn.Module, name: str) -> bool:
-    try:
-        module.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
 
 
 def discover(model_or_config):
