@@ -517,3 +517,17 @@ def test_gpt_oss_experts_compress_end_to_end():
     assert all(model.get_submodule(n).weight.is_contiguous() for n in experts)
     with torch.no_grad():
         assert torch.isfinite(model(IDS).logits).all()
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_a_group_the_forward_never_calls_is_an_error_not_a_dense_layer(chunk):
+    """If a block's forward skips a group (here block 0's MLP returns its input), its Linears would
+    stay dense while the run reports them compressed: one pass and chunks both stop with the names."""
+    from compresslab.models.loaders import TinyModel
+    from compresslab.quantizer.gptq import GPTQ
+
+    model, _ = TinyModel("llama", num_layers=2).load()
+    model.model.layers[0].mlp.forward = lambda x: x
+    with pytest.raises(RuntimeError, match=r"block 0: the forward never called .*mlp\.gate_proj"):
+        SequentialEngine("cpu", chunk_size=chunk, max_memory=None, progress=False).run(
+            model, IDS[:4], [GPTQ(bits=4, group_size=32)])
