@@ -89,16 +89,20 @@ def _bind_block_call(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch
     return hidden, named
 
 
-def _as_linears(model: nn.Module) -> None:
+def _as_linears(model: nn.Module, routers: bool = False) -> None:
     """A model loaded outside compresslab's loaders (compress(model) on a transformers model): GPT-2 style
     Conv1D and fused MoE experts become Linears now, as the loaders do (models.as_linears), or the traced
-    groups would not find them and they would stay dense."""
+    groups would not find them and they would stay dense. `routers`: MoE routers' projections become
+    Linears too (engine.moe_router=compress; models/moe.py)."""
     from .models import as_linears
+    from .models.moe import linear_routers
 
     conv, moe = as_linears(model)
     if conv or moe:
         log.info("%s: %d Conv1D and %d fused experts modules are nn.Linear from here on", type(model).__name__,
                  conv, moe)
+    if routers and linear_routers(model):
+        log.info("%s: its MoE routers are compressed too (engine.moe_router=compress)", type(model).__name__)
 
 
 def _common_prefix(parts: list[list[str]]) -> list[str]:
@@ -152,18 +156,22 @@ class SequentialEngine:
             tokens the router sends each) or 'all' (every token; outputs still routed). models/moe.py.
         moe_min_tokens: an expert routed fewer tokens of the calibration set takes its statistics from
             all tokens (recorded per expert as `stats_from`).
+        moe_router: 'dense' (routers stay as they are) or 'compress' (every stage compresses each MoE
+            router's projection too, as a Linear reading the MoE block's input).
     """
 
     def __init__(self, device: str = "auto", chunk_size: int | str | None = "auto", max_memory: int | str | None = None,
                  progress: bool = True, layer_error: bool = False, moe_calibration: str = "routed",
-                 moe_min_tokens: int = 64):
+                 moe_min_tokens: int = 64, moe_router: str = "dense"):
         if not (chunk_size is None or chunk_size == "auto" or (isinstance(chunk_size, int) and chunk_size >= 1)):
             raise ConfigError(f"engine.chunk_size must be auto, null (one pass) or an int >= 1, got {chunk_size!r}")
         parse_memory(max_memory)  # a bad size fails now, before any model is loaded
-        from .models.moe import check_calibration
+        from .models.moe import check_calibration, check_router
 
         check_calibration(moe_calibration, moe_min_tokens)
+        check_router(moe_router)
         self.moe = (moe_calibration, moe_min_tokens)
+        self.moe_router = moe_router
         self.device = resolve_device(device)
         self.chunk_size = chunk_size
         self.max_memory = max_memory
@@ -178,6 +186,7 @@ class SequentialEngine:
     # -- public -------------------------------------------------------------------------------
     def check(self, model_or_meta: nn.Module, stages: Sequence) -> None:
         """Let every stage validate every target Linear (works on a meta-device model)."""
+        _as_linears(model_or_meta, routers=self.moe_router == "compress")
         adapter = adapter_for(model_or_meta)
         for name, lin in adapter.named_linears(model_or_meta):
             for stage in stages:
@@ -205,7 +214,7 @@ class SequentialEngine:
         t0 = time.perf_counter()
         for m in (model, dense_model):
             if m is not None:
-                _as_linears(m)
+                _as_linears(m, routers=self.moe_router == "compress")
         adapter = adapter_for(model)
         self._lean = adapter.lean
         stages = fuse_stages([s for s in stages if s is not None])

@@ -11,7 +11,7 @@ from compresslab.errors import ConfigError
 from compresslab.metrics import compression_summary, experts_summary
 from compresslab.models import as_linears
 from compresslab.models.adapters import adapter_for
-from compresslab.models.moe import LinearExperts, linear_experts
+from compresslab.models.moe import LinearExperts, linear_experts, linear_routers
 from compresslab.pruner.sparsegpt import SparseGPT
 from compresslab.quantizer.gptq import GPTQ
 from compresslab.stages import layer_state
@@ -295,6 +295,104 @@ def test_moe_options_are_checked_before_loading():
         SequentialEngine("cpu", moe_calibration="some")
     with pytest.raises(ConfigError, match="engine.moe_min_tokens=0 must be an int >= 1"):
         SequentialEngine("cpu", moe_min_tokens=0)
+    with pytest.raises(ConfigError, match="engine.moe_router='yes' is not one of dense, compress"):
+        SequentialEngine("cpu", moe_router="yes")
+
+
+def gpt_oss(seed=0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model("gpt_oss", vocab_size=257, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=K, num_local_experts=E,
+                               head_dim=16, layer_types=["sliding_attention", "full_attention"], sliding_window=8)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    for name, p in model.named_parameters():  # a router with a bias that matters
+        if "router" in name:
+            nn.init.normal_(p, std=0.5)
+    return model
+
+
+ROUTER = {"mixtral": "mlp.gate", "qwen2_moe": "mlp.gate", "qwen3_moe": "mlp.gate", "deepseek_v3": "mlp.gate",
+          "gpt_oss": "mlp.router"}
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "gpt_oss"])
+def test_a_router_with_a_linear_projection_gives_the_same_logits(family):
+    """engine.moe_router=compress makes each router's projection a Linear `proj` (its weight the same
+    Parameter, GPT-OSS's bias moved with it); the family's routing code then runs on proj(x) padded
+    against [I | 0]: the logits are bitwise the same, and the router's output is its own again."""
+    model = gpt_oss() if family == "gpt_oss" else fused(family)
+    as_linears(model)
+    with torch.no_grad():
+        want = model(IDS).logits
+    moes = [n.rpartition(".")[0] for n, m in model.named_modules() if isinstance(m, LinearExperts)]
+    weights = {n: model.get_submodule(f"{n}.{ROUTER[family].split('.')[1]}").weight for n in moes}
+    assert linear_routers(model) == len(moes) and linear_routers(model) == 0  # twice: nothing more to do
+    for n in moes:
+        router = model.get_submodule(f"{n}.{ROUTER[family].split('.')[1]}")
+        assert isinstance(router.proj, nn.Linear) and router.proj.weight is weights[n]
+        assert "weight" not in dict(router.named_parameters(recurse=False))
+    with torch.no_grad():
+        got = model(IDS).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_routers_stay_dense_by_default():
+    """The default: every router weight bitwise as it was after sparsegpt 2:4 + gptq, and no router in
+    the per-layer table."""
+    model = tiny("mixtral")
+    before = {n: p.clone() for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")}
+    SequentialEngine("cpu", max_memory=None, progress=False).run(model, IDS, [SparseGPT(0.5, "2:4"),
+                                                                               GPTQ(bits=4, group_size=16)])
+    assert len(before) == 3
+    for n, w in before.items():
+        assert torch.equal(model.get_submodule(n.rpartition(".")[0]).weight, w)
+    assert not any("gate" in r["name"] and "experts" not in r["name"] for r in compression_summary(model)[1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compressed_routers_see_every_token_and_round_trip(family, tmp_path):
+    """engine.moe_router=compress: each router's projection gets the Hessian of every token reaching
+    the MoE block (2/n Σ x xᵀ from the router's inputs, captured here on the dense model), is pruned 2:4
+    exactly and quantized to 4 bits, grouped with the shared experts where they read the same input;
+    the packed checkpoint loads back to the same logits."""
+    from compresslab.checkpoint import load_compressed, save_compressed
+    from compresslab.checkpoint.layer import PackedLinear
+
+    model = tiny(family)
+    xs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: xs.__setitem__(n, a[0].reshape(-1, a[0].shape[-1])))
+             for n, m in model.named_modules() if n.endswith("mlp.gate")]
+    with torch.no_grad():
+        model(IDS)
+    for h in hooks:
+        h.remove()
+    seen = Seen()
+    SequentialEngine("cpu", max_memory=None, progress=False, moe_router="compress").run(model, IDS, [seen])
+    assert {n for n in seen.h if n.endswith("mlp.gate.proj")} == {f"{n}.proj" for n in xs} and xs
+    for n, X in xs.items():  # the identity stage left the model dense: the same inputs
+        torch.testing.assert_close(seen.h[f"{n}.proj"].double(), 2 / X.shape[0] * X.double().T @ X.double(),
+                                   rtol=1e-4, atol=1e-5)
+    adapter = adapter_for(model)
+    groups = [tuple(n for n, _ in g) for g in adapter.linear_groups(adapter.block_list(model)[-1])]
+    shared = {"qwen2_moe": "mlp.shared_expert.gate_proj", "deepseek_v3": "mlp.shared_experts.gate_proj"}
+    router_group = next(g for g in groups if "mlp.gate.proj" in g)
+    assert (shared[family] in router_group) if family in shared else router_group == ("mlp.gate.proj",)
+
+    model = tiny(family)
+    SequentialEngine("cpu", max_memory=None, progress=False, moe_router="compress").run(
+        model, IDS, [SparseGPT(0.5, "2:4"), GPTQ(bits=4, group_size=16)])
+    rows = {r["name"]: r for r in compression_summary(model)[1]}
+    routers = {f"{n}.proj" for n in xs}
+    assert routers <= set(rows) and all(rows[n]["nm_valid"] and rows[n]["bits"] == 4 for n in routers)
+    save_compressed(model, tmp_path / "ckpt")
+    loaded, _ = load_compressed(tmp_path / "ckpt")
+    assert routers <= {n for n, m in loaded.named_modules() if isinstance(m, PackedLinear)}
+    with torch.no_grad():
+        got, want = loaded(IDS).logits, model(IDS).logits
+    assert float((got - want).norm() / want.norm()) < 1e-2
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
 
 
 def test_what_cannot_hold_fused_experts_says_why(tmp_path):
@@ -382,7 +480,7 @@ def test_readme_moe_commands_run_as_printed(tmp_path):
     env = {**os.environ, "COMPRESSLAB_DATA_DIR": str(small_data_dir(tmp_path / "data")), "TQDM_DISABLE": "1"}
     tiny = ["data.nsamples=4", "data.seqlen=64", "eval.seqlen=64", "eval.max_windows=2", "logger=none",
             "engine.progress=false", "eval.progress=false"]
-    recs = []
+    recs, routers_asked = [], set()
     for k, line in enumerate(lines):
         out_dir = tmp_path / f"cmd{k}"
         args = line.split()[2:] + tiny + [f"hydra.{'sweep' if '-m' in line.split() else 'run'}.dir={out_dir}"]
@@ -397,7 +495,11 @@ def test_readme_moe_commands_run_as_printed(tmp_path):
         assert r["metrics"]["moe/experts"] == 2 * 8  # 2 layers of 8 experts
         assert all(row["bits"] == 4 for row in r["layers"])
         modes.add(r["config"]["engine"]["moe_calibration"])
-    assert modes == {"routed", "all"}
+        routers = {row["name"] for row in r["layers"] if row["name"].endswith("mlp.gate.proj")}
+        want = {f"model.layers.{i}.mlp.gate.proj" for i in range(2)}
+        assert routers == (want if r["config"]["engine"]["moe_router"] == "compress" else set())
+        routers_asked.add(r["config"]["engine"]["moe_router"])
+    assert modes == {"routed", "all"} and routers_asked == {"dense", "compress"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

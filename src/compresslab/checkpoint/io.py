@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.adapters import adapter_for
+from ..models.moe import has_linear_routers
 from .layer import PackedLinear, pack_linear, storage_bits
 from .shard import ShardFile
 
@@ -194,6 +195,7 @@ class CheckpointWriter:
             "format": FORMAT, "version": VERSION, "config": model.config.to_dict(), "family": self.adapter.family,
             "layers": self.layers, "aliases": self.aliases, "buffers": self.buffers, "tensors": index, "files": files,
             "compressed": {"avg_bits": self.bits / max(self.params, 1), "bytes": self.bits / 8, "params": self.params},
+            "moe_router": "compress" if has_linear_routers(model) else "dense",  # models/moe.py
             **(extra or {}),
         }
         tmp = self.path / (MANIFEST + ".tmp")
@@ -306,8 +308,11 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     from ..models import as_linears
+    from ..models.moe import linear_routers
 
     as_linears(model)  # the layers as they were saved: Linears, one MLP per expert
+    if manifest.get("moe_router") == "compress":
+        linear_routers(model)  # and the routers' projections, when they were compressed
     for name, meta in manifest["layers"].items():
         try:
             t = {role: tensors.pop(key) for role, key in meta["tensors"].items()}

@@ -237,7 +237,7 @@ def adapter_for(model_or_config) -> Adapter:
         return cached
     from .discover import discover
 
-    adapter = discover(config)
+    adapter = discover(model_or_config)
     if isinstance(model_or_config, nn.Module):
         model_or_config.__dict__["_compresslab_adapter"] = adapter
     return adapter

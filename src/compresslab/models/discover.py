@@ -14,7 +14,8 @@ Blocks may differ (DeepSeek-V3's first layers are dense, the rest Mixture-of-Exp
 are the union of every block's, each block's order kept, and a block skips the groups it lacks.
 Fused MoE experts are one MLP of Linears per expert by the time this runs (models/moe.py): their
 groups are per expert ([experts.e.gate_proj, experts.e.up_proj], [experts.e.down_proj]), since each
-reads its own routed tokens.
+reads its own routed tokens. A router stays dense unless `engine.moe_router=compress` made its
+projection a Linear (then it groups with the other readers of the MoE block's input).
 """
 
 from __future__ import annotations
@@ -190,11 +191,14 @@ def _waves(groups, blocks) -> tuple[tuple[tuple[str, ...], ...], tuple[int, ...]
 def discover(model_or_config):
     """An `Adapter` for a model (or config) with no hand-written one. See the module doc."""
     from .adapters import Adapter
+    from .moe import dense_routers, has_linear_routers, linear_routers
 
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", type(config).__name__)
     try:
         twin = meta_twin(config)
+        if isinstance(model_or_config, nn.Module) and has_linear_routers(model_or_config):
+            linear_routers(twin)  # engine.moe_router=compress: trace the routers' projections too
     except Exception as e:  # noqa: BLE001 - e.g. not a causal LM, or not a transformers config
         raise ConfigError(f"unsupported architecture '{model_type}': transformers cannot build it as a causal LM "
                           f"on the meta device ({type(e).__name__}: {str(e).splitlines()[0][:160]}); compresslab compresses decoder-only "
@@ -208,7 +212,8 @@ def discover(model_or_config):
                           f"does not compress yet (they would stay dense)")
     calls, start, end, linears = _trace(twin, blocks_path)
     blocks = twin.get_submodule(blocks_path)
-    layouts = [_groups([(n, x) for n, x in layout if not _scalar_gate(blocks[i].get_submodule(n))])
+    dense = [dense_routers(b) for b in blocks]  # Linear routers stay dense unless asked (models/moe.py)
+    layouts = [_groups([(n, x) for n, x in layout if not _scalar_gate(blocks[i].get_submodule(n)) and n not in dense[i]])
                for i, layout in enumerate(linears)]
     if not any(layouts):
         raise ConfigError(f"unsupported architecture '{model_type}': its blocks ('{blocks_path}') call no nn.Linear, so there is "
@@ -216,7 +221,7 @@ def discover(model_or_config):
     for i, layout in enumerate(layouts):
         called = {n for g in layout for n in g}
         missed = sorted(n for n, m in blocks[i].named_modules()
-                        if isinstance(m, nn.Linear) and n not in called and not _scalar_gate(m))
+                        if isinstance(m, nn.Linear) and n not in called and not _scalar_gate(m) and n not in dense[i])
         if missed:  # a Linear the forward never calls would silently stay dense
             raise ConfigError(f"unsupported architecture '{model_type}': Linears {missed} in block {i} are never called by its "
                               f"forward; add an adapter in src/compresslab/models/adapters.py")

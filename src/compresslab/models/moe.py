@@ -17,8 +17,13 @@ calibration left rare experts with no statistics at all); the count is over the 
 set, also when the memory plan runs it in chunks (a routing pass counts first). Each expert's Linears record how many
 tokens were routed to them and where their statistics came from (`LayerState.tokens`, `stats_from`).
 
-The router stays as the family wrote it (a bare weight in every family here: not a Linear, so it
-stays dense).
+Routers (`linear_routers`, `engine.moe_router=compress`): the router stays dense by default, as the
+family wrote it (a bare (E, H) weight in every family here, or a Linear sitting beside the experts,
+which discovery leaves out). Asked to compress it, its projection becomes an `nn.Linear` child `proj`
+(`mlp.gate.proj`) that every stage compresses like any layer of the MoE block's input; the family's
+own routing code still runs, on `proj(x)` zero-padded to H columns against a fixed [I | 0] weight,
+which reproduces the logits exactly (one nonzero product per output). A family that computes its
+logits in fp32 from a bf16 model (DeepSeek-V3) then sees them rounded to the model dtype first.
 """
 
 from __future__ import annotations
@@ -26,11 +31,14 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
 
 MOE_CALIBRATION = ("routed", "all")
+MOE_ROUTER = ("dense", "compress")
+ROUTER_FLAG = "_compresslab_router"  # set on a router asked to be compressed (kept by deepcopy)
 
 
 def _is_fused_experts(m: nn.Module) -> bool:
@@ -172,6 +180,77 @@ def unfuse_experts(model: nn.Module) -> int:
         setattr(model.get_submodule(parent) if parent else model, child, linear_experts(fused))
         del fused
     return len(todo)
+
+
+def _through_proj(router: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of a router with a `proj` Linear: its input x (..., H) becomes proj(x) zero-padded
+    to (..., H), which the router's [I | 0] weight maps back to proj(x) exactly."""
+    x = args[0] if args else kwargs["hidden_states"]
+    logits = router.proj(x)  # (..., E)
+    padded = F.pad(logits, (0, x.shape[-1] - logits.shape[-1]))
+    if args:
+        return (padded, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": padded}
+
+
+def _routers(model: nn.Module):
+    """(router, experts count, width) of every MoE block: a child of the module holding the
+    `LinearExperts` with a 2-D (E, H) `weight` (a bare-weight router, or a Linear one)."""
+    out = []
+    for name, m in model.named_modules():
+        if not isinstance(m, LinearExperts):
+            continue
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        width = m[0].down_proj.out_features
+        for child in parent.children():
+            w = child._parameters.get("weight", child._buffers.get("weight"))
+            if child is not m and w is not None and tuple(w.shape) == (len(m), width):
+                out.append((child, len(m), width))
+    return out
+
+
+@torch.no_grad()
+def linear_routers(model: nn.Module) -> int:
+    """Make the router of every MoE block of `model` compressible (see the module doc), in place (same
+    device and dtype, meta included). A Linear router is only marked; a converted one is left alone.
+    Returns how many routers changed."""
+    changed = 0
+    for router, n, width in _routers(model):
+        if vars(router).get(ROUTER_FLAG):
+            continue
+        vars(router)[ROUTER_FLAG] = True
+        changed += 1
+        if isinstance(router, nn.Linear):
+            continue
+        w = router._parameters.pop("weight")
+        b = router._parameters.get("bias")
+        proj = nn.Linear(width, n, bias=b is not None, device=w.device, dtype=w.dtype)
+        proj.weight = w  # the same Parameter (trainable as it was)
+        if b is not None:
+            proj.bias = router._parameters.pop("bias")
+            router.register_buffer("bias", torch.zeros_like(b.detach()), persistent=False)
+        router.proj = proj
+        router.register_buffer("weight", torch.eye(n, width, dtype=w.dtype, device=w.device), persistent=False)
+        router.register_forward_pre_hook(_through_proj, with_kwargs=True)
+    if changed:
+        model.__dict__.pop("_compresslab_adapter", None)  # traced before: its groups lack the routers
+    return changed
+
+
+def has_linear_routers(model: nn.Module) -> bool:
+    return any(vars(m).get(ROUTER_FLAG) for m in model.modules())
+
+
+def dense_routers(block: nn.Module) -> set[str]:
+    """Names (in `block`) of the Linear routers that stay dense: every one not asked to be compressed."""
+    ids = {id(r) for r, _, _ in _routers(block) if isinstance(r, nn.Linear) and not vars(r).get(ROUTER_FLAG)}
+    return {name for name, m in block.named_modules() if id(m) in ids}
+
+
+def check_router(mode: str) -> None:
+    if mode not in MOE_ROUTER:
+        raise ConfigError(f"engine.moe_router={mode!r} is not one of {', '.join(MOE_ROUTER)} (dense: routers stay as "
+                          "they are; compress: every stage compresses each MoE router's projection too)")
 
 
 def check_calibration(mode: str, min_tokens: int) -> None:
