@@ -158,11 +158,15 @@ class SequentialEngine:
             all tokens (recorded per expert as `stats_from`).
         moe_router: 'dense' (routers stay as they are) or 'compress' (every stage compresses each MoE
             router's projection too, as a Linear reading the MoE block's input).
+        distributed: 'auto' (several processes when launched so: torchrun, or srun with several tasks;
+            data-parallel calibration, weight-parallel compression, distributed.py) or 'off'.
+        dist_timeout_s: how long a collective waits for the other ranks before the run fails.
     """
 
     def __init__(self, device: str = "auto", chunk_size: int | str | None = "auto", max_memory: int | str | None = None,
                  progress: bool = True, layer_error: bool = False, moe_calibration: str = "routed",
-                 moe_min_tokens: int = 64, moe_router: str = "dense"):
+                 moe_min_tokens: int = 64, moe_router: str = "dense", distributed: str = "auto",
+                 dist_timeout_s: float = 1800.0):
         if not (chunk_size is None or chunk_size == "auto" or (isinstance(chunk_size, int) and chunk_size >= 1)):
             raise ConfigError(f"engine.chunk_size must be auto, null (one pass) or an int >= 1, got {chunk_size!r}")
         parse_memory(max_memory)  # a bad size fails now, before any model is loaded
@@ -172,6 +176,13 @@ class SequentialEngine:
         check_router(moe_router)
         self.moe = (moe_calibration, moe_min_tokens)
         self.moe_router = moe_router
+        if distributed not in ("auto", "off"):
+            raise ConfigError(f"engine.distributed={distributed!r} must be auto (several ranks when launched by "
+                              "torchrun or srun) or off")
+        if not isinstance(dist_timeout_s, (int, float)) or isinstance(dist_timeout_s, bool) or dist_timeout_s <= 0:
+            raise ConfigError(f"engine.dist_timeout_s={dist_timeout_s!r} must be a number of seconds > 0")
+        self.distributed, self.dist_timeout_s = distributed, float(dist_timeout_s)
+        self._ranks = None  # joined on first use (`ranks`)
         self.device = resolve_device(device)
         self.chunk_size = chunk_size
         self.max_memory = max_memory
@@ -184,6 +195,17 @@ class SequentialEngine:
         self._source = self._sink = None  # set per run: a streamed model's block source and sink
 
     # -- public -------------------------------------------------------------------------------
+    @property
+    def ranks(self):
+        """This process's place among the ranks compressing one model (distributed.py); the process
+        group is joined on first use, and on CUDA the engine's device becomes the local rank's GPU."""
+        if self._ranks is None:
+            from .distributed import Ranks, init_ranks
+
+            self._ranks = init_ranks(self.device, self.dist_timeout_s) if self.distributed == "auto" else Ranks()
+            self.device = getattr(self._ranks, "device", self.device)
+        return self._ranks
+
     def check(self, model_or_meta: nn.Module, stages: Sequence) -> None:
         """Let every stage validate every target Linear (works on a meta-device model)."""
         _as_linears(model_or_meta, routers=self.moe_router == "compress")
@@ -228,6 +250,14 @@ class SequentialEngine:
         finishers = [s for s in stages if hasattr(s, "finish_block")]  # block-level stages (BlockStage)
         uses_data = uses_data or bool(finishers)
         block_recovery = recovery if hasattr(recovery, "recover") else None
+        ranks = self.ranks
+        if ranks.world > 1:
+            odd = [type(s).__name__ for s in [*finishers, recovery] if s is not None and not getattr(s, "data_parallel", False)]
+            if odd:
+                raise ConfigError(f"{', '.join(odd)} cannot train on several ranks yet (torch.distributed); run it in one "
+                                  "process (no torchrun), or compress on several ranks and recover in one")
+            if calibration is not None:  # data parallel: this rank's share of the samples
+                calibration = calibration[ranks.shard(calibration.shape[0])]
         # an end-to-end recovery changes every layer after the loop: keep the dense weights to measure
         # then (a recovery of a model compressed elsewhere measures against `dense_model` instead)
         self._keep_dense = hasattr(recovery, "finish_model") and bool(stages) and dense_model is None
@@ -554,6 +584,10 @@ class SequentialEngine:
         return out
 
     def _compress_group(self, adapter, i, group, stages, stats):
+        ranks = self.ranks
+        ranks.reduce(stats)  # several ranks: every rank's statistics summed (distributed.py)
+        if stats is not None and not stats.n:  # would divide by zero tokens
+            raise RuntimeError(f"block {i}: the forward never called {[n for n, _ in group]}; no statistics")
         H = stats.hessian if stats is not None and stats.has_hessian else None
         keep_original = (H is not None or self._keep_dense
                          or any(getattr(s, "uses_original", False) for s in stages))
@@ -564,12 +598,16 @@ class SequentialEngine:
             if original is not None:  # the dense weight, for stages that compensate the error (low-rank)
                 layer_state(lin, create=True).original = original
             originals.append(original)
+        owners = ranks.assign(items)  # weight parallel: who compresses which Linear (all rank 0 alone)
+        mine = [it for it, r in zip(items, owners) if r == ranks.rank]
+        hooks = [(set(lin._forward_pre_hooks), set(lin._forward_hooks)) for _, lin in items]
         for stage in stages:  # stage by stage over the group; Linears of one stage never interact
-            if len(items) > 1 and hasattr(stage, "compress_group"):
-                stage.compress_group(items, stats)  # e.g. one OBS sweep for q/k/v (they share H)
+            if len(mine) > 1 and hasattr(stage, "compress_group"):
+                stage.compress_group(mine, stats)  # e.g. one OBS sweep for q/k/v (they share H)
             else:
-                for full_name, lin in items:
+                for full_name, lin in mine:
                     stage.compress(full_name, lin, stats)
+        ranks.share(items, owners, hooks)  # each Linear's result from its owner to every rank
         for (_, lin), original in zip(items, originals):
             state = layer_state(lin)
             if state is not None:  # the dense weight lives only while the group runs (the mask stays)
@@ -606,7 +644,7 @@ class SequentialEngine:
             handles += state["handles"]
             states.append(state)
         try:
-            with adapter.calibrating(block, *self.moe):  # one forward: every token at once
+            with adapter.calibrating(block, *self.moe, reduce=self.ranks.sum_counts):  # one forward: every token at once
                 out = self._forward(block, hidden, kwargs)
         finally:
             for h in handles:
@@ -675,8 +713,6 @@ class SequentialEngine:
 
             if stats is not None:
                 self._until_hook(lin0, observe, run, hidden.shape[0])
-                if not stats.n:  # would divide by zero tokens
-                    raise RuntimeError(f"block {i}: the forward never called {[n for n, _ in group]}; no statistics")
             self._compress_group(adapter, i, group, stages, stats)
             if stats is not None:
                 stats.free()
@@ -705,7 +741,7 @@ class SequentialEngine:
         with adapter.routing(block) as counts:
             self._until_hook(self._owner(block, last_wave), _stop, lambda sl: self._forward(block, hidden[sl], kwargs),
                              hidden.shape[0])
-        return counts
+        return {m: self.ranks.sum_counts(c) for m, c in counts.items()}  # several ranks: the whole set's
 
     @staticmethod
     def _owner(block, wave) -> nn.Module:
@@ -734,8 +770,6 @@ class SequentialEngine:
                 for h in handles:
                     h.remove()
             for group, st in zip(part, stats):
-                if not st.n:
-                    raise RuntimeError(f"block {i}: the forward never called {[n for n, _ in group]}; no statistics")
                 self._compress_group(adapter, i, group, stages, st)
                 st.free()
 

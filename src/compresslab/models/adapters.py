@@ -114,13 +114,14 @@ class Adapter:
                 out.append([k])
         return out
 
-    def calibrating(self, block: nn.Module, mode: str = "routed", min_tokens: int = 1, routed=None):
+    def calibrating(self, block: nn.Module, mode: str = "routed", min_tokens: int = 1, routed=None, reduce=None):
         """Context of a calibration forward of `block`: its Mixture-of-Experts experts take their
         statistics from their routed tokens or all of them (models/moe.py); nothing for dense blocks.
-        `routed`: what `routing` counted, when the calibration runs in chunks."""
+        `routed`: what `routing` counted, when the calibration runs in chunks; `reduce`: sums a
+        forward's counts over the ranks (distributed.py)."""
         from .moe import calibrating
 
-        return calibrating(block, mode, min_tokens, routed)
+        return calibrating(block, mode, min_tokens, routed, reduce)
 
     def routing(self, block: nn.Module):
         """Context that counts where the block's routers send each token (models/moe.py); yields the counts."""

@@ -106,7 +106,9 @@ class LinearExperts(nn.ModuleList):
             counts = torch.bincount(top_k_index.flatten(), minlength=len(self) + 1)[: len(self)].tolist()
         starved = set()
         if calib is not None:  # whole-set counts from a routing pass when chunked; else this forward has all tokens
-            basis = calib["routed"] if calib["routed"] is not None else counts
+            # (of this rank: summed over the ranks when several share the calibration set)
+            basis = calib["routed"] if calib["routed"] is not None else calib["reduce"](counts)
+            calib["basis"] = basis
             if calib["mode"] == "routed":
                 starved = {e for e, c in enumerate(basis) if c < calib["min_tokens"]}
             calib["starved"] |= starved
@@ -114,8 +116,8 @@ class LinearExperts(nn.ModuleList):
                 calib["counts"][e] += c
         for e, expert in enumerate(self):
             everyone = calib is not None and (calib["mode"] == "all" or e in starved)
-            if not counts[e] and not everyone:
-                continue
+            if not counts[e] and calib is None:
+                continue  # in calibration every expert runs, on no tokens too: its statistics' hooks fire on every rank
             token_idx, pos = torch.where(top_k_index == e)  # (n_e,): the tokens routed to e, and in which slot
             if everyone:  # statistics from every token; the output only where the router sent it
                 y = expert(hidden_states)[token_idx]
@@ -283,17 +285,20 @@ def routing(block: nn.Module):
 
 @contextlib.contextmanager
 def calibrating(block: nn.Module, mode: str = "routed", min_tokens: int = 1,
-                routed: dict[nn.Module, list[int]] | None = None):
+                routed: dict[nn.Module, list[int]] | None = None, reduce=None):
     """Within this context the experts of `block` calibrate as `mode` says (see the module doc). On
     exit, when the router ran, each expert's Linears record their routed token count and where their
     statistics came from. `routed`: each expert's tokens over the whole calibration set (`routing`),
-    when this pass sees it in chunks; without it a forward is taken to hold the whole set (one pass)."""
+    when this pass sees it in chunks; without it a forward is taken to hold the whole set (one pass).
+    `reduce`: sums a forward's per-expert counts over the ranks sharing the calibration set
+    (distributed.py), so that every rank applies the same rule."""
     from ..stages import layer_state
 
     moes = [m for m in block.modules() if isinstance(m, LinearExperts)]
     for m in moes:
         vars(m)["_calib"] = {"mode": mode, "min_tokens": min_tokens, "routed": (routed or {}).get(m),
-                             "counts": [0] * len(m), "starved": set()}
+                             "counts": [0] * len(m), "starved": set(), "reduce": reduce or (lambda c: c),
+                             "basis": None}
     try:
         yield
     finally:
@@ -306,5 +311,5 @@ def calibrating(block: nn.Module, mode: str = "routed", min_tokens: int = 1,
                 for lin in expert.modules():
                     if isinstance(lin, nn.Linear):
                         st = layer_state(lin, create=True)
-                        st.tokens = calib["routed"][e] if calib["routed"] is not None else calib["counts"][e]
+                        st.tokens = calib["basis"][e]  # the whole calibration set's count
                         st.stats_from = source
