@@ -29,8 +29,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from compresslab.cli import register_hydra_plugins, sweep_overrides
+    from compresslab.cli import rank_overrides, register_hydra_plugins, sweep_overrides
 
     register_hydra_plugins(Path(__file__).parent)  # hydra/launcher=slurm, +experiment=<name> presets
     sys.argv[1:] = sweep_overrides(sys.argv[1:])  # `-m pruner=a,b pruner.pattern=2:4` (see its docstring)
+    sys.argv += rank_overrides()  # torchrun / srun: ranks other than 0 write nothing here
     main()

@@ -195,6 +195,12 @@ def test_slurm_settings_are_checked():
         check_slurm_params({**ok, "timeout_min": 3})
     with pytest.raises(ConfigError, match="gpus_per_node"):
         check_slurm_params({**ok, "gpus_per_node": -1})
+    check_slurm_params({**ok, "tasks_per_node": 4, "gpus_per_node": 4, "nodes": 2})
+    check_slurm_params({**ok, "tasks_per_node": 2, "gpus_per_node": 0})  # CPU ranks
+    with pytest.raises(ConfigError, match="tasks_per_node=4 ranks on gpus_per_node=2 GPUs.*gpus_per_node=4"):
+        check_slurm_params({**ok, "tasks_per_node": 4, "gpus_per_node": 2})
+    with pytest.raises(ConfigError, match="nodes=0 must be >= 1"):
+        check_slurm_params({**ok, "nodes": 0})
 
 
 def test_slurm_launcher_rejects_a_short_timeout_before_submitting(tmp_path):

@@ -82,6 +82,7 @@ def compress(model, tokenizer=None, *, pruner=None, quantizer=None, lowrank=None
     metrics.update(_plan_metrics(result.get("plan"), engine))
     moe, experts = experts_summary(layers)
     metrics.update(moe)
+    metrics.update(result.get("ranks", {}))  # dist/world_size, dist/rank<r>/compute_s, comm_s, comm_gb
     return CompressionReport(metrics, layers, result["recovery"], experts)
 
 

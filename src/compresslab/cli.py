@@ -38,6 +38,31 @@ def register_hydra_plugins(root: str | Path) -> None:
 STAGE_GROUPS = ("pruner", "quantizer", "lowrank", "recovery")  # groups with a conf/<group>/null.yaml
 
 
+def _raise_on_sigterm() -> None:
+    """torchrun stops every rank (SIGTERM) once one has failed: rank 0 then still writes metrics.json,
+    with the failed rank's error, instead of dying at once."""
+    import signal
+
+    def handler(signum, frame):
+        raise SystemExit("SIGTERM: the launcher stopped this rank (another rank failed?)")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def rank_overrides(environ=None) -> list[str]:
+    """Under torchrun / srun with several tasks, every rank runs run.py; rank 0 writes the run's folder,
+    the others keep Hydra's files in a temporary folder of their own (distributed.py)."""
+    import tempfile
+
+    from .distributed import env_ranks
+
+    found = env_ranks(environ)
+    if found is None or found[0] == 0:
+        return []
+    tmp = tempfile.mkdtemp(prefix=f"compresslab-rank{found[0]}-")
+    return [f"hydra.run.dir={tmp}", f"hydra.sweep.dir={tmp}", "hydra.output_subdir=null"]
+
+
 def sweep_overrides(args: list[str]) -> list[str]:
     """Command-line overrides rewritten so that what the README prints composes in Hydra.
 
@@ -193,9 +218,19 @@ def run_from_config(cfg: DictConfig, output_dir: str | Path, choices: dict | Non
         log.info("skipping: %s already holds an ok result for this config (force=true reruns it)", path)
         print(f"metrics: {path} (skipped, already done)", flush=True)
         return 0
+    from .distributed import env_ranks
+
+    main = (env_ranks() or (0,))[0] == 0 or cfg.get("engine", {}).get("distributed") == "off"
     pipeline = None
     try:
         pipeline = build_pipeline(cfg)
+        main = pipeline.engine.ranks.is_main  # several ranks: joins the process group now
+        if not main:  # the other ranks say nothing but errors
+            logging.getLogger().setLevel(logging.ERROR)
+            logging.getLogger("compresslab").setLevel(logging.ERROR)
+            pipeline.engine.progress = False
+        if pipeline.engine.ranks.world > 1:
+            _raise_on_sigterm()
         logger = pipeline.logger
         if logger is not None and hasattr(logger, "group"):
             logger.group = logger.group or sweep
@@ -208,7 +243,7 @@ def run_from_config(cfg: DictConfig, output_dir: str | Path, choices: dict | Non
         log.info("results: %s", shown)
         code = 0
     except Exception as e:  # noqa: BLE001 - every failure is recorded, then reported
-        if pipeline is None:  # failed while instantiating: nothing else wrote metrics.json
+        if pipeline is None and main:  # failed while instantiating: nothing else wrote metrics.json
             write_json_atomic(path, {"status": "failed", "error": f"{type(e).__name__}: {e}", **meta,
                                      "config": config, "metrics": {}, "traceback": traceback.format_exc(),
                                      "env": environment()})
@@ -222,5 +257,6 @@ def run_from_config(cfg: DictConfig, output_dir: str | Path, choices: dict | Non
         else:
             log.error("run failed:\n%s", traceback.format_exc())
         code = 1
-    print(f"metrics: {path}", flush=True)
+    if main:
+        print(f"metrics: {path}", flush=True)
     return code

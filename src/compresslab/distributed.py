@@ -14,9 +14,9 @@ torchrun), every rank runs the same pipeline on the same model:
   compressed block and propagates its own share of the hidden states.
 
 Only rank 0 writes (metrics.json, W&B, the checkpoint) and evaluates; the others log errors only.
-A rank that fails leaves its error in the process group's store before it exits; the others' next
-collective fails (the peer is gone) or times out (`timeout_s`), and rank 0 records the failing
-rank's error. Collectives run on the compute device's backend: `nccl` on CUDA, `gloo` on the CPU.
+A rank that fails leaves its error in the process group's store and exits; the others' pending
+collective fails (the peer is gone) or, at worst, times out (`timeout_s`), and rank 0 records the
+failing rank's error in metrics.json. Collectives run on the compute device's backend: `nccl` on CUDA, `gloo` on the CPU.
 
 llm-compressor's data-parallel calibration with weight-parallel GPTQ (Llama-3-8B GPTQ in 264 s on
 four GPUs against 745 s on one) is the design this follows.
@@ -69,7 +69,8 @@ class Ranks:
     """One process: every collective is the identity (the engine calls them unconditionally)."""
 
     rank, world, local_rank = 0, 1, 0
-    comm_s = 0.0
+    comm_s = 0.0  # seconds spent in collectives (waiting for the other ranks included)
+    comm_bytes = 0  # bytes this rank sent or summed in collectives
 
     @property
     def is_main(self) -> bool:
@@ -93,14 +94,26 @@ class Ranks:
     def sum_counts(self, counts: list[int]) -> list[int]:
         return counts
 
+    def all_reduce_grads(self, params) -> None:
+        pass
+
+    def offset(self, n_local: int) -> tuple[int, int]:
+        return 0, n_local
+
+    def agree(self, flag: bool) -> bool:
+        return flag
+
     def gather(self, obj) -> list:
         return [obj]
 
-    def report_error(self, message: str) -> None:
+    def fail(self, message: str) -> None:
         pass
 
     def peer_error(self) -> str | None:
         return None
+
+    def summary(self, total_s: float) -> dict[str, float]:
+        return {}
 
     def __repr__(self):
         return "Ranks(1)"
@@ -132,8 +145,9 @@ class Distributed(Ranks):
         self.rank, self.world, self.local_rank = rank, world, local_rank
         self.device = device
         self.timeout_s = timeout_s
-        self.comm_s = 0.0
+        self.comm_s, self.comm_bytes = 0.0, 0
         self._dist = dist
+        self._store = dist.distributed_c10d._get_default_store()  # kept past the group's end (see `fail`)
 
     # -- data parallel -------------------------------------------------------------------------------
     def shard(self, n: int) -> slice:
@@ -154,6 +168,7 @@ class Distributed(Ranks):
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place (on the collective backend's device)."""
+        self.comm_bytes += t.numel() * t.element_size()
         if t.device.type == "cuda" or self._dist.get_backend() == "gloo":
             self._timed(self._dist.all_reduce, t)
             return t
@@ -165,6 +180,27 @@ class Distributed(Ranks):
         """Integer counts (tokens per expert) summed over the ranks."""
         t = torch.tensor(counts, dtype=torch.int64, device=self._coll_device())
         return self.all_reduce_(t).tolist()
+
+    def all_reduce_grads(self, params) -> None:
+        """Sum the gradients of `params` over the ranks (a missing one counts as zero), in one buffer."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if not grads:
+            return
+        flat = self.all_reduce_(torch.cat([g.reshape(-1).float() for g in grads]))
+        at = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[at:at + g.numel()].view_as(g).to(g.dtype)
+            at += g.numel()
+
+    def offset(self, n_local: int) -> tuple[int, int]:
+        """(the first global index of this rank's n_local samples, the global count): the ranks hold
+        contiguous shares in rank order (`shard`)."""
+        counts = self.gather(int(n_local))
+        return sum(counts[:self.rank]), sum(counts)
+
+    def agree(self, flag: bool) -> bool:
+        """True when `flag` is true on every rank."""
+        return self.sum_counts([int(bool(flag))])[0] == self.world
 
     def gather(self, obj) -> list:
         out = [None] * self.world
@@ -203,31 +239,41 @@ class Distributed(Ranks):
         `hooks_before`: per Linear, the keys of its forward (pre-)hooks before the stages ran."""
         for k, ((_, lin), owner) in enumerate(zip(items, owners)):
             payload = [_snapshot(lin, hooks_before[k]) if owner == self.rank else None]
+            if owner == self.rank:
+                self.comm_bytes += sum(t.numel() * t.element_size() for t, _ in payload[0]["params"].values())
             self._timed(self._dist.broadcast_object_list, payload, src=owner)
             if owner != self.rank:
                 _restore(lin, payload[0])
 
+    def summary(self, total_s: float) -> dict[str, float]:
+        """dist/world_size and every rank's compute and communication seconds and bytes (a collective:
+        every rank calls it once, at the end of the engine's run)."""
+        rows = self.gather((total_s - self.comm_s, self.comm_s, self.comm_bytes))
+        out = {"dist/world_size": float(self.world)}
+        for r, (compute, comm, nbytes) in enumerate(rows):
+            out.update({f"dist/rank{r}/compute_s": compute, f"dist/rank{r}/comm_s": comm,
+                        f"dist/rank{r}/comm_gb": nbytes / 1e9})
+        return out
+
     # -- failures ------------------------------------------------------------------------------------
-    def report_error(self, message: str) -> None:
-        """Leave this rank's error where rank 0 finds it (the process group's store)."""
+    def fail(self, message: str) -> None:
+        """This rank failed: leave its error in the store for rank 0. The process then ends, which closes
+        its connections: the other ranks' pending collective fails at once (instead of timing out), and
+        rank 0 records this error (a launcher that stops the other ranks meanwhile sends SIGTERM, which
+        cli turns into an exception, so the record is still written)."""
         try:
-            store = self._dist.distributed_c10d._get_default_store()
-            store.set(f"compresslab/error/{self.rank}", message)
+            self._store.set(f"compresslab/error/{self.rank}", message)
         except Exception:  # noqa: BLE001 - the store may be gone with rank 0
             pass
 
     def peer_error(self) -> str | None:
         """The first error another rank left in the store, as 'rank r: ...', else None."""
-        try:
-            store = self._dist.distributed_c10d._get_default_store()
-        except Exception:  # noqa: BLE001
-            return None
         for r in range(self.world):
             key = f"compresslab/error/{r}"
             try:
-                if r != self.rank and store.check([key]):
-                    return f"rank {r}: {store.get(key).decode()}"
-            except Exception:  # noqa: BLE001
+                if r != self.rank and self._store.check([key]):
+                    return f"rank {r}: {self._store.get(key).decode()}"
+            except Exception:  # noqa: BLE001 - the store is gone
                 return None
         return None
 

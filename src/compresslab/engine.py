@@ -270,6 +270,7 @@ class SequentialEngine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         result["time/compress_s"] = time.perf_counter() - t0
+        result["ranks"] = ranks.summary(result["time/compress_s"])  # several ranks: each one's compute and comm
         return result
 
     def _loop(self, model, adapter, blocks, calibration, stages, needs, uses_data, finishers, block_recovery,
@@ -294,7 +295,7 @@ class SequentialEngine:
             hidden, kws = self._capture(model, adapter, calibration)
             for s in [*finishers, block_recovery]:
                 if s is not None and hasattr(s, "begin"):
-                    s.begin(len(blocks))
+                    s.begin(len(blocks), self.ranks)
             held: list[_Held] = []  # blocks of a recovery group not yet trained (on the device)
             group_in = None  # the hidden states entering the first of them
             for i, block in enumerate(tqdm(blocks, desc="compress", disable=not self.progress)):
@@ -479,6 +480,7 @@ class SequentialEngine:
                       for group in adapter.linear_groups(e.block) for name, lin in group}
             with ErrorMeter(layers) as meter:
                 hidden = self._propagate(e.block, hidden, kws[e.index])
+            meter.combine(self.ranks)  # several ranks: the errors over every rank's samples
             meter.record()
         return hidden
 

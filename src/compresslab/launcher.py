@@ -26,5 +26,16 @@ def check_slurm_params(params: dict) -> None:
         value = params.get(key)
         if value is not None and int(value) < 0:
             raise ConfigError(f"hydra.launcher.{key}={value} must be >= 0 (or null)")
+    def count(key, default):
+        value = params.get(key)
+        return default if value is None else int(value)
+
+    tasks, gpus = count("tasks_per_node", 1), count("gpus_per_node", 0)
+    if tasks < 1 or count("nodes", 1) < 1:
+        raise ConfigError(f"hydra.launcher.tasks_per_node={params.get('tasks_per_node')} and nodes={params.get('nodes')} "
+                          "must be >= 1")
+    if 0 < gpus < tasks:  # distributed.py: one rank per GPU
+        raise ConfigError(f"hydra.launcher.tasks_per_node={tasks} ranks on gpus_per_node={gpus} GPUs: compresslab runs one "
+                          f"rank per GPU; set hydra.launcher.gpus_per_node={tasks} (or 0 for CPU ranks)")
     if int(params.get("array_parallelism") or 1) < 1:
         raise ConfigError(f"hydra.launcher.array_parallelism={params.get('array_parallelism')} must be >= 1")

@@ -68,6 +68,14 @@ class ErrorMeter:
             h.remove()
         self._handles = []
 
+    def combine(self, ranks) -> None:
+        """Sum the accumulated norms over the ranks that each measured their own samples (distributed.py)."""
+        names = list(self.layers)
+        t = torch.tensor([self.num[n] for n in names] + [self.den[n] for n in names], dtype=torch.float64)
+        t = ranks.all_reduce_(t)
+        for k, n in enumerate(names):
+            self.num[n], self.den[n] = float(t[k]), float(t[len(names) + k])
+
     def results(self) -> dict[str, float]:
         return {n: (self.num[n] / self.den[n]) ** 0.5 for n in self.layers if self.den[n] > 0}
 

@@ -113,7 +113,14 @@ class Pipeline:
         record: dict[str, Any] = {"status": "failed", "error": None, **(meta or {}), "config": config,
                                   "metrics": metrics}
         t_start = time.perf_counter()
+        ranks = self.engine.ranks  # several ranks (torchrun, srun): joined now, before anything loads
+        if not ranks.is_main:  # only rank 0 writes, logs and evaluates (distributed.py)
+            output_dir, self.logger, self.evaluator = None, None, None
+            self.save = {**self.save, "path": None}
         try:
+            if self.streamed and ranks.world > 1:
+                raise ConfigError("model.offload=disk streams one model in one process: run it without torchrun/srun "
+                                  "tasks, or load the model in memory (model.offload=null) on several ranks")
             if self.logger is not None:
                 self.logger.start(config or {}, str(output_dir) if output_dir else None)
             torch.manual_seed(self.seed)
@@ -187,6 +194,10 @@ class Pipeline:
         except BaseException as e:
             record["error"] = f"{type(e).__name__}: {e}"
             record["traceback"] = traceback.format_exc()
+            peer = ranks.peer_error()  # another rank failed first: its error is the cause
+            if peer is not None:
+                record["error"] = f"{peer} (on rank {ranks.rank}: {record['error']})"
+            ranks.fail(record["error"])
             raise
         finally:
             metrics["memory/peak_rss_gb"] = peak_rss_gb()

@@ -132,7 +132,7 @@ class SliMLLMPlus(SliMLLM):
             self.compress(name, lin, stats)
 
     # -- block stage: called by the engine once every Linear of the block is compressed ----------
-    def begin(self, num_blocks: int) -> None:
+    def begin(self, num_blocks: int, ranks=None) -> None:
         self._dense_in = None  # the full-precision stream (OmniQuant's fp_inps), carried block to block
         self._blocks_left = num_blocks
 

@@ -11,6 +11,13 @@ group and its dense copy are on the device.
 Unlike the seed, quantized weights stay on their grid (straight-through fake quantization with
 frozen scales and zeros, optionally trainable scales) and masks stay fixed; a learning rate grid is
 searched by the loss on held-out calibration windows (`val_fraction`), not by training loss.
+
+On several ranks (distributed.py) each rank holds a contiguous share of the calibration windows and
+computes its targets; training is data parallel: every step takes the same global batch (one
+permutation of the whole set, the same seed everywhere), each rank the loss of its windows in it
+divided by the global batch's size, and the gradients are summed over the ranks before the step, so
+the ranks train the same weights as one process would (to float-summation order); losses and the
+held-out split are over the whole set.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import Ranks
 from ..errors import ConfigError
 from .ste import OPTIMIZERS, constrained, frozen, make_optimizer
 
@@ -64,7 +72,10 @@ class Beam:
         self.lr, self.batch_size, self.seed, self.lr_search = lr, batch_size, seed, lr_search
         self.lr_grid, self.val_fraction, self.train, self.train_scales = tuple(lr_grid), val_fraction, train, train_scales
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self._ranks = Ranks()  # one process, or the engine's ranks (`begin`)
         self._reset()
+
+    data_parallel = True  # trains on several ranks (see the module doc)
 
     def _reset(self):
         self._group: list[tuple[nn.Module, nn.Module]] = []  # (dense, compressed) blocks of the current group
@@ -73,9 +84,10 @@ class Beam:
         self._dense_stream = None
         self._index = -1
 
-    def begin(self, num_blocks: int) -> None:
+    def begin(self, num_blocks: int, ranks=None) -> None:
         self._reset()
         self._num_blocks = num_blocks
+        self._ranks = ranks if ranks is not None else Ranks()
 
     # -- engine hook -----------------------------------------------------------------------------
     def recover(self, dense: nn.Module, compressed: nn.Module, inputs: torch.Tensor, forward) -> dict:
@@ -113,10 +125,15 @@ class Beam:
         return n - n_val  # windows [0, n_train) train, the rest validate
 
     def _loss(self, forward, blocks, cons, x, target) -> float:
+        """MSE over the windows of every rank (each rank holds its own `x`, possibly none)."""
         with torch.no_grad():
             params = [self._params(c) for c in cons]
-            y = self._run(forward, blocks, x, params)
-            return float(F.mse_loss(y.float(), target.float()))
+            sq = 0.0
+            if x.shape[0]:
+                y = self._run(forward, blocks, x, params)
+                sq = float(F.mse_loss(y.float(), target.float(), reduction="sum"))
+            sums = self._ranks.all_reduce_(torch.tensor([sq, float(target.numel())], dtype=torch.float64))
+            return float(sums[0] / sums[1])
 
     @staticmethod
     def _params(c):
@@ -125,7 +142,8 @@ class Beam:
             out.update(cl.params(prefix))
         return out
 
-    def _fit(self, forward, blocks, x, target, lr, n_train):
+    def _fit(self, forward, blocks, x, target, lr, n_train, start=0):
+        """Train on the global windows [0, n_train); this rank holds windows [start, start + len(x))."""
         torch.manual_seed(self.seed)
         cons = [constrained(b, self.train, self.train_scales) for b in blocks]
         params = [p for c in cons for cl in c.values() for p in cl.parameters()]
@@ -135,33 +153,40 @@ class Beam:
         opt = make_optimizer(self.optimizer, params, lr)
         steps = self.epochs * math.ceil(n_train / self.batch_size)
         sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.01, total_iters=max(steps, 1))
+        per_window = target[0].numel() if target.shape[0] else 0
         with frozen(*blocks), torch.enable_grad():
             for _ in range(self.epochs):
-                perm = torch.randperm(n_train)
+                perm = torch.randperm(n_train)  # the whole set's windows: the same on every rank
                 total = 0.0
                 for i in range(0, n_train, self.batch_size):
                     idx = perm[i:i + self.batch_size]
-                    h = x[idx]
-                    for b, c in zip(blocks, cons):
-                        h = forward(b, h, self._params(c))
-                    loss = F.mse_loss(h.float(), target[idx].float())
+                    mine = idx[(idx >= start) & (idx < start + x.shape[0])] - start  # this rank's windows of the batch
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    if len(mine):
+                        h = x[mine]
+                        for b, c in zip(blocks, cons):
+                            h = forward(b, h, self._params(c))
+                        # this rank's part of the batch's mean: summed over the ranks it is the batch's MSE
+                        loss = F.mse_loss(h.float(), target[mine].float(), reduction="sum") / (len(idx) * per_window)
+                        loss.backward()
+                        total += float(loss.detach()) * len(idx)
+                    self._ranks.all_reduce_grads(params)
                     opt.step()
                     sched.step()
-                    total += float(loss.detach()) * len(idx)
-                curve.append(total / n_train)
+                curve.append(float(self._ranks.all_reduce_(torch.tensor([total], dtype=torch.float64))[0]) / n_train)
         return cons, curve
 
     def _train_or_resume(self, forward, group, x, target, first) -> dict:
         blocks = [c for _, c in group]
         name = f"blocks_{first}_{first + len(group) - 1}"
-        if self.checkpoint_dir is not None and (self.checkpoint_dir / f"{name}.json").is_file():
+        saved = self.checkpoint_dir is not None and (self.checkpoint_dir / f"{name}.json").is_file()
+        if self._ranks.agree(saved):  # every rank resumes, or none does
             self._load(blocks, name)
             return {"resumed": True, **json.loads((self.checkpoint_dir / f"{name}.json").read_text())}
-        n = x.shape[0]
+        start, n = self._ranks.offset(x.shape[0])  # this rank's windows [start, start + len(x)) of n
         n_train = self._split(n) if self.val_fraction > 0 else n
-        val = slice(n_train, n) if n_train < n else slice(0, n)
+        lo, hi = (n_train, n) if n_train < n else (0, n)  # the held-out windows, of the whole set
+        val = slice(min(max(lo - start, 0), x.shape[0]), min(max(hi - start, 0), x.shape[0]))
         before = self._loss(forward, blocks, [constrained(b, self.train, self.train_scales) for b in blocks],
                             x[val], target[val])
         snapshot = [copy.deepcopy(b.state_dict()) for b in blocks] if self.lr_search else None
@@ -170,7 +195,7 @@ class Beam:
             if snapshot is not None:
                 for b, sd in zip(blocks, snapshot):
                     b.load_state_dict(sd)
-            cons, curve = self._fit(forward, blocks, x, target, lr, n_train)
+            cons, curve = self._fit(forward, blocks, x, target, lr, n_train, start)
             val_loss = self._loss(forward, blocks, cons, x[val], target[val])
             lr_losses.append([lr, val_loss])
             if best is None or val_loss < best[0]:
@@ -190,7 +215,7 @@ class Beam:
         # loss_after: of the weights the block now has (loss_before when the one-shot ones were kept)
         report = {"loss_before": before, "loss_trained": trained, "loss_after": trained if kept == "trained" else before,
                   "kept": kept, "lr": lr, "lr_losses": lr_losses, "curve": curve, "mode": self.mode}
-        if self.checkpoint_dir is not None:
+        if self.checkpoint_dir is not None and self._ranks.is_main:  # the same weights on every rank
             self._save(blocks, name, report)
         return report
 
