@@ -124,9 +124,9 @@ def check_beam_granularity2(args) -> dict:
     devices = []
 
     class Watch(Beam):
-        def _fit(self, forward, blocks, x, target, lr, n_train):
+        def _fit(self, forward, blocks, x, *rest):
             devices.append({p.device.type for b in blocks for p in b.parameters()} | {x.device.type})
-            return super()._fit(forward, blocks, x, target, lr, n_train)
+            return super()._fit(forward, blocks, x, *rest)
 
     model, _ = TinyModel("llama", hidden_size=256, intermediate_size=512, num_layers=4, device="cpu").load()
     ids = torch.randint(0, 200, (16, 64), generator=torch.Generator().manual_seed(0))
@@ -272,6 +272,51 @@ def check_kernels(args) -> dict:
     return {"table": "experiments/results/kernels.md"}
 
 
+DIST_CHILD = r"""
+import json, os, sys, torch
+from compresslab.engine import SequentialEngine
+from compresslab.models.loaders import TinyModel
+from compresslab.pruner.sparsegpt import SparseGPT
+from compresslab.quantizer.gptq import GPTQ
+torch.manual_seed(0)
+model, _ = TinyModel("llama", hidden_size=512, intermediate_size=1024, num_layers=4, device="cpu").load()
+ids = torch.randint(0, 256, (16, 256), generator=torch.Generator().manual_seed(1))
+engine = SequentialEngine("cuda", progress=False, max_memory=None)
+res = engine.run(model, ids, [SparseGPT(0.5, "2:4"), GPTQ(bits=4, group_size=128)])
+if engine.ranks.is_main:
+    w = {k: v.float().cpu() for k, v in model.state_dict().items() if k.endswith("proj.weight")}
+    torch.save(w, sys.argv[1])
+    print(json.dumps({"world": engine.ranks.world, "device": str(engine.device), "s": res["time/compress_s"],
+                      **res.get("ranks", {})}))
+"""
+
+
+def check_distributed(args) -> dict:
+    """One compression on every GPU of the machine (torchrun, nccl, one rank per GPU) against one process:
+    the same weights to float-summation order (issue 17). A machine with one GPU says so and skips."""
+    import tempfile
+
+    _cuda(args)
+    gpus = torch.cuda.device_count()
+    if gpus < 2:
+        raise Skip(f"this machine has {gpus} GPU: the distributed case needs 2 or more (torchrun --nproc-per-node <GPUs>)")
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    with tempfile.TemporaryDirectory() as d:
+        script = Path(d) / "child.py"
+        script.write_text(DIST_CHILD)
+        runs = {}
+        for name, cmd in (("one", [sys.executable, str(script)]),
+                          ("many", [torchrun, "--nproc-per-node", str(min(gpus, 8)), str(script)])):
+            proc = subprocess.run([*cmd, str(Path(d) / f"{name}.pt")], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=240)
+            assert proc.returncode == 0, proc.stderr[-1500:]
+            runs[name] = (json.loads(proc.stdout.strip().splitlines()[-1]), torch.load(Path(d) / f"{name}.pt"))
+    (one, w1), (many, wn) = runs["one"], runs["many"]
+    worst = max(float((wn[k] - v).abs().max() / v.abs().max()) for k, v in w1.items())
+    return {"ranks": many["world"], "one_rank_s": round(one["s"], 2), "ranks_s": round(many["s"], 2),
+            "max_weight_diff_rel": worst, **{k: round(v, 3) for k, v in many.items() if k.startswith("dist/")}}
+
+
 CHECKS = {
     "engine_shapes": check_engine_shapes,
     "beam_granularity2": check_beam_granularity2,
@@ -280,6 +325,7 @@ CHECKS = {
     "plan_hidden_on_host": check_plan_hidden_on_host,
     "packed_checkpoint": check_packed_checkpoint,
     "kernels": check_kernels,
+    "distributed": check_distributed,
 }
 
 

@@ -47,13 +47,14 @@ def build(name):
         "moe_chunked": lambda: [SparseGPT(0.5, "2:4"), GPTQ(bits=4, group_size=16)],
         "sparsegpt+beam": lambda: [SparseGPT(0.5, "2:4")],
         "sparsegpt+beam2": lambda: [SparseGPT(0.5, "2:4")],
+        "sparsegpt+finetune": lambda: [SparseGPT(0.5, "2:4")],
     }[name]()
     ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1))
     return model, stages, ids
 
 
 CASES = ["magnitude", "wanda", "sparsegpt", "gptq", "sparsegpt+gptq", "slim_llm", "gptq+slim", "sparsegpt+beam",
-         "sparsegpt+beam2", "moe", "moe_chunked"]
+         "sparsegpt+beam2", "sparsegpt+finetune", "moe", "moe_chunked"]
 
 
 def recovery_of(name):
@@ -66,12 +67,17 @@ def recovery_of(name):
         return Beam(epochs=2, batch_size=2, lr=1e-4)
     if name == "sparsegpt+beam2":
         return Beam(epochs=2, batch_size=4, lr=1e-4, block_granularity=2)
+    if name == "sparsegpt+finetune":  # end to end: batches of 3 samples, split 2 + 1 over two ranks
+        from compresslab.recovery.finetune import Finetune
+
+        return Finetune(steps=4, seqlen=32, batch_size=3, lr=1e-4)
     return None
 
 
 def compress_case(name):
     """Compress a case in this process (one rank or several, as the environment says); returns what
     every rank must agree on: the state dict, each Linear's mask and record, the engine's ranks."""
+    from compresslab.api import _finish_model
     from compresslab.engine import SequentialEngine
     from compresslab.stages import layer_state
 
@@ -79,9 +85,14 @@ def compress_case(name):
     model, stages, ids = build(name)
     engine = SequentialEngine("cpu", progress=False, max_memory=None,
                               chunk_size=2 if name.endswith("chunked") else None, dist_timeout_s=120)
-    result = engine.run(model, ids, stages, recovery_of(name))
+    recovery = recovery_of(name)
+    result = engine.run(model, ids, stages, recovery)
+    _finish_model(recovery, model, ids, result, engine)  # an end-to-end recovery (finetune), as compress() does
     records = {"recovery": [{k: v for k, v in r.items() if k in ("loss_before", "loss_after", "curve", "kept")}
                             for r in result["recovery"]]}
+    if recovery is not None and hasattr(recovery, "finish_model"):  # its curve: the global batch's loss per step
+        records["recovery"] = [{"loss_before": r["curve"][0], "loss_after": r["curve"][-1], "curve": r["curve"],
+                                "kept": "trained"} for r in result["recovery"]]
     for n, m in model.named_modules():
         st = layer_state(m)
         if st is not None:

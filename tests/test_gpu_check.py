@@ -50,8 +50,9 @@ def test_dry_run_on_the_cpu(tmp_path):
     rec = json.loads((tmp_path / "gpu_check.json").read_text())
     results = {r["check"]: r["result"] for r in rec["rows"]}
     assert rc == 0 and list(results) == list(gpu_check.CHECKS)
-    assert {k for k, v in results.items() if v == "skipped"} == {"obs_block_sweep", "plan_hidden_on_host", "kernels"}
-    assert all(v == "ok" for k, v in results.items() if k not in ("obs_block_sweep", "plan_hidden_on_host", "kernels"))
+    cuda_only = {"obs_block_sweep", "plan_hidden_on_host", "kernels", "distributed"}
+    assert {k for k, v in results.items() if v == "skipped"} == cuda_only
+    assert all(v == "ok" for k, v in results.items() if k not in cuda_only)
     shapes = next(r for r in rec["rows"] if r["check"] == "engine_shapes")["detail"]
     assert shapes["sparsegpt24_gptq"]["sparsity"] == 0.5 and shapes["gptq"]["sparsity"] == 0
     # extrapolated to the shape's full depth (4 for tiny), not to the --layers 2 that ran

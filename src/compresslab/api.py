@@ -43,7 +43,7 @@ def _finish_model(recovery, model, ids, result: dict, engine: SequentialEngine, 
     with the compression; then every Linear's error is measured again (it changed)."""
     if recovery is not None and hasattr(recovery, "finish_model"):
         t0 = time.perf_counter()
-        result["recovery"].append(recovery.finish_model(model, ids, engine.device))
+        result["recovery"].append(recovery.finish_model(model, ids, engine.device, engine.ranks))
         engine.measure_model(model, ids, dense_model)
         result["time/compress_s"] += time.perf_counter() - t0
 

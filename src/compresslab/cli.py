@@ -38,17 +38,6 @@ def register_hydra_plugins(root: str | Path) -> None:
 STAGE_GROUPS = ("pruner", "quantizer", "lowrank", "recovery")  # groups with a conf/<group>/null.yaml
 
 
-def _raise_on_sigterm() -> None:
-    """torchrun stops every rank (SIGTERM) once one has failed: rank 0 then still writes metrics.json,
-    with the failed rank's error, instead of dying at once."""
-    import signal
-
-    def handler(signum, frame):
-        raise SystemExit("SIGTERM: the launcher stopped this rank (another rank failed?)")
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 def rank_overrides(environ=None) -> list[str]:
     """Under torchrun / srun with several tasks, every rank runs run.py; rank 0 writes the run's folder,
     the others keep Hydra's files in a temporary folder of their own (distributed.py)."""
@@ -229,8 +218,6 @@ def run_from_config(cfg: DictConfig, output_dir: str | Path, choices: dict | Non
             logging.getLogger().setLevel(logging.ERROR)
             logging.getLogger("compresslab").setLevel(logging.ERROR)
             pipeline.engine.progress = False
-        if pipeline.engine.ranks.world > 1:
-            _raise_on_sigterm()
         logger = pipeline.logger
         if logger is not None and hasattr(logger, "group"):
             logger.group = logger.group or sweep

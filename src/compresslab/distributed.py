@@ -28,6 +28,8 @@ import dataclasses
 import datetime
 import logging
 import os
+import signal
+import threading
 import time
 
 import torch
@@ -147,7 +149,17 @@ class Distributed(Ranks):
         self.timeout_s = timeout_s
         self.comm_s, self.comm_bytes = 0.0, 0
         self._dist = dist
-        self._store = dist.distributed_c10d._get_default_store()  # kept past the group's end (see `fail`)
+        self._store = dist.distributed_c10d._get_default_store()
+        self._failing = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame):
+        """torchrun stops every rank (SIGTERM) once one has failed: this rank then unwinds as from an
+        error, so that rank 0 still writes metrics.json with the failed rank's error; once this rank is
+        failing already (writing its record), the signal is ignored: the process is ending anyway."""
+        if not self._failing:
+            raise SystemExit("SIGTERM: the launcher stopped this rank (another rank failed?)")
 
     # -- data parallel -------------------------------------------------------------------------------
     def shard(self, n: int) -> slice:
@@ -259,8 +271,8 @@ class Distributed(Ranks):
     def fail(self, message: str) -> None:
         """This rank failed: leave its error in the store for rank 0. The process then ends, which closes
         its connections: the other ranks' pending collective fails at once (instead of timing out), and
-        rank 0 records this error (a launcher that stops the other ranks meanwhile sends SIGTERM, which
-        cli turns into an exception, so the record is still written)."""
+        rank 0 records this error (see `_on_sigterm` for a launcher that stops the ranks meanwhile)."""
+        self._failing = True
         try:
             self._store.set(f"compresslab/error/{self.rank}", message)
         except Exception:  # noqa: BLE001 - the store may be gone with rank 0

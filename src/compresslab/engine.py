@@ -214,6 +214,17 @@ class SequentialEngine:
             for stage in stages:
                 stage.check(name, lin)
 
+    def check_ranks(self, stages: Sequence, recovery=None) -> None:
+        """On several ranks, what trains (a recovery, a block-level stage) must know how to share the
+        work (`data_parallel`); checked before anything loads."""
+        if self.ranks.world == 1:
+            return
+        trains = [s for s in stages if s is not None and hasattr(s, "finish_block")] + [recovery]
+        odd = [type(s).__name__ for s in trains if s is not None and not getattr(s, "data_parallel", False)]
+        if odd:
+            raise ConfigError(f"{', '.join(odd)} cannot train on several ranks yet (torch.distributed): run it in one "
+                              "process (no torchrun / one SLURM task)")
+
     @torch.no_grad()
     def run(self, model: nn.Module, calibration: torch.Tensor | None, stages: Sequence, recovery=None,
             keep_outputs: bool = False, dense_model: nn.Module | None = None, source=None,
@@ -251,13 +262,9 @@ class SequentialEngine:
         uses_data = uses_data or bool(finishers)
         block_recovery = recovery if hasattr(recovery, "recover") else None
         ranks = self.ranks
-        if ranks.world > 1:
-            odd = [type(s).__name__ for s in [*finishers, recovery] if s is not None and not getattr(s, "data_parallel", False)]
-            if odd:
-                raise ConfigError(f"{', '.join(odd)} cannot train on several ranks yet (torch.distributed); run it in one "
-                                  "process (no torchrun), or compress on several ranks and recover in one")
-            if calibration is not None:  # data parallel: this rank's share of the samples
-                calibration = calibration[ranks.shard(calibration.shape[0])]
+        self.check_ranks(stages, recovery)
+        if ranks.world > 1 and calibration is not None:  # data parallel: this rank's share of the samples
+            calibration = calibration[ranks.shard(calibration.shape[0])]
         # an end-to-end recovery changes every layer after the loop: keep the dense weights to measure
         # then (a recovery of a model compressed elsewhere measures against `dense_model` instead)
         self._keep_dense = hasattr(recovery, "finish_model") and bool(stages) and dense_model is None

@@ -75,6 +75,7 @@ class Pipeline:
             self.data.check()
         if self.evaluator is not None and hasattr(self.evaluator, "check"):
             self.evaluator.check()
+        self.engine.check_ranks(fuse_stages(self.stages), self.recovery)  # several ranks: what can share the work
         if not self.stages:
             return
         stages = fuse_stages(self.stages)  # a pair that cannot share one pass as configured fails here
@@ -193,11 +194,11 @@ class Pipeline:
             return record
         except BaseException as e:
             record["error"] = f"{type(e).__name__}: {e}"
+            ranks.fail(record["error"])  # first: this rank's error where rank 0 finds it (SIGTERM ignored from here)
             record["traceback"] = traceback.format_exc()
             peer = ranks.peer_error()  # another rank failed first: its error is the cause
             if peer is not None:
                 record["error"] = f"{peer} (on rank {ranks.rank}: {record['error']})"
-            ranks.fail(record["error"])
             raise
         finally:
             metrics["memory/peak_rss_gb"] = peak_rss_gb()

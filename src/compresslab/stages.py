@@ -39,7 +39,7 @@ class Recovery(Protocol):
     """Block-wise: `recover` per block (`forward(block, x, params=None)` runs a block); it returns its
     report, or {"deferred": True} while it gathers a group of blocks to train together (they stay on
     the compute device until it reports). The engine then propagates the recovered blocks itself.
-    End-to-end recoveries define `finish_model(model, calibration_ids, device)` instead, run on
+    End-to-end recoveries define `finish_model(model, calibration_ids, device, ranks)` instead, run on
     the engine's device after the loop."""
 
     def recover(self, dense: nn.Module, compressed: nn.Module, inputs, forward) -> dict[str, Any]: ...

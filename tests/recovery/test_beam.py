@@ -182,9 +182,9 @@ def test_recovery_group_stays_on_the_compute_device_until_trained(granularity):
     seen = []
 
     class Watch(Beam):
-        def _fit(self, forward, blocks, x, target, lr, n_train, start=0):
+        def _fit(self, forward, blocks, *rest):
             seen.append({p.device.type for b in blocks for p in b.parameters()})
-            return super()._fit(forward, blocks, x, target, lr, n_train, start)
+            return super()._fit(forward, blocks, *rest)
 
     res = MetaReleaseEngine("cpu", progress=False).run(model, ids, [RTN(bits=3, group_size=32)],
                                                        Watch(block_granularity=granularity, epochs=1, batch_size=4))

@@ -1,6 +1,10 @@
 """End-to-end fine-tuning after compression, as the SLiM seed's fine_tune: the low-rank adapters
 (or, when there are none, all unmasked weights) are trained with the causal-LM loss on calibration
-text. Masks and quantization grids are kept with the same straight-through estimator as BEAM."""
+text. Masks and quantization grids are kept with the same straight-through estimator as BEAM.
+
+On several ranks (distributed.py) every rank draws the same batch and takes its share of it (samples
+r, r + world, ...); its loss is weighted by its share of the batch and the gradients are summed over
+the ranks before each step, so every rank takes the step one process would (to float-summation order)."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import time
 import torch
 from torch.func import functional_call
 
+from ..distributed import Ranks
 from ..errors import ConfigError
 from ..models.adapters import adapter_for
 from .ste import ConstrainedLinear, frozen, make_optimizer
@@ -29,8 +34,12 @@ class Finetune:
             raise ConfigError("recovery needs steps >= 0, seqlen >= 2, batch_size >= 1 and lr > 0")
         self.steps, self.seqlen, self.batch_size, self.lr, self.optimizer, self.seed = steps, seqlen, batch_size, lr, optimizer, seed
 
-    def finish_model(self, model, ids: torch.Tensor, device: torch.device | str | None = None) -> dict:
-        """Train on `device` (the engine's; None: where the model is), then move the model back."""
+    data_parallel = True  # trains on several ranks (see the module doc)
+
+    def finish_model(self, model, ids: torch.Tensor, device: torch.device | str | None = None, ranks=None) -> dict:
+        """Train on `device` (the engine's; None: where the model is), then move the model back.
+        `ranks`: the engine's, when several processes train together."""
+        self._ranks = ranks if ranks is not None else Ranks()
         t0 = time.perf_counter()
         home = next(model.parameters()).device
         device = torch.device(device) if device is not None else home
@@ -54,18 +63,25 @@ class Finetune:
         model.train()
         try:
             with frozen(model), torch.enable_grad():
+                ranks = self._ranks
                 for step in range(self.steps):
-                    idx = torch.randint(0, ids.shape[0], (self.batch_size,))
-                    batch = ids[idx]
-                    weights = {}
-                    for name, c in cons.items():
-                        weights.update(c.params(name))
-                    out = functional_call(model, weights, (), {"input_ids": batch, "labels": batch, "use_cache": False},
-                                          strict=False)
+                    idx = torch.randint(0, ids.shape[0], (self.batch_size,))  # the same on every rank
+                    mine = idx[ranks.rank::ranks.world]  # this rank's share of the batch
                     opt.zero_grad(set_to_none=True)
-                    out.loss.backward()
+                    loss = 0.0
+                    if len(mine):
+                        batch = ids[mine]
+                        weights = {}
+                        for name, c in cons.items():
+                            weights.update(c.params(name))
+                        out = functional_call(model, weights, (), {"input_ids": batch, "labels": batch, "use_cache": False},
+                                              strict=False)
+                        part = out.loss * (len(mine) / len(idx))  # summed over the ranks: the batch's mean loss
+                        part.backward()
+                        loss = float(part.detach())
+                    ranks.all_reduce_grads(params)
                     opt.step()
-                    curve.append(float(out.loss.detach()))
+                    curve.append(float(ranks.all_reduce_(torch.tensor([loss], dtype=torch.float64))[0]))
         finally:
             model.train(was_training)
         for c in cons.values():
