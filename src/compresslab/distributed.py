@@ -361,5 +361,6 @@ def init_ranks(device: torch.device, timeout_s: float = 1800.0) -> Ranks:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=float(timeout_s)))
-        log.info("rank %d of %d (%s, local rank %d)", rank, world, backend, local)
+        if rank == 0:  # the other ranks say nothing but errors
+            log.info("%d ranks (%s), one model: data-parallel calibration, weight-parallel compression", world, backend)
     return Distributed(dist.get_rank(), dist.get_world_size(), local, device, timeout_s)
