@@ -97,7 +97,7 @@ def compress_case(name):
         st = layer_state(m)
         if st is not None:
             records[n] = {"mask": st.mask, "pattern": st.pattern, "tokens": st.tokens, "stats_from": st.stats_from,
-                          "rel_error": st.rel_error,
+                          "rel_error": st.rel_error, "factorizations": len(st.numerics),
                           "scales": None if st.quant is None else st.quant.scales, "bit_map": None if st.quant is None else st.quant.bit_map, "adapter": st.adapter is not None}
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return state, records, engine.ranks
@@ -170,6 +170,56 @@ def test_every_rank_holds_the_same_compressed_model(two_ranks, name):
     assert c0 > 0 and c1 > 0
 
 
+def planner(world, rank=0):
+    from compresslab.distributed import Distributed
+
+    d = object.__new__(Distributed)  # the planning needs no process group
+    d.rank, d.world = rank, world
+    return d
+
+
+def test_a_linear_that_outweighs_a_fair_share_is_cut_into_row_blocks():
+    """A group of one Linear (o_proj) under GPTQ or N:M SparseGPT: one block of rows per rank, each a view
+    of the Linear's rows; unstructured SparseGPT (a threshold across rows), SliM-LLM (a bit map from all
+    rows) and a stage that says nothing keep it whole; q/k/v split as whole Linears (none outweighs half)."""
+    from compresslab.pruner.sparsegpt import SparseGPT
+    from compresslab.quantizer.gptq import GPTQ
+    from compresslab.quantizer.slim_llm import SliMLLM
+
+    o = [("o", torch.nn.Linear(64, 64))]
+    for stages, cut in (([GPTQ(4, 16)], True), ([SparseGPT(0.5, "2:4")], True), ([SparseGPT(0.5)], False),
+                        ([SparseGPT(0.5, "2:4"), SliMLLM(bits=2, group_size=16)], False), ([Seen()], False)):
+        mine, plan = planner(2).work(o, stages)
+        assert [rows for _, rows, _, _ in plan] == ([slice(0, 32), slice(32, 64)] if cut else [None]), stages
+        assert [owner for _, _, owner, _ in plan] == ([0, 1] if cut else [0])
+    mine, plan = planner(2, rank=1).work(o, [GPTQ(4, 16)])
+    (name, view), = mine
+    assert name == "o" and view.weight.shape == (32, 64)
+    assert view.weight.data_ptr() == o[0][1].weight[32:].data_ptr()  # a view: what a stage writes lands in o
+    qkv = [(n, torch.nn.Linear(64, d)) for n, d in (("q", 64), ("k", 32), ("v", 32))]
+    _, plan = planner(2).work(qkv, [GPTQ(4, 16)])
+    assert [(k, rows, owner) for k, rows, owner, _ in plan] == [(0, None, 0), (1, None, 1), (2, None, 1)]
+
+
+def test_row_blocks_stack_back_to_the_whole_record():
+    from compresslab.quantizer.rtn import rtn_quantize
+    from compresslab.stages import LayerState
+
+    W = torch.randn(12, 32)
+    qw = rtn_quantize(W, 4, 8)
+    parts = [qw.rows(0, 5), qw.rows(5, 12)]
+    back = type(qw).stack_rows(parts)
+    assert torch.equal(back.scales, qw.scales) and torch.equal(back.zeros, qw.zeros) and back.shape == qw.shape
+    assert torch.equal(back.codes, qw.codes)
+    keep = torch.rand(12, 32) > 0.5
+    states = [LayerState(pattern="2:4", quant=p.without_codes(), numerics=[i]) for i, p in enumerate(parts)]
+    states[0].mask, states[1].mask = keep[:5], keep[5:]
+    whole = LayerState()
+    whole.take_rows(states)
+    assert torch.equal(whole.mask, keep) and whole.pattern == "2:4" and whole.numerics == [0, 1]
+    assert torch.equal(whole.quant.scales, qw.scales) and whole.quant.codes is None
+
+
 @pytest.mark.parametrize("name", DENSE)
 def test_two_ranks_give_the_one_rank_result(two_ranks, name):
     """Two ranks equal one process up to the summation order of the statistics (each Hessian summed in two
@@ -178,6 +228,10 @@ def test_two_ranks_give_the_one_rank_result(two_ranks, name):
     one_state, one_rec, _ = compress_case(name)
     s0, r0, _ = two_ranks[0][name]
     assert s0.keys() == one_state.keys() and r0.keys() == one_rec.keys() and len(one_rec) > 1
+    if name in ("gptq", "sparsegpt", "sparsegpt+gptq"):  # o_proj and down_proj (groups of one) went as row blocks
+        cut = {n for n in one_rec if n.endswith(("o_proj", "down_proj"))}
+        assert cut and all(r0[n]["factorizations"] == 2 * one_rec[n]["factorizations"] for n in cut)
+        assert all(r0[n]["factorizations"] == one_rec[n]["factorizations"] for n in set(one_rec) - cut - {"recovery"})
     assert len(r0["recovery"]) == len(one_rec["recovery"])
     for mine, one in zip(r0["recovery"], one_rec["recovery"]):  # losses over the whole set, on every rank
         assert mine["kept"] == one["kept"] == "trained"

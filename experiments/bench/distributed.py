@@ -16,8 +16,8 @@ run (a GPU each):
 with S1 the one-rank stage time (the OBS factorizations and sweeps: weight parallel), D1 = T1 - S1 the rest
 (block forwards and statistics: data parallel, taken to scale perfectly; at 2 ranks on the same 2 cores it
 is measured beside it), m(G) the makespan of the cost-based assignment of each group's Linears over G ranks
-relative to one rank (q/k/v, gate/up, o, down: a group of one Linear does not split, so m(G) stops falling
-at G = 3), C2 the smaller of the two ranks' communication seconds (the transfers; the other rank's also
+relative to one rank (q/k/v, gate/up, o, down; a Linear that outweighs a fair share goes as row blocks,
+each of which still factors H, so m(G) falls slowly), C2 the smaller of the two ranks' communication seconds (the transfers; the other rank's also
 holds its wait for its peer's share of the stages) and r(G) = 2(G - 1)/G the ring all-reduce's per-rank
 volume relative to G = 2. A projection from this machine's gloo over loopback, not a GPU measurement.
 Writes experiments/results/distributed.{json,md} and the ranks' own rows to distributed_raw.json, from
@@ -74,8 +74,7 @@ def child(args) -> None:
     row = {"rank": ranks.rank, "world": ranks.world, "threads": args.threads, "compress_s": total,
            "comm_s": ranks.comm_s, "comm_gb": ranks.comm_bytes / 1e9, "stages_s": timers["stages_s"] - timers["stage_comm_s"],
            "peak_rss_gb": peak_rss_gb(), "blocks": len(model.model.layers),
-           "group_costs": [[float(lin.weight.shape[0]) * lin.weight.shape[1] ** 2 + float(lin.weight.shape[1]) ** 3
-                            for _, lin in g] for g in _groups(model)]}
+           "group_shapes": [[list(lin.weight.shape) for _, lin in g] for g in _groups(model)]}
     if ranks.is_main and args.windows:
         from compresslab.eval.ppl import Perplexity
 
@@ -95,15 +94,31 @@ def _groups(model):
     return adapter.linear_groups(adapter.block_list(model)[0])
 
 
-def makespan(group_costs, world) -> float:
-    """Σ over groups of the most loaded rank's cost under the engine's assignment, relative to one rank."""
-    from compresslab.distributed import assign_by_cost
+class _RowParallel:  # sparsegpt 2:4 + gptq: both allow blocks of rows
+    @staticmethod
+    def row_parallel(layer):
+        return True
 
+
+def makespan(group_shapes, world) -> float:
+    """Σ over groups of the most loaded rank's cost (out·in² + in³ per unit) under the engine's own plan
+    (distributed.Distributed.work: whole Linears, or row blocks of one that outweighs a fair share),
+    relative to one rank's."""
+    import torch.nn as nn
+
+    from compresslab.distributed import Distributed, _cost
+
+    planner = object.__new__(Distributed)  # planning only: no process group
+    planner.world, planner.rank = world, 0
     total = span = 0.0
-    for costs in group_costs:
-        owners = assign_by_cost(costs, world)
-        span += max(sum(c for c, o in zip(costs, owners) if o == r) for r in range(world))
-        total += sum(costs)
+    for shapes in group_shapes:
+        items = [(str(k), nn.Linear(i, o, device="meta")) for k, (o, i) in enumerate(shapes)]
+        _, plan = planner.work(items, [_RowParallel()])
+        load = [0.0] * world
+        for _, _, owner, layer in plan:
+            load[owner] += _cost(layer)
+        span += max(load)
+        total += sum(_cost(lin) for _, lin in items)
     return span / total
 
 
@@ -124,7 +139,7 @@ def tabulate(one, two, args):
                      "comm_mb_per_block": round(1e3 * r["comm_gb"] / r["blocks"], 2),
                      "peak_rss_gb": round(r["peak_rss_gb"], 2), "ppl/wikitext2": r.get("ppl/wikitext2")})
     for g in (4, 8):
-        m, ring = makespan(r1["group_costs"], g), 2 * (g - 1) / g
+        m, ring = makespan(r1["group_shapes"], g), 2 * (g - 1) / g
         proj = d1 / g + s1 * m + c2 * ring
         rows.append({"setup": f"projected: {g} ranks, one device each", "compress_s": round(proj, 1),
                      "ratio": round(proj / t1, 3), "stages_s": round(s1 * m, 1), "rest_s": round(d1 / g, 1),
@@ -135,7 +150,8 @@ def tabulate(one, two, args):
         "machine": f"{os.cpu_count()} cores; the two setups use the same 2 cores (torch threads per process)",
         "2 ranks / 1 rank (same cores)": round(t2 / t1, 3),
         "data-parallel part, 2 ranks x 1 thread on half the samples / 1 rank x 2 threads on all": round(d2 / d1, 3),
-        "stage makespan m(G) for G = 2, 4, 8": [round(makespan(r1["group_costs"], g), 3) for g in (2, 4, 8)],
+        "stage makespan m(G) for G = 2, 4, 8 (row blocks included)": [round(makespan(r1["group_shapes"], g), 3)
+                                                                      for g in (2, 4, 8)],
         "ppl": ("rank 0 evaluates after compressing. On this model a different summation order of the Hessians "
                 "(2 ranks, or 1 rank in chunks) moves many GPTQ roundings (its weights sit on a 4-bit grid already) "
                 "and the ppl with them. Measured at 32 x 512: one process in chunks of 16 (its Hessians summed in two "

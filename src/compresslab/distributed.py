@@ -8,10 +8,11 @@ torchrun), every rank runs the same pipeline on the same model:
   channel norms, JSQ sums, token counts; SliM-LLM's input samples gathered) are all-reduced in fp32
   before any stage reads them (`reduce`), so every rank decides on the statistics of all samples;
 - weight parallel compression: the Linears of a group are assigned to ranks by cost (the OBS sweep's
-  out·in² and the in³ factorization, longest first onto the least loaded rank, `assign`); each rank
-  compresses its share and the owner broadcasts the result (weight, new parameters such as low-rank
-  adapters, the layer's record, hooks a stage added: `share`), so every rank then holds the same
-  compressed block and propagates its own share of the hidden states.
+  out·in² and the in³ factorization, longest first onto the least loaded rank); a Linear that alone
+  outweighs a fair share is cut into blocks of rows when its stages allow it (`row_parallel`: GPTQ,
+  N:M SparseGPT), `work`; each rank compresses its share and the owner broadcasts the result (weight,
+  new parameters such as low-rank adapters, the layer's record, hooks a stage added: `share`), so every
+  rank then holds the same compressed block and propagates its own share of the hidden states.
 
 Only rank 0 writes (metrics.json, W&B, the checkpoint) and evaluates; the others log errors only.
 A rank that fails leaves its error in the process group's store and exits; the others' pending
@@ -84,10 +85,11 @@ class Ranks:
     def reduce(self, stats) -> None:
         pass
 
-    def assign(self, items) -> list[int]:
-        return [0] * len(items)
+    def work(self, items, stages) -> tuple[list, object]:
+        """(the (name, Linear) this rank compresses, what `share` needs): here every Linear."""
+        return items, None
 
-    def share(self, items, owners, hooks_before) -> None:
+    def share(self, items, plan, hooks_before) -> None:
         pass
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
@@ -125,6 +127,26 @@ def _cost(lin: nn.Linear) -> float:
     """FLOPs of compressing one Linear by OBS: the column sweep (out · in²) and the factorization (in³)."""
     d_out, d_in = lin.weight.shape
     return float(d_out) * d_in * d_in + float(d_in) ** 3
+
+
+def row_blocks(n_rows: int, parts: int) -> list[slice]:
+    """`parts` contiguous blocks of n_rows rows, the first n_rows mod parts one row longer."""
+    base, extra = divmod(n_rows, parts)
+    out, start = [], 0
+    for k in range(parts):
+        stop = start + base + (k < extra)
+        out.append(slice(start, stop))
+        start = stop
+    return out
+
+
+def _row_view(lin: nn.Linear, rows: slice) -> nn.Linear:
+    """A Linear over rows of `lin` (its weight a view of them: what a stage writes lands in `lin`)."""
+    view = nn.Linear(lin.in_features, rows.stop - rows.start, bias=lin.bias is not None, device="meta")
+    view.weight = nn.Parameter(lin.weight.data[rows], requires_grad=lin.weight.requires_grad)
+    if lin.bias is not None:
+        view.bias = nn.Parameter(lin.bias.data[rows], requires_grad=lin.bias.requires_grad)
+    return view
 
 
 def assign_by_cost(costs: list[float], world: int) -> list[int]:
@@ -243,19 +265,49 @@ class Distributed(Ranks):
         return self.device if self._dist.get_backend() == "nccl" else torch.device("cpu")
 
     # -- weight parallel -----------------------------------------------------------------------------
-    def assign(self, items) -> list[int]:
-        return assign_by_cost([_cost(lin) for _, lin in items], self.world)
+    def work(self, items, stages) -> tuple[list, list]:
+        """Split a group's work: a Linear that alone costs more than a fair share (1/world of the group)
+        is cut into `world` blocks of rows when every stage allows it (`row_parallel`: rows that never
+        interact, e.g. GPTQ, N:M SparseGPT; each block still factors H), then the units go to ranks by
+        cost. Returns ((name, Linear or row view) this rank compresses, the plan for `share`)."""
+        costs = [_cost(lin) for _, lin in items]
+        units = []  # (item index, rows or None, cost)
+        for k, (_, lin) in enumerate(items):
+            splits = (costs[k] > sum(costs) / self.world and lin.weight.shape[0] >= 2 * self.world
+                      and all(getattr(s, "row_parallel", lambda _: False)(lin) for s in stages))
+            if splits:
+                d_out, d_in = lin.weight.shape
+                units += [(k, r, float(r.stop - r.start) * d_in * d_in + float(d_in) ** 3)
+                          for r in row_blocks(d_out, self.world)]
+            else:
+                units.append((k, None, costs[k]))
+        owners = assign_by_cost([c for _, _, c in units], self.world)
+        plan = []
+        for (k, rows, _), owner in zip(units, owners):
+            name, lin = items[k]
+            layer = lin if rows is None else _row_view(lin, rows)
+            plan.append((k, rows, owner, layer))
+        mine = [(items[k][0], layer) for k, _, owner, layer in plan if owner == self.rank]
+        return mine, plan
 
-    def share(self, items, owners, hooks_before) -> None:
-        """After each rank compressed the Linears it owns: every Linear's result from its owner to all.
+    def share(self, items, plan, hooks_before) -> None:
+        """After each rank compressed its units: every unit's result from its owner to all; a Linear
+        compressed as row blocks takes their rows and their records stacked (LayerState.take_rows).
         `hooks_before`: per Linear, the keys of its forward (pre-)hooks before the stages ran."""
-        for k, ((_, lin), owner) in enumerate(zip(items, owners)):
-            payload = [_snapshot(lin, hooks_before[k]) if owner == self.rank else None]
+        blocks: dict[int, list] = {}
+        for k, rows, owner, layer in plan:
+            before = hooks_before[k] if rows is None else (set(), set())
+            payload = [_snapshot(layer, before) if owner == self.rank else None]
             if owner == self.rank:
                 self.comm_bytes += sum(t.numel() * t.element_size() for t, _ in payload[0]["params"].values())
             self._timed(self._dist.broadcast_object_list, payload, src=owner)
-            if owner != self.rank:
-                _restore(lin, payload[0])
+            if rows is None:
+                if owner != self.rank:
+                    _restore(items[k][1], payload[0])
+            else:
+                blocks.setdefault(k, []).append((rows, payload[0]))
+        for k, parts in blocks.items():
+            _take_rows(items[k][1], parts)
 
     def summary(self, total_s: float) -> dict[str, float]:
         """dist/world_size and every rank's compute and communication seconds and bytes (a collective:
@@ -332,6 +384,25 @@ def _restore(lin: nn.Module, snap: dict) -> None:
     for fn in snap["pre_hooks"]:
         lin.register_forward_pre_hook(fn)
     for fn in snap["hooks"]:
+        lin.register_forward_hook(fn)
+
+
+@torch.no_grad()
+def _take_rows(lin: nn.Linear, parts: list) -> None:
+    """`lin` as its row blocks were compressed: their rows, their records stacked, a stage's hooks once."""
+    from .stages import layer_state
+
+    for rows, snap in parts:
+        lin.weight[rows] = snap["params"]["weight"][0].to(lin.weight.device, lin.weight.dtype)
+        if lin.bias is not None and "bias" in snap["params"]:
+            lin.bias[rows] = snap["params"]["bias"][0].to(lin.bias.device, lin.bias.dtype)
+    states = [snap["state"] for _, snap in parts]
+    if all(st is not None for st in states):
+        layer_state(lin, create=True).take_rows(states)
+    first = parts[0][1]
+    for fn in first["pre_hooks"]:
+        lin.register_forward_pre_hook(fn)
+    for fn in first["hooks"]:
         lin.register_forward_hook(fn)
 
 

@@ -607,8 +607,7 @@ class SequentialEngine:
             if original is not None:  # the dense weight, for stages that compensate the error (low-rank)
                 layer_state(lin, create=True).original = original
             originals.append(original)
-        owners = ranks.assign(items)  # weight parallel: who compresses which Linear (all rank 0 alone)
-        mine = [it for it, r in zip(items, owners) if r == ranks.rank]
+        mine, plan = ranks.work(items, stages)  # weight parallel: this rank's Linears or row blocks (one rank: all)
         hooks = [(set(lin._forward_pre_hooks), set(lin._forward_hooks)) for _, lin in items]
         for stage in stages:  # stage by stage over the group; Linears of one stage never interact
             if len(mine) > 1 and hasattr(stage, "compress_group"):
@@ -616,7 +615,7 @@ class SequentialEngine:
             else:
                 for full_name, lin in mine:
                     stage.compress(full_name, lin, stats)
-        ranks.share(items, owners, hooks)  # each Linear's result from its owner to every rank
+        ranks.share(items, plan, hooks)  # each Linear's (or row block's) result from its owner to every rank
         for (_, lin), original in zip(items, originals):
             state = layer_state(lin)
             if state is not None:  # the dense weight lives only while the group runs (the mask stays)

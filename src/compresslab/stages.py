@@ -99,6 +99,20 @@ class LayerState:
         keep = self.mask
         return keep if device is None else keep.to(device)
 
+    def take_rows(self, parts: list["LayerState"]) -> None:
+        """Take the record of a Linear compressed as blocks of rows (`parts`, top to bottom; row-parallel
+        stages only: distributed.py): the masks and grids stacked, the numerics of every block."""
+        first = parts[0]
+        self.pattern, self.act = first.pattern, first.act
+        masks = [p.mask for p in parts]
+        if all(m is not None for m in masks):
+            self.mask = torch.cat(masks)
+        if all(p.quant is not None for p in parts):
+            from .quantizer.format import QuantizedWeight
+
+            self.quant = QuantizedWeight.stack_rows([p.quant for p in parts])
+        self.numerics = [n for p in parts for n in p.numerics]
+
     @property
     def damp(self) -> float | None:
         """The largest damping (percdamp units) any factorization of this layer's Hessian used."""

@@ -48,6 +48,11 @@ class SparseGPT(Pruner):
                               "(prune, then quantize the pruned weights holding the mask)")
         self.percdamp, self.blocksize, self.joint = percdamp, blocksize, joint
 
+
+    def row_parallel(self, layer) -> bool:
+        """N:M masks are chosen within each row, so blocks of rows may be pruned apart (distributed.py);
+        an unstructured mask's threshold spans the rows of a column block."""
+        return self.nm is not None
     def prune(self, name, W, stats, numerics=None):
         W_hat, keep, _ = sparsegpt_prune(W, stats.hessian, self.sparsity, self.nm, self.percdamp,
                                          self.blocksize, name=name, numerics=numerics)
@@ -99,6 +104,9 @@ class JointSparseGPTQ:
     def __init__(self, pruner: SparseGPT, quantizer):
         self.pruner, self.quantizer = pruner, quantizer
         self.needs = pruner.needs | quantizer.needs
+
+    def row_parallel(self, layer) -> bool:
+        return self.pruner.row_parallel(layer) and getattr(self.quantizer, "row_parallel", lambda _: False)(layer)
 
     def check(self, name, layer):
         self.pruner.check(name, layer)

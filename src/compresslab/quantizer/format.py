@@ -87,6 +87,15 @@ class QuantizedWeight:
         return replace(self, codes=None if self.codes is None else self.codes[sl], scales=self.scales[sl],
                        zeros=self.zeros[sl], shape=(stop - start, self.shape[1]), bit_map=bit_map)
 
+    @staticmethod
+    def stack_rows(parts: list["QuantizedWeight"]) -> "QuantizedWeight":
+        """The grid of the rows of `parts` one after another (the inverse of `rows`)."""
+        first = parts[0]
+        codes = None if any(p.codes is None for p in parts) else torch.cat([p.codes for p in parts])
+        return replace(first, codes=codes, scales=torch.cat([p.scales for p in parts]),
+                       zeros=torch.cat([p.zeros for p in parts]),
+                       shape=(sum(p.shape[0] for p in parts), first.shape[1]))
+
     def without_codes(self) -> "QuantizedWeight":
         return replace(self, codes=None)
 

@@ -65,6 +65,11 @@ class GPTQ(WeightQuantizer):
         self.act_order, self.static_groups, self.true_sequential = act_order, static_groups, true_sequential
         self.percdamp, self.blocksize = percdamp, blocksize
 
+    def row_parallel(self, layer) -> bool:
+        """Rows never interact in the sweep (per-row grids; the column order and H are shared): blocks of
+        rows may be compressed apart (distributed.py) with the result of the whole."""
+        return self.act is None
+
     def quantize(self, name, W, stats, keep=None, numerics=None):
         return gptq_quantize(W, stats.hessian, self.bits, self.group_size, self.grid, self.act_order,
                              self.static_groups, self.percdamp, self.blocksize, keep=keep, name=name,
