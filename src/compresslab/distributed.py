@@ -16,7 +16,7 @@ torchrun), every rank runs the same pipeline on the same model:
 
 Only rank 0 writes (metrics.json, W&B, the checkpoint) and evaluates; the others log errors only.
 A rank that fails leaves its error in the process group's store and exits; the others' pending
-collective fails (the peer is gone) or, at worst, times out (`timeout_s`), and rank 0 records the
+collective fails (the peer is gone) or, at worst, times out (`engine.dist_timeout_s`), and rank 0 records the
 failing rank's error in metrics.json. Collectives run on the compute device's backend: `nccl` on CUDA, `gloo` on the CPU.
 
 llm-compressor's data-parallel calibration with weight-parallel GPTQ (Llama-3-8B GPTQ in 264 s on
@@ -163,12 +163,11 @@ def assign_by_cost(costs: list[float], world: int) -> list[int]:
 class Distributed(Ranks):
     """Several processes in one torch.distributed process group (see the module doc)."""
 
-    def __init__(self, rank: int, world: int, local_rank: int, device: torch.device, timeout_s: float):
+    def __init__(self, rank: int, world: int, local_rank: int, device: torch.device):
         import torch.distributed as dist
 
         self.rank, self.world, self.local_rank = rank, world, local_rank
         self.device = device
-        self.timeout_s = timeout_s
         self.comm_s, self.comm_bytes = 0.0, 0
         self._dist = dist
         self._store = dist.distributed_c10d._get_default_store()
@@ -189,9 +188,7 @@ class Distributed(Ranks):
         if n < self.world:
             raise ConfigError(f"{n} calibration samples cannot be split over {self.world} ranks: use data.nsamples >= "
                               f"{self.world} or fewer ranks")
-        base, extra = divmod(n, self.world)
-        start = self.rank * base + min(self.rank, extra)
-        return slice(start, start + base + (self.rank < extra))
+        return row_blocks(n, self.world)[self.rank]
 
     def _timed(self, fn, *args, **kwargs):
         t0 = time.perf_counter()
@@ -271,22 +268,16 @@ class Distributed(Ranks):
         interact, e.g. GPTQ, N:M SparseGPT; each block still factors H), then the units go to ranks by
         cost. Returns ((name, Linear or row view) this rank compresses, the plan for `share`)."""
         costs = [_cost(lin) for _, lin in items]
-        units = []  # (item index, rows or None, cost)
+        units = []  # (item index, rows or None, the Linear or a view of its rows)
         for k, (_, lin) in enumerate(items):
             splits = (costs[k] > sum(costs) / self.world and lin.weight.shape[0] >= 2 * self.world
                       and all(getattr(s, "row_parallel", lambda _: False)(lin) for s in stages))
             if splits:
-                d_out, d_in = lin.weight.shape
-                units += [(k, r, float(r.stop - r.start) * d_in * d_in + float(d_in) ** 3)
-                          for r in row_blocks(d_out, self.world)]
+                units += [(k, r, _row_view(lin, r)) for r in row_blocks(lin.weight.shape[0], self.world)]
             else:
-                units.append((k, None, costs[k]))
-        owners = assign_by_cost([c for _, _, c in units], self.world)
-        plan = []
-        for (k, rows, _), owner in zip(units, owners):
-            name, lin = items[k]
-            layer = lin if rows is None else _row_view(lin, rows)
-            plan.append((k, rows, owner, layer))
+                units.append((k, None, lin))
+        owners = assign_by_cost([_cost(layer) for _, _, layer in units], self.world)
+        plan = [(k, rows, owner, layer) for (k, rows, layer), owner in zip(units, owners)]
         mine = [(items[k][0], layer) for k, _, owner, layer in plan if owner == self.rank]
         return mine, plan
 
@@ -434,4 +425,4 @@ def init_ranks(device: torch.device, timeout_s: float = 1800.0) -> Ranks:
                                 timeout=datetime.timedelta(seconds=float(timeout_s)))
         if rank == 0:  # the other ranks say nothing but errors
             log.info("%d ranks (%s), one model: data-parallel calibration, weight-parallel compression", world, backend)
-    return Distributed(dist.get_rank(), dist.get_world_size(), local, device, timeout_s)
+    return Distributed(dist.get_rank(), dist.get_world_size(), local, device)

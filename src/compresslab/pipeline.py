@@ -75,7 +75,7 @@ class Pipeline:
             self.data.check()
         if self.evaluator is not None and hasattr(self.evaluator, "check"):
             self.evaluator.check()
-        self.engine.check_ranks(fuse_stages(self.stages), self.recovery)  # several ranks: what can share the work
+        self.engine.check_ranks(self.stages, self.recovery)  # several ranks: what can share the work
         if not self.stages:
             return
         stages = fuse_stages(self.stages)  # a pair that cannot share one pass as configured fails here
