@@ -428,3 +428,14 @@ def test_readme_slurm_command_runs_one_compression_on_two_tasks(tmp_path):
     rec = json.loads(found[0].read_text())
     assert rec["status"] == "ok", rec.get("error")
     assert rec["metrics"]["dist/world_size"] == 2
+
+
+def test_bad_distributed_options_fail_before_anything_loads():
+    from compresslab.engine import SequentialEngine
+    from compresslab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="engine.distributed='yes' must be auto .* or off"):
+        SequentialEngine("cpu", distributed="yes")
+    with pytest.raises(ConfigError, match="engine.dist_timeout_s=0 must be a number of seconds > 0"):
+        SequentialEngine("cpu", dist_timeout_s=0)
+    assert SequentialEngine("cpu", distributed="off").ranks.world == 1
