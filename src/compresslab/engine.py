@@ -703,14 +703,18 @@ class SequentialEngine:
                 p = torch.empty((*hidden.shape[:2], lin0.in_features), dtype=hidden.dtype, device=hidden.device)
             at = {}
 
-            def observe(_mod, args, stats=stats, keep=keep, keep_p=keep_p):
+            def observe(_mod, args, stats=stats):
                 if stats is not None:
                     stats.add_batch(args[0])
+                raise _Stop  # nothing after this group is needed yet
+
+            def capture(_mod, args, keep=keep, keep_p=keep_p):
+                # the Linear's own input, before its other pre-hooks (a rotation's online Hadamard): what it is
+                # called with below, lin(a) / lin(p), which applies them
                 if keep:
                     h[at["sl"]] = args[0]
                 if keep_p:
                     p[at["sl"]] = args[0]
-                raise _Stop  # nothing after this group is needed yet
 
             def run(sl, in_branch=in_branch):
                 at["sl"] = sl
@@ -720,7 +724,12 @@ class SequentialEngine:
                     self._forward(block, hidden[sl], kwargs)
 
             if stats is not None:
-                self._until_hook(lin0, observe, run, hidden.shape[0])
+                grab = lin0.register_forward_pre_hook(capture, prepend=True) if keep or keep_p else None
+                try:
+                    self._until_hook(lin0, observe, run, hidden.shape[0])
+                finally:
+                    if grab is not None:
+                        grab.remove()
             self._compress_group(adapter, i, group, stages, stats)
             if stats is not None:
                 stats.free()

@@ -41,7 +41,8 @@ def _exportable_quant(name: str, lin: nn.Linear):
         raise ConfigError(f"{name} is not quantized; compressed-tensors export needs every Linear quantized "
                           "(use a quantizer, or compresslab's own checkpoint: python -m compresslab.save)")
     problems = {"low-rank adapters": state.adapter is not None, "a SliM-LLM mixed bit map": qw.bit_map is not None,
-                "an AWQ input scale": state.input_scale is not None, "activation quantization": state.act is not None}
+                "an AWQ input scale": state.input_scale is not None, "activation quantization": state.act is not None,
+                "an online Hadamard on its input (rotation.online_down)": state.online is not None}
     bad = [k for k, v in problems.items() if v]
     if bad:
         raise ConfigError(f"{name} has {', '.join(bad)}, which compressed-tensors' pack-quantized format cannot "

@@ -24,8 +24,8 @@ STAGES = ("pruner", "quantizer", "lowrank")
 class Pipeline:
     def __init__(self, model, data=None, pruner=None, quantizer=None, lowrank=None, recovery=None,
                  eval=None, logger=None, engine: SequentialEngine | None = None, seed: int = 0,
-                 save: dict | None = None):
-        self.model_loader, self.data = model, data
+                 save: dict | None = None, rotation=None):
+        self.model_loader, self.data, self.rotation = model, data, rotation
         self.pruner, self.quantizer, self.lowrank, self.recovery = pruner, quantizer, lowrank, recovery
         self.evaluator, self.logger = eval, logger
         self.engine = engine or SequentialEngine(device=str(getattr(model, "device", "auto")))
@@ -58,12 +58,17 @@ class Pipeline:
             raise ConfigError(f"model.offload=disk keeps one block in memory, and {type(self.recovery).__name__} "
                               "trains the whole model at once: use a block-wise recovery (recovery=beam) "
                               "or model.offload=null")
+        if self.rotation is not None:
+            raise ConfigError("model.offload=disk streams the blocks from the checkpoint as they are, and a rotation "
+                              "rewrites the whole model first: use rotation=null, or model.offload=null")
 
     @property
     def uses_calibration(self) -> bool:
         # engine.layer_error: Hessians for the per-layer error even of weight-only methods (magnitude, RTN)
         layer_error = bool(getattr(self.engine, "layer_error", False)) and any(s is not None for s in self.stages)
-        return any(s.needs for s in self.stages if s is not None) or self.recovery is not None or layer_error
+        rotation = self.rotation is not None and self.rotation.needs_calibration
+        return (any(s.needs for s in self.stages if s is not None) or self.recovery is not None or layer_error
+                or rotation)
 
     def validate(self) -> None:
         """Catch bad input before any weights are loaded: data files, and every stage on every layer's shape."""
@@ -76,7 +81,10 @@ class Pipeline:
         if self.evaluator is not None and hasattr(self.evaluator, "check"):
             self.evaluator.check()
         self.engine.check_ranks(self.stages, self.recovery)  # several ranks: what can share the work
-        if not self.stages:
+        if self.rotation is not None and self.engine.ranks.world > 1 and not self.rotation.data_parallel:
+            raise ConfigError(f"{type(self.rotation).__name__} learns its rotation in one process: learn it once "
+                              "without torchrun/srun (it is saved), then pass rotation.path=<that file> here")
+        if not self.stages and self.rotation is None:
             return
         stages = fuse_stages(self.stages)  # a pair that cannot share one pass as configured fails here
         try:
@@ -87,6 +95,10 @@ class Pipeline:
             raise
         except Exception as e:  # the engine checks again after loading
             log.warning("could not build %s on the meta device for early checks (%s)", self.model_loader, e)
+            return
+        if self.rotation is not None:
+            self.rotation.check(meta)
+        if not self.stages:
             return
         self.engine.check(meta, stages)
         if self.data is not None and self.uses_calibration:  # an explicit engine.max_memory too small fails now
@@ -144,6 +156,8 @@ class Pipeline:
                 metrics.update(evaluate(eval_model, tok, evals, prefix="dense/"))
                 metrics["time/dense_eval_s"] = time.perf_counter() - t0
             calib = self.data(tok) if self.uses_calibration else None
+            if self.rotation is not None:  # exact: the rotated dense model computes the same logits
+                metrics.update(self.rotation.apply(model, calib, output_dir))
             sink = None
             if source is not None:  # streamed: each final block is summarised (and written) before it is freed
                 from .checkpoint.io import CheckpointWriter

@@ -67,6 +67,7 @@ class LayerState:
     pattern: str | None = None  # "unstructured" or "N:M"
     quant: Any = None  # quantizer.format.QuantizedWeight (codes dropped; they follow from W)
     act: Any = None  # quantizer.activations.ActQuant applied to the input, if any
+    online: Any = None  # rotation.base.OnlineHadamard applied to the input first (rotation R4), if any
     input_scale: Any = None  # (in,) explicit per-input-channel scale (AWQ), stored in fp16
     rel_error: float | None = None  # ‖WX − ŴX‖ / ‖WX‖ on the calibration inputs, after the last stage
     rel_error_oneshot: float | None = None  # the same right after the one-shot stages, when a later

@@ -165,6 +165,8 @@ def pack_linear(lin: nn.Linear) -> tuple[dict, dict[str, torch.Tensor]]:
                     t["qweight"] = _group_streams(codes, widths, kept_per_group)
                 if not qw.symmetric:
                     t["qzeros"] = _group_streams(zeros, widths, 1)
+    if state is not None and state.online is not None:
+        meta["online"] = state.online.spec()
     if state is not None and state.act is not None:
         a = state.act
         meta["act"] = {"bits": a.bits, "granularity": a.granularity, "group_size": a.group_size}
@@ -284,6 +286,11 @@ class PackedLinear(nn.Module):
             self._keys.append(k)
         self.cache_weight, self._w = cache_weight, None
         self._kops: tuple | None | bool = False  # kernel operands, built on first use (False: not yet)
+        self.online = None  # rotation R4: the input's online Hadamard, before anything else
+        if meta.get("online"):
+            from ..rotation.base import OnlineHadamard
+
+            self.online = OnlineHadamard.from_spec(meta["online"])
         self.act = None
         if meta.get("act"):
             from ..quantizer.activations import ActQuant
@@ -343,6 +350,8 @@ class PackedLinear(nn.Module):
         return self._kops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.online is not None:
+            x = self.online(self, (x,))[0]
         if self.act is not None:
             x = self.act(self, (x,))[0]
         ops = self.kernel_operands() if x.is_cuda else None

@@ -20,6 +20,21 @@ from ..utils import get_module
 
 
 @dataclass(frozen=True)
+class ResidualLayout:
+    """Where a rotation of the residual stream (rotation/) must act, for pre-norm blocks
+    x + attn(norm1(x)), h + mlp(norm2(h)) with RMSNorms. Names are relative to the CausalLM (embed,
+    final_norm, head) or to a block (the rest)."""
+
+    embed: str  # the token embedding: its rows are residual vectors
+    final_norm: str  # the norm before the head
+    head: str  # the LM head: reads the final norm's output
+    norms: tuple[tuple[str, tuple[str, ...]], ...]  # (norm, the Linears that read its output)
+    writers: tuple[str, ...]  # Linears whose output is added to the residual
+    values: tuple[str, str]  # (v_proj, o_proj): per-head rotation of the attention values
+    mlp_out: str  # the MLP's last Linear (its input may take an online Hadamard)
+
+
+@dataclass(frozen=True)
 class Adapter:
     family: str
     blocks: str  # dotted path from the CausalLM to the ModuleList of blocks
@@ -49,6 +64,8 @@ class Adapter:
     # others' compression does not change (the experts of an MoE block), so the chunked path observes
     # them in one pass; None: every group is a wave of its own
     waves: tuple[int, ...] | None = None
+    # where a rotation of the residual stream acts (rotation/); None: rotations refuse the family
+    residual: ResidualLayout | None = None
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         blocks = get_module(model, self.blocks)
@@ -212,6 +229,14 @@ _LLAMA = Adapter(
     residual_mlp=("post_attention_layernorm", "mlp"),
     residual_attn="self_attn.o_proj",
     residual_mlp_out="mlp.down_proj",
+    residual=ResidualLayout(
+        embed="model.embed_tokens", final_norm="model.norm", head="lm_head",
+        norms=(("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+               ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))),
+        writers=("self_attn.o_proj", "mlp.down_proj"),
+        values=("self_attn.v_proj", "self_attn.o_proj"),
+        mlp_out="mlp.down_proj",
+    ),
 )
 # config.model_type -> adapter, for what tracing (models/discover.py) cannot know. These families'
 # blocks are x + attn(norm(x)) then h + mlp(norm(h)) with a gated MLP: the lean MLP forward and the
