@@ -118,3 +118,16 @@ def test_four_stages_on_smollm2_with_tiny_settings(smollm2, dense_ppl):
     assert len(report.recovery) == 30 and 3.3125 < report.metrics["avg_bits"] < 4.0
     print(f"four-stage ppl {p_full:.2f} vs sparsegpt+gptq {p_base:.2f}, dense {dense_ppl:.2f}")
     assert p_full < p_base * 1.02, (p_full, p_base)
+
+
+def test_quarot_leaves_the_dense_ppl_unchanged(smollm2, dense_ppl):
+    """SmolLM2 rotated by QuaRot (R1 576 = 36·16, R2 64, R4 1536 = 12·128, tied head untied): the same
+    perplexity to 4 digits."""
+    from compresslab.rotation.quarot import QuaRot
+
+    model, tok = smollm2
+    rotated = copy.deepcopy(model)
+    QuaRot(seed=0).apply(rotated)
+    assert rotated.lm_head.weight.data_ptr() != rotated.model.embed_tokens.weight.data_ptr()
+    ppl = evaluate(rotated, tok, ppl_eval())["ppl/wikitext2"]
+    assert f"{ppl:.4g}" == f"{dense_ppl:.4g}" and abs(ppl - dense_ppl) / dense_ppl < 1e-4, (ppl, dense_ppl)

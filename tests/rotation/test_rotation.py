@@ -59,14 +59,14 @@ def test_fast_transform_equals_the_dense_kronecker_product(n, k):
 def test_orders_without_a_known_hadamard_fall_back_or_refuse():
     assert base_order(52) is None and base_order(11008) is None  # 52 = 4·13; Llama-2-7B's intermediate
     g = torch.Generator().manual_seed(0)
-    for Q in (random_hadamard(52, g), random_orthogonal(52, g)):
+    for Q in (random_hadamard(52, g).matrix(), random_orthogonal(52, g)):
         assert torch.allclose(Q @ Q.T, torch.eye(52, dtype=torch.float64), atol=1e-12)
     with pytest.raises(ConfigError, match="online_down=false"):
         OnlineHadamard(11008)
 
 
 def test_randomised_hadamard_is_signs_times_hadamard():
-    Q = random_hadamard(64, torch.Generator().manual_seed(3))
+    Q = random_hadamard(64, torch.Generator().manual_seed(3)).matrix()
     ratio = Q / hadamard_matrix(64)
     signs = ratio[:, 0]
     assert set(signs.round().tolist()) == {-1.0, 1.0}
@@ -375,3 +375,11 @@ def test_bad_rotation_values_fail_before_loading(tmp_path):
     out = run([*TINY, "model.family=opt", "rotation=quarot", f"hydra.run.dir={tmp_path / 'opt'}"])
     rec = json.loads((tmp_path / "opt" / "metrics.json").read_text())
     assert rec["status"] == "failed" and "residual layout" in rec["error"] and "time/load_s" not in rec["metrics"]
+
+
+def test_fast_orthogonal_equals_its_dense_matrix():
+    Q = random_hadamard(576, torch.Generator().manual_seed(0))
+    W = torch.randn(40, 576, dtype=torch.float64)
+    M = Q.matrix()
+    assert torch.allclose(M @ M.T, torch.eye(576, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(Q.right(W), W @ M, atol=1e-12)

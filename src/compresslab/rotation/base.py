@@ -30,7 +30,7 @@ from ..errors import ConfigError
 from ..models.adapters import ResidualLayout, adapter_for
 from ..stages import layer_state
 from ..utils import get_module
-from .hadamard import base_order, hadamard_transform
+from .hadamard import Orthogonal, base_order, hadamard_transform
 
 log = logging.getLogger(__name__)
 
@@ -149,21 +149,27 @@ def fuse_norms(model: nn.Module) -> dict:
     return {"untied_head": untied}
 
 
-def _right(W: torch.Tensor, Q: torch.Tensor) -> None:
+def as_orthogonal(Q) -> Orthogonal:
+    return Q if isinstance(Q, Orthogonal) else Orthogonal(Q.double())
+
+
+def _right(W: torch.Tensor, Q: Orthogonal) -> None:
     """W ← W Q (rotate the input side), in place, through float64."""
-    W.copy_((W.double() @ Q.to(W.device)).to(W.dtype))
+    W.copy_(Q.right(W))
 
 
-def _left(W: torch.Tensor, Q: torch.Tensor) -> None:
-    """W ← Qᵀ W (rotate the output side), in place."""
-    W.copy_((Q.to(W.device).T @ W.double()).to(W.dtype))
+def _left(W: torch.Tensor, Q: Orthogonal) -> None:
+    """W ← Qᵀ W (rotate the output side), in place: (Wᵀ Q)ᵀ."""
+    W.copy_(Q.right(W.T).T)
 
 
 @torch.no_grad()
-def rotate(model: nn.Module, R1: torch.Tensor | None, R2: list[torch.Tensor] | None, online_down: bool) -> None:
+def rotate(model: nn.Module, R1, R2: list | None, online_down: bool) -> None:
     """Apply R1 to the residual stream, R2[i] to block i's values, and R4 (online Hadamard) to each
-    block's MLP input, after `fuse_norms`. Exact: the model computes the same function."""
+    block's MLP input, after `fuse_norms`. Exact: the model computes the same function. R1, R2[i]:
+    `Orthogonal`s or (n, n) tensors."""
     lay = layout(model)
+    R1 = as_orthogonal(R1) if R1 is not None else None
     adapter = adapter_for(model)
     blocks = adapter.block_list(model)
     if R1 is not None:
@@ -183,16 +189,14 @@ def rotate(model: nn.Module, R1: torch.Tensor | None, R2: list[torch.Tensor] | N
                     _right(lin.bias.data[None, :], R1)
         if R2 is not None:
             v, o = (get_module(block, n) for n in lay.values)
-            R = R2[i].to(v.weight.device)
+            R = as_orthogonal(R2[i].to(v.weight.device) if isinstance(R2[i], torch.Tensor) else R2[i])
             for h in range(v.out_features // head_dim):  # each KV head's rows
                 rows = slice(h * head_dim, (h + 1) * head_dim)
                 _left(v.weight.data[rows], R)
                 if v.bias is not None:
                     _right(v.bias.data[None, rows], R)
             for h in range(o.in_features // head_dim):  # each head's columns of o_proj
-                cols = slice(h * head_dim, (h + 1) * head_dim)
-                Wc = o.weight.data[:, cols]
-                Wc.copy_((Wc.double() @ R).to(Wc.dtype))
+                _right(o.weight.data[:, h * head_dim:(h + 1) * head_dim], R)
         if online_down:
             down = get_module(block, lay.mlp_out)
             hook = OnlineHadamard(down.in_features)

@@ -115,9 +115,34 @@ def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     return Q * torch.sign(torch.diagonal(R))[None, :]
 
 
-def random_hadamard(n: int, generator: torch.Generator) -> torch.Tensor:
+def random_hadamard(n: int, generator: torch.Generator) -> "Orthogonal":
     """diag(d) H/√n with random signs d (QuaRot's randomised Hadamard), or a random orthogonal matrix
-    for widths with no known Hadamard matrix. (n, n) float64, orthogonal."""
+    for widths with no known Hadamard matrix."""
     if base_order(n) is None:
-        return random_orthogonal(n, generator)
-    return hadamard_matrix(n) * random_signs(n, generator)[:, None]
+        return Orthogonal(random_orthogonal(n, generator))
+    return Orthogonal(signs=random_signs(n, generator), n=n)
+
+
+class Orthogonal:
+    """An orthogonal Q (n, n): dense, or diag(signs) H/√n applied as the fast transform (signs None:
+    plain H/√n). `right(W)` = W Q over W's last dimension, float64 inside, W's dtype out."""
+
+    def __init__(self, matrix: torch.Tensor | None = None, signs: torch.Tensor | None = None, n: int | None = None):
+        self.dense, self.signs = matrix, signs
+        self.n = matrix.shape[0] if matrix is not None else n
+
+    def right(self, W: torch.Tensor) -> torch.Tensor:
+        Wd = W.double()
+        if self.dense is not None:
+            return (Wd @ self.dense.to(W.device)).to(W.dtype)
+        if self.signs is not None:
+            Wd = Wd * self.signs.to(W.device)
+        return hadamard_transform(Wd).to(W.dtype)
+
+    def matrix(self) -> torch.Tensor:
+        """Q as a dense float64 matrix."""
+        return self.right(torch.eye(self.n, dtype=torch.float64))
+
+    @property
+    def shape(self):
+        return (self.n, self.n)

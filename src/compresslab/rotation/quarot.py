@@ -10,7 +10,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models.adapters import adapter_for
 from .base import Rotation, _head_dim, layout
-from .hadamard import base_order, hadamard_matrix, random_hadamard, random_orthogonal
+from .hadamard import Orthogonal, base_order, random_hadamard, random_orthogonal
 
 
 class QuaRot(Rotation):
@@ -26,13 +26,13 @@ class QuaRot(Rotation):
             raise ConfigError(f"rotation.randomize must be true or false, got {randomize!r}")
         self.randomize = randomize
 
-    def _matrix(self, n: int, gen: torch.Generator) -> torch.Tensor:
+    def _matrix(self, n: int, gen: torch.Generator) -> Orthogonal:
         if self.randomize:
             return random_hadamard(n, gen)
-        return hadamard_matrix(n) if base_order(n) is not None else random_orthogonal(n, gen)
+        return Orthogonal(n=n) if base_order(n) is not None else Orthogonal(random_orthogonal(n, gen))
 
-    def matrices(self, model: nn.Module, calibration=None, output_dir=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(R1 (hidden, hidden), [R2 (head_dim, head_dim) per block]), float64, orthogonal."""
+    def matrices(self, model: nn.Module, calibration=None, output_dir=None) -> tuple[Orthogonal, list[Orthogonal]]:
+        """(R1 (hidden, hidden), [R2 (head_dim, head_dim) per block]), orthogonal."""
         gen = torch.Generator().manual_seed(self.seed)
         lay = layout(model)
         hidden = model.get_submodule(lay.embed).weight.shape[1]

@@ -25,7 +25,7 @@ from ..models.adapters import adapter_for
 from ..quantizer import grid as _grid
 from ..quantizer.activations import fake_quant_int
 from ..utils import get_module
-from .base import _head_dim, layout
+from .base import _head_dim, as_orthogonal, layout
 from .quarot import QuaRot
 
 log = logging.getLogger(__name__)
@@ -121,16 +121,19 @@ class SpinQuant(QuaRot):
         block_linears = [(f"{adapter.blocks}.{i}.{n}", lin) for i, b in enumerate(blocks)
                          for g in adapter.linear_groups(b) for n, lin in g]
         W0 = {n: p.detach() for n, p in model.named_parameters()}
-        r1 = R1.float().to(dev).requires_grad_(True)
-        r2 = torch.stack([r.float() for r in R2]).to(dev).requires_grad_(True)
+        r1 = as_orthogonal(R1).matrix().float().to(dev).requires_grad_(True)
+        r2 = torch.stack([as_orthogonal(r).matrix().float() for r in R2]).to(dev).requires_grad_(True)
         m1, m2 = torch.zeros_like(r1), torch.zeros_like(r2)
-        hooks = []
+        # the embeddings and the head are not quantized: rotate their activations instead of their
+        # (vocab, hidden) weights, e ← e R1 after the embedding and x ← x R1ᵀ before the head
+        hooks = [get_module(model, lay.embed).register_forward_hook(lambda _m, _a, out: out @ r1),
+                 get_module(model, lay.head).register_forward_pre_hook(lambda _m, a: (a[0] @ r1.T, *a[1:]))]
         if self.act_bits is not None:
             def act(_m, args):
                 x = args[0]
                 return (x + (fake_quant_int(x.detach(), self.act_bits, "token") - x.detach()), *args[1:])
 
-            hooks = [lin.register_forward_pre_hook(act) for _, lin in block_linears]
+            hooks += [lin.register_forward_pre_hook(act) for _, lin in block_linears]
         grads = {p: p.requires_grad for p in model.parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
@@ -165,9 +168,7 @@ class SpinQuant(QuaRot):
 
     def _rotated(self, model, lay, adapter, W0, r1, r2, d, block_linears) -> dict[str, torch.Tensor]:
         """Every parameter the rotation changes, as functions of (r1, r2); block Linears fake-quantised."""
-        P = {}
-        P[f"{lay.embed}.weight"] = W0[f"{lay.embed}.weight"] @ r1
-        P[f"{lay.head}.weight"] = W0[f"{lay.head}.weight"] @ r1
+        P = {}  # (the embeddings and the head: hooks in `learn`)
         readers = {n for _, rs in lay.norms for n in rs}
         v_name, o_name = lay.values
         for i, _ in enumerate(adapter.block_list(model)):
@@ -196,7 +197,8 @@ class SpinQuant(QuaRot):
         from safetensors.torch import save_file
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"R1": R1.double().contiguous(), "R2": torch.stack(R2).double().contiguous()}, str(path),
+        R1, R2 = as_orthogonal(R1).matrix(), torch.stack([as_orthogonal(r).matrix() for r in R2])
+        save_file({"R1": R1.contiguous(), "R2": R2.contiguous()}, str(path),
                   metadata={"format": "compresslab-spinquant", "seed": str(self.seed),
                             "online_down": str(self.online_down)})
         log.info("spinquant: rotation saved to %s (reuse it with rotation.path=%s)", path, path)
