@@ -383,3 +383,28 @@ def test_fast_orthogonal_equals_its_dense_matrix():
     M = Q.matrix()
     assert torch.allclose(M @ M.T, torch.eye(576, dtype=torch.float64), atol=1e-12)
     assert torch.allclose(Q.right(W), W @ M, atol=1e-12)
+
+
+@needs_data
+def test_readme_rotation_commands_run_as_printed(tmp_path):
+    """The README's three rotation commands, read from it, with a tiny model and data appended."""
+    from conftest import small_data_dir
+
+    lines = [ln.strip() for ln in (ROOT / "README.md").read_text().splitlines()
+             if ln.startswith(".venv/bin/python run.py") and "rotation=" in ln]
+    assert len(lines) == 3, lines
+    env = {**os.environ, "COMPRESSLAB_DATA_DIR": str(small_data_dir(tmp_path / "data")), "TQDM_DISABLE": "1"}
+    recs = []
+    for k, line in enumerate(lines):
+        out_dir = tmp_path / f"cmd{k}"
+        args = line.split()[2:] + ["model=tiny_llama", "model.hidden_size=128", "model.intermediate_size=256", *TINY[4:],
+                                   f"hydra.{'sweep' if '-m' in line.split() else 'run'}.dir={out_dir}"]
+        out = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, capture_output=True,
+                             text=True, env=env, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        recs += [json.loads(p.read_text()) for p in out_dir.rglob("metrics.json")]
+    assert len(recs) == 1 + 1 + 2
+    assert sorted(r["choices"]["rotation"] or "null" for r in recs) == ["null", "quarot", "quarot", "spinquant"]
+    for r in recs:
+        assert r["status"] == "ok", r.get("error")
+        assert ("time/rotation_s" in r["metrics"]) == (r["choices"]["rotation"] is not None)
