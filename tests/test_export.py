@@ -54,3 +54,25 @@ def test_what_the_format_cannot_hold_is_refused(tmp_path):
                                               lowrank=NaiveSVD(rank=4)), tmp_path)
     with pytest.raises(ConfigError, match="not quantized"):
         export_compressed_tensors(_compressed(pruner=Wanda(sparsity=0.5, pattern="2:4")), tmp_path)
+
+
+def test_rotated_model_exports_without_the_online_hadamard(tmp_path):
+    """QuaRot with online_down=false leaves plain Linears (rotated weights, norms of ones, an untied head):
+    compressed-tensors holds it and plain transformers gives the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from compresslab.rotation.quarot import QuaRot
+
+    model, tok = TinyModel(device="cpu").load()
+    QuaRot(online_down=False).apply(model)
+    ids = torch.randint(0, model.config.vocab_size, (8, 64), generator=torch.Generator().manual_seed(0))
+    compress(model, tok, calibration=ids, engine=SequentialEngine("cpu", progress=False),
+             quantizer=GPTQ(bits=4, group_size=32, grid="sym"))
+    x = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x).logits
+    export_compressed_tensors(model, tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    with torch.no_grad():
+        got = loaded(x).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
