@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 SETTINGS = {  # column -> (config group, key)
-    "pattern": ("pruner", "pattern"), "sparsity_target": ("pruner", "sparsity"), "bits": ("quantizer", "bits"),
+    "rotation": ("rotation", "_target_"), "pattern": ("pruner", "pattern"), "sparsity_target": ("pruner", "sparsity"), "bits": ("quantizer", "bits"),
     "group_size": ("quantizer", "group_size"), "rank_ratio": ("lowrank", "rank_ratio"),
     "recovery_mode": ("recovery", "mode"), "granularity": ("recovery", "block_granularity"),
     "optimizer": ("recovery", "optimizer"),
@@ -40,7 +40,8 @@ def collect(sweep_dir: Path) -> list[dict]:
                "model": model.get("name") or model.get("name_or_path") if isinstance(model, dict) else model}
         for col, (group, key) in SETTINGS.items():
             if isinstance(cfg.get(group), dict) and key in cfg[group]:
-                row[col] = cfg[group][key]
+                v = cfg[group][key]
+                row[col] = v.rsplit(".", 1)[-1].lower() if key == "_target_" else v
         for k in METRICS:
             if k in m:
                 row[k] = m[k]
@@ -55,7 +56,7 @@ def collect(sweep_dir: Path) -> list[dict]:
 
 def _method_from_config(cfg: dict) -> str:
     parts = []
-    for g in ("pruner", "quantizer", "lowrank", "recovery"):
+    for g in ("rotation", "pruner", "quantizer", "lowrank", "recovery"):
         target = (cfg.get(g) or {}).get("_target_") if isinstance(cfg.get(g), dict) else None
         if target:
             parts.append(target.rsplit(".", 1)[-1].lower())

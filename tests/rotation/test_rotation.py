@@ -408,3 +408,15 @@ def test_readme_rotation_commands_run_as_printed(tmp_path):
     for r in recs:
         assert r["status"] == "ok", r.get("error")
         assert ("time/rotation_s" in r["metrics"]) == (r["choices"]["rotation"] is not None)
+
+
+def test_report_names_the_rotation(tmp_path):
+    from compresslab.report import collect
+
+    for k, rot in enumerate([None, {"_target_": "compresslab.rotation.quarot.QuaRot", "seed": 0}]):
+        (tmp_path / str(k)).mkdir()
+        cfg = {"rotation": rot, "quantizer": {"_target_": "compresslab.quantizer.rtn.RTN", "bits": 4}}
+        (tmp_path / str(k) / "metrics.json").write_text(json.dumps({"status": "ok", "config": cfg, "metrics": {}}))
+    rows = collect(tmp_path)
+    assert [r.get("rotation") for r in rows] == [None, "quarot"]
+    assert [r["method"] for r in rows] == ["rtn", "quarot+rtn"]
