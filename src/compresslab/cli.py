@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("compresslab")
 
-GROUPS = ("model", "data", "rotation", "pruner", "quantizer", "lowrank", "recovery", "eval", "logger")
+GROUPS = ("model", "data", "rotation", "allocation", "pruner", "quantizer", "lowrank", "recovery", "eval", "logger")
 
 
 def register_hydra_plugins(root: str | Path) -> None:
@@ -35,7 +35,7 @@ def register_hydra_plugins(root: str | Path) -> None:
     Plugins.instance().register(ExperimentPresets)
 
 
-STAGE_GROUPS = ("rotation", "pruner", "quantizer", "lowrank", "recovery")  # groups with a conf/<group>/null.yaml
+STAGE_GROUPS = ("rotation", "allocation", "pruner", "quantizer", "lowrank", "recovery")  # groups with a conf/<group>/null.yaml
 
 
 def rank_overrides(environ=None) -> list[str]:
@@ -168,8 +168,8 @@ def config_hash(config: dict) -> str:
 
 
 def method_string(choices: dict) -> str:
-    """'quarot+sparsegpt+gptq+slim+beam' from Hydra's group choices; 'dense' when no stage runs."""
-    parts = [choices.get(g) for g in ("rotation", "pruner", "quantizer", "lowrank", "recovery")]
+    """'quarot+owl+sparsegpt+gptq+slim+beam' from Hydra's group choices; 'dense' when no stage runs."""
+    parts = [choices.get(g) for g in ("rotation", "allocation", "pruner", "quantizer", "lowrank", "recovery")]
     return "+".join(p for p in parts if p not in (None, "null")) or "dense"
 
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .layer_error import ErrorMeter, hessian_rel_error
 from .models.adapters import Adapter, adapter_for
 from .plan import Plan, make_plan, parse_memory, resolve_budget
-from .stages import effective_weight, fuse_stages, layer_state
+from .stages import effective_weight, fuse_stages, layer_state, with_levels
 from .errors import ConfigError
 from .stats import SAMPLE_MAX, LayerStats
 from .utils import resolve_device, to_device
@@ -189,6 +189,7 @@ class SequentialEngine:
         self.progress = progress
         self.layer_error = layer_error
         self.plan: Plan | None = None  # set per run
+        self.levels: dict[str, dict] = {}  # per Linear name, options its stages take (an allocation's levels)
         self._chunk = chunk_size if isinstance(chunk_size, int) else None  # samples per forward this run
         self._keep_dense = False  # set per run: an end-to-end recovery measures errors after the loop
         self._lean = lambda block: contextlib.nullcontext()  # set per run: the adapter's `lean`
@@ -610,11 +611,13 @@ class SequentialEngine:
         mine, plan = ranks.work(items, stages)  # weight parallel: this rank's Linears or row blocks (one rank: all)
         hooks = [(set(lin._forward_pre_hooks), set(lin._forward_hooks)) for _, lin in items]
         for stage in stages:  # stage by stage over the group; Linears of one stage never interact
-            if len(mine) > 1 and hasattr(stage, "compress_group"):
-                stage.compress_group(mine, stats)  # e.g. one OBS sweep for q/k/v (they share H)
-            else:
-                for full_name, lin in mine:
-                    stage.compress(full_name, lin, stats)
+            for levels, part in self._by_levels(mine):  # an allocation's per-layer options (allocation/)
+                s = with_levels(stage, levels)
+                if len(part) > 1 and hasattr(s, "compress_group"):
+                    s.compress_group(part, stats)  # e.g. one OBS sweep for q/k/v (they share H)
+                else:
+                    for full_name, lin in part:
+                        s.compress(full_name, lin, stats)
         ranks.share(items, plan, hooks)  # each Linear's (or row block's) result from its owner to every rank
         for (_, lin), original in zip(items, originals):
             state = layer_state(lin)
@@ -624,6 +627,17 @@ class SequentialEngine:
                 state.original = None
             if H is not None:  # ‖(W − Ŵ)X‖ / ‖WX‖ through H, Ŵ the effective weight
                 layer_state(lin).rel_error = hessian_rel_error(original, effective_weight(lin), H)
+
+    def _by_levels(self, items):
+        """Consecutive runs of `items` that share their levels (`self.levels`, by Linear name): [(levels, part)]."""
+        runs: list = []
+        for item in items:
+            lv = self.levels.get(item[0]) or None
+            if runs and runs[-1][0] == lv:
+                runs[-1][1].append(item)
+            else:
+                runs.append((lv, [item]))
+        return runs
 
     def _one_pass(self, adapter, i, block, groups, stages, needs, hidden, kwargs):
         handles, states = [], []

@@ -24,8 +24,8 @@ STAGES = ("pruner", "quantizer", "lowrank")
 class Pipeline:
     def __init__(self, model, data=None, pruner=None, quantizer=None, lowrank=None, recovery=None,
                  eval=None, logger=None, engine: SequentialEngine | None = None, seed: int = 0,
-                 save: dict | None = None, rotation=None):
-        self.model_loader, self.data, self.rotation = model, data, rotation
+                 save: dict | None = None, rotation=None, allocation=None):
+        self.model_loader, self.data, self.rotation, self.allocation = model, data, rotation, allocation
         self.pruner, self.quantizer, self.lowrank, self.recovery = pruner, quantizer, lowrank, recovery
         self.evaluator, self.logger = eval, logger
         self.engine = engine or SequentialEngine(device=str(getattr(model, "device", "auto")))
@@ -61,14 +61,19 @@ class Pipeline:
         if self.rotation is not None:
             raise ConfigError("model.offload=disk streams the blocks from the checkpoint as they are, and a rotation "
                               "rewrites the whole model first: use rotation=null, or model.offload=null")
+        if self.allocation is not None and self.allocation.needs_calibration:
+            raise ConfigError("model.offload=disk runs one pass over the blocks, and an allocation measures them in a "
+                              "pass of its own first: allocate in memory once (its allocation.yaml), then pass "
+                              "allocation.path=<that file> here")
 
     @property
     def uses_calibration(self) -> bool:
         # engine.layer_error: Hessians for the per-layer error even of weight-only methods (magnitude, RTN)
         layer_error = bool(getattr(self.engine, "layer_error", False)) and any(s is not None for s in self.stages)
         rotation = self.rotation is not None and self.rotation.needs_calibration
+        allocation = self.allocation is not None and self.allocation.needs_calibration
         return (any(s.needs for s in self.stages if s is not None) or self.recovery is not None or layer_error
-                or rotation)
+                or rotation or allocation)
 
     def validate(self) -> None:
         """Catch bad input before any weights are loaded: data files, and every stage on every layer's shape."""
@@ -84,6 +89,14 @@ class Pipeline:
         if self.rotation is not None and self.engine.ranks.world > 1 and not self.rotation.data_parallel:
             raise ConfigError(f"{type(self.rotation).__name__} learns its rotation in one process: learn it once "
                               "without torchrun/srun (it is saved), then pass rotation.path=<that file> here")
+        if self.allocation is not None:
+            if not self.stages:
+                raise ConfigError("allocation=... sets levels of the pruner or quantizer, and there is none: add one "
+                                  "or set allocation=null")
+            self.allocation.check(self.stages)
+            if self.engine.ranks.world > 1 and self.allocation.needs_calibration:
+                raise ConfigError("an allocation is measured in one process: allocate once without torchrun/srun (it "
+                                  "writes allocation.yaml), then pass allocation.path=<that file> here")
         if not self.stages and self.rotation is None:
             return
         stages = fuse_stages(self.stages)  # a pair that cannot share one pass as configured fails here
@@ -158,6 +171,11 @@ class Pipeline:
             calib = self.data(tok) if self.uses_calibration else None
             if self.rotation is not None:  # exact: the rotated dense model computes the same logits
                 metrics.update(self.rotation.apply(model, calib, output_dir))
+            if self.allocation is not None:  # per-layer levels, which the engine gives each layer's stages
+                t0 = time.perf_counter()
+                self.engine.levels = self.allocation.levels(model, calib, self.stages, self.engine, output_dir)
+                metrics["time/allocation_s"] = time.perf_counter() - t0
+                metrics.update(self.allocation.report)
             sink = None
             if source is not None:  # streamed: each final block is summarised (and written) before it is freed
                 from .checkpoint.io import CheckpointWriter
@@ -173,6 +191,9 @@ class Pipeline:
                               source=source, sink=sink)
             metrics.update(report.metrics)
             record["layers"], record["recovery"] = report.layers, report.recovery
+            for row in report.layers:  # what the allocation gave each layer
+                for k, v in (self.engine.levels.get(row.get("name")) or {}).items():
+                    row[f"allocated_{k}"] = v
             if report.experts:
                 record["experts"] = report.experts
             self._log_recovery(report.recovery)

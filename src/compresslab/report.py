@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 SETTINGS = {  # column -> (config group, key)
-    "rotation": ("rotation", "_target_"), "pattern": ("pruner", "pattern"), "sparsity_target": ("pruner", "sparsity"), "bits": ("quantizer", "bits"),
+    "rotation": ("rotation", "_target_"), "allocation": ("allocation", "_target_"), "pattern": ("pruner", "pattern"), "sparsity_target": ("pruner", "sparsity"), "bits": ("quantizer", "bits"),
     "group_size": ("quantizer", "group_size"), "rank_ratio": ("lowrank", "rank_ratio"),
     "recovery_mode": ("recovery", "mode"), "granularity": ("recovery", "block_granularity"),
     "optimizer": ("recovery", "optimizer"),
@@ -56,7 +56,7 @@ def collect(sweep_dir: Path) -> list[dict]:
 
 def _method_from_config(cfg: dict) -> str:
     parts = []
-    for g in ("rotation", "pruner", "quantizer", "lowrank", "recovery"):
+    for g in ("rotation", "allocation", "pruner", "quantizer", "lowrank", "recovery"):
         target = (cfg.get(g) or {}).get("_target_") if isinstance(cfg.get(g), dict) else None
         if target:
             parts.append(target.rsplit(".", 1)[-1].lower())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -180,6 +181,25 @@ def fuse_stages(stages: list) -> list:
             out[-1] = fused
         else:
             out.append(stage)
+    return out
+
+
+def is_stage(obj) -> bool:
+    return hasattr(obj, "compress") and hasattr(obj, "needs")
+
+
+def with_levels(stage, levels: dict | None):
+    """`stage` with its options named in `levels` set to those values (a shallow copy; stages nested in
+    a fused one, e.g. SparseGPT+GPTQ's pruner and quantizer, too). No levels: the stage itself."""
+    if not levels:
+        return stage
+    out = copy.copy(stage)
+    for key, value in levels.items():
+        if hasattr(out, key) and not callable(getattr(out, key)):
+            setattr(out, key, value)
+    for attr, value in list(vars(out).items()):
+        if is_stage(value):
+            setattr(out, attr, with_levels(value, levels))
     return out
 
 

@@ -1,0 +1,143 @@
+"""Per-layer levels under one budget (the `allocation` group): what every allocator shares.
+
+An allocator measures (one pass of the ordinary engine loop with a `Probe`-like stage that leaves
+every layer dense), turns the budget into per-Linear levels ({full Linear name: {option: value}}),
+and the compression pass is the ordinary loop: the engine runs each stage with its layer's levels
+(`with_levels`). The levels are written as `allocation.yaml` beside metrics.json and can be reused
+with `allocation.path=<that file>`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..stages import is_stage
+
+log = logging.getLogger(__name__)
+
+BUDGETS = {"sparsity": "sparsity", "avg_bits": "bits"}  # what is budgeted -> the stage option it sets
+FILE = "allocation.yaml"
+
+
+def stage_has(stages, key: str) -> bool:
+    """Some stage (or a stage nested in a fused one) has the option `key`."""
+    for s in stages:
+        if s is None:
+            continue
+        if key in vars(s) or any(stage_has([v], key) for v in vars(s).values() if is_stage(v)):
+            return True
+    return False
+
+
+def save_levels(path: Path, levels: dict[str, dict], meta: dict) -> None:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump({"allocation": meta, "levels": levels}, sort_keys=False))
+    tmp.replace(path)
+
+
+def load_levels(path: str | Path) -> tuple[dict[str, dict], dict]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"allocation.path={path!r} is not a file; pass the {FILE} an earlier run wrote beside "
+                          "its metrics.json, or leave it null to allocate")
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"allocation.path={path}: not valid YAML ({e})") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("levels"), dict):
+        raise ConfigError(f"allocation.path={path} has no 'levels' mapping: not an {FILE} compresslab wrote")
+    return doc["levels"], doc.get("allocation") or {}
+
+
+class Allocator:
+    """Base of `allocation=...`. Subclasses implement `allocate(model, calibration, stages, engine)`
+    -> {Linear name: {option: value}}; `path` reuses a saved allocation instead."""
+
+    def __init__(self, budget: str = "sparsity", target: float | None = None, path: str | None = None):
+        if budget not in BUDGETS:
+            raise ConfigError(f"allocation.budget={budget!r}: use one of {', '.join(BUDGETS)} (params, for adapter "
+                              "ranks, is not built yet)")
+        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))):
+            raise ConfigError(f"allocation.target={target!r} must be a number or null (the uniform setting's)")
+        if budget == "sparsity" and target is not None and not 0 <= target < 1:
+            raise ConfigError(f"allocation.target={target} is a sparsity: use a value in [0, 1)")
+        if budget == "avg_bits" and target is not None and not 1 <= target <= 16:
+            raise ConfigError(f"allocation.target={target} is an average number of bits: use a value in [1, 16]")
+        if path is not None:
+            load_levels(path)  # a missing or unreadable file fails now
+        self.budget, self.target, self.path = budget, target, path
+        self.report: dict = {}
+
+    @property
+    def key(self) -> str:
+        return BUDGETS[self.budget]
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.path is None
+
+    def check(self, stages) -> None:
+        """Before loading: some stage must take the budgeted option."""
+        if not stage_has(stages, self.key):
+            raise ConfigError(f"allocation.budget={self.budget} sets each layer's `{self.key}`, which none of the "
+                              f"stages has: add a {'pruner' if self.key == 'sparsity' else 'quantizer'}")
+        for s in stages:
+            nm = getattr(s, "nm", None) or getattr(getattr(s, "pruner", None), "nm", None)
+            if self.key == "sparsity" and nm is not None:
+                raise ConfigError("allocation by sparsity needs an unstructured pruner (pruner.pattern=unstructured); "
+                                  "N:M patterns have one sparsity")
+
+    def allocate(self, model: nn.Module, calibration: torch.Tensor, stages, engine) -> dict[str, dict]:
+        raise NotImplementedError
+
+    def levels(self, model, calibration, stages, engine, output_dir=None) -> dict[str, dict]:
+        """The per-Linear levels: loaded from `path`, or allocated (and saved in `output_dir`)."""
+        if self.path is not None:
+            levels, meta = load_levels(self.path)
+            names = {n for n, _ in _linears(model)}
+            unknown = sorted(set(levels) - names)
+            if unknown:
+                raise ConfigError(f"allocation.path={self.path} names layers this model lacks ({unknown[:3]}): it "
+                                  "was allocated for another model")
+            self.report = {"allocation/reused": 1.0}
+            return levels
+        levels = self.allocate(model, calibration, stages, engine)
+        if output_dir is not None:
+            save_levels(Path(output_dir) / FILE, levels,
+                        {"method": type(self).__name__.lower(), "budget": self.budget, **self.summary(model, levels)})
+        return levels
+
+    def summary(self, model, levels: dict[str, dict]) -> dict:
+        """The allocation's own figures (target, what it met), for metrics and the saved file."""
+        return {k.split("/", 1)[1]: v for k, v in self.report.items() if k.startswith("allocation/")}
+
+
+def _linears(model: nn.Module):
+    from ..models.adapters import adapter_for
+
+    return adapter_for(model).named_linears(model)
+
+
+def clear_states(model: nn.Module) -> None:
+    """Drop what a measuring pass left on the Linears (the engine records errors on them)."""
+    from ..stages import STATE_ATTR
+
+    for _, lin in _linears(model):
+        state = lin.__dict__.get(STATE_ATTR)
+        if state is not None and state.online is None:
+            del lin.__dict__[STATE_ATTR]
+        elif state is not None:  # a rotation's online transform stays
+            online = state.online
+            from ..stages import LayerState
+
+            lin.__dict__[STATE_ATTR] = LayerState(online=online)

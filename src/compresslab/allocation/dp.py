@@ -1,0 +1,202 @@
+"""Budgeted per-layer levels by dynamic programming over measured layer errors.
+
+A measuring pass of the engine (`LevelProbe`, which leaves every layer dense, so each layer sees the
+dense model's inputs) compresses every Linear at every level with the pipeline's own stages, on a copy,
+and records its relative output error through the Hessian, e = ‖(W − Ŵ)X‖² / ‖WX‖², and its cost
+(kept weights for a sparsity budget; the packed bits, scales and zeros included, for avg_bits).
+Assuming the errors add up (as OBC/SPDY's and the low-rank allocation papers' knapsacks do), the
+choice min Σ e_l(k_l) s.t. Σ c_l(k_l) ≤ budget is solved exactly by dynamic programming over the
+budget (in integer cost units; large budgets in `resolution` bins, the slack then spent greedily).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..layer_error import hessian_rel_error
+from ..metrics import layer_storage_bits
+from ..models.adapters import adapter_for
+from ..stages import effective_weight, fuse_stages, layer_state, with_levels
+from .base import Allocator, clear_states
+from .owl import _stage_value
+
+MAX_EXACT_UNITS = 1 << 20  # integer budgets up to this many units are solved without binning
+
+
+def solve(errors: np.ndarray, costs: np.ndarray, budget: float, resolution: int = 1 << 16) -> np.ndarray:
+    """argmin over choices k (one per row) of Σ errors[l, k_l] s.t. Σ costs[l, k_l] ≤ budget.
+
+    Exact when the costs are integers and the budget is at most MAX_EXACT_UNITS; otherwise the costs
+    are rounded up to bins of budget/resolution (the choice stays within the budget) and the slack
+    left is then spent on the upgrades with the best error drop per cost. Raises ConfigError when even
+    the cheapest choice exceeds the budget."""
+    errors, costs = np.asarray(errors, dtype=np.float64), np.asarray(costs, dtype=np.float64)
+    L, K = errors.shape
+    if costs.min(1).sum() > budget + 1e-9:
+        raise ConfigError(f"the budget {budget:.6g} is below the cheapest allocation ({costs.min(1).sum():.6g}): "
+                          "add a cheaper level to allocation.levels or raise allocation.target")
+    integral = np.all(costs == np.round(costs)) and budget <= MAX_EXACT_UNITS
+    unit = 1.0 if integral else budget / resolution
+    c = np.ceil(costs / unit - 1e-9).astype(np.int64)
+    B = int(math.floor(budget / unit + 1e-9))
+    best = np.full(B + 1, np.inf)
+    best[0] = 0.0
+    pick = np.zeros((L, B + 1), dtype=np.int16)
+    for layer in range(L):
+        new = np.full(B + 1, np.inf)
+        for k in range(K):
+            ck = c[layer, k]
+            if ck > B:
+                continue
+            cand = best[:B + 1 - ck] + errors[layer, k]
+            better = cand < new[ck:]
+            new[ck:][better] = cand[better]
+            pick[layer, ck:][better] = k
+        best = new
+    b = int(np.argmin(best))
+    if not np.isfinite(best[b]):  # only the binning's rounding up can make a feasible problem fail here
+        raise ConfigError("allocation: no choice fits the budget at this resolution; raise allocation.resolution")
+    choice = np.zeros(L, dtype=np.int64)
+    for layer in range(L - 1, -1, -1):
+        k = int(pick[layer, b])
+        choice[layer] = k
+        b -= int(c[layer, k])
+    if not integral:  # spend what the rounding up left
+        slack = budget - costs[np.arange(L), choice].sum()
+        while True:
+            gain = errors[np.arange(L), choice][:, None] - errors
+            extra = costs - costs[np.arange(L), choice][:, None]
+            ok = (gain > 0) & (extra <= slack + 1e-9)
+            if not ok.any():
+                break
+            ratio = np.where(ok, gain / np.maximum(extra, 1e-12), -np.inf)
+            layer, k = np.unravel_index(np.argmax(ratio), ratio.shape)
+            slack -= extra[layer, k]
+            choice[layer] = k
+    return choice
+
+
+class LevelProbe:
+    """A measuring stage: every Linear compressed at every level on a copy (the pipeline's stages with
+    the level set), its relative squared output error through the Hessian and its cost recorded. The
+    layer itself stays dense."""
+
+    def __init__(self, stages, key: str, levels: list, cost: str):
+        self.stages = fuse_stages([s for s in stages if s is not None])
+        self.key, self.levels, self.cost = key, list(levels), cost
+        self.needs = frozenset({"hessian"}).union(*(s.needs for s in self.stages))
+        self.uses_original = True
+        self.table: dict[str, tuple[list[float], list[float]]] = {}
+
+    def check(self, name, layer):
+        for lv in self.levels:
+            for s in self.stages:
+                with_levels(s, {self.key: lv}).check(name, layer)
+
+    @torch.no_grad()
+    def compress(self, name: str, layer: nn.Linear, stats) -> None:
+        W = layer.weight.detach().float()
+        H = stats.hessian
+        errs, costs = [], []
+        for lv in self.levels:
+            tmp = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                            device=W.device, dtype=layer.weight.dtype)
+            tmp.weight.data.copy_(layer.weight.data)
+            if layer.bias is not None:
+                tmp.bias.data.copy_(layer.bias.data)
+            layer_state(tmp, create=True).original = W
+            for s in self.stages:
+                with_levels(s, {self.key: lv}).compress(name, tmp, stats)
+            errs.append(hessian_rel_error(W, effective_weight(tmp), H) ** 2)
+            if self.cost == "kept":
+                keep = layer_state(tmp).keep_mask()
+                costs.append(float(keep.sum()) if keep is not None else float(W.numel()))
+            else:
+                costs.append(float(layer_storage_bits(tmp)))
+        self.table[name] = (errs, costs)
+
+
+class DP(Allocator):
+    """Args:
+        budget: sparsity (the mean over all block Linears' weights) | avg_bits (packed bits per weight).
+        target: its value (null: the uniform setting's, i.e. the stages' own sparsity / bits).
+        levels: the choices (sparsities, or bit widths); null: around the stage's own value.
+        granularity: layer (each Linear its level) | block (one level per block).
+        resolution: budget bins when the budget is too large to solve in integer units.
+        path: a saved allocation.yaml to reuse.
+    """
+
+    def __init__(self, budget: str = "sparsity", target: float | None = None, levels: list | None = None,
+                 granularity: str = "layer", resolution: int = 1 << 16, path: str | None = None):
+        super().__init__(budget, target, path)
+        if granularity not in ("layer", "block"):
+            raise ConfigError(f"allocation.granularity={granularity!r}: use layer or block")
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 16:
+            raise ConfigError(f"allocation.resolution={resolution!r} must be an int >= 16")
+        if levels is not None:
+            levels = list(levels)
+            if not levels or len(levels) > 64:
+                raise ConfigError("allocation.levels must list 1 to 64 choices, or be null")
+            for v in levels:
+                ok = (0 <= v < 1) if self.key == "sparsity" else (isinstance(v, int) and 2 <= v <= 8)
+                if isinstance(v, bool) or not ok:
+                    raise ConfigError(f"allocation.levels has {v!r}: sparsities must be in [0, 1), bit widths ints "
+                                      "in 2..8")
+        self.levels_, self.granularity, self.resolution = levels, granularity, resolution
+
+    def _levels(self, own):
+        if self.levels_ is not None:
+            return sorted(set(self.levels_) | {own})
+        if self.key == "sparsity":
+            return sorted({round(min(max(own + d, 0.0), 0.95), 4) for d in (-0.2, -0.1, 0.0, 0.1, 0.2)})
+        return sorted({b for b in (own - 1, own, own + 1) if 2 <= b <= 8})
+
+    def allocate(self, model, calibration, stages, engine) -> dict[str, dict]:
+        own = _stage_value(stages, self.key)
+        levels = self._levels(own)
+        probe = LevelProbe(stages, self.key, levels, "kept" if self.key == "sparsity" else "bits")
+        engine.run(model, calibration, [probe])
+        clear_states(model)
+        adapter = adapter_for(model)
+        names = [n for n, _ in adapter.named_linears(model)]
+        numel = {n: lin.weight.numel() for n, lin in adapter.named_linears(model)}
+        total = sum(numel.values())
+        errs = np.array([probe.table[n][0] for n in names])
+        costs = np.array([probe.table[n][1] for n in names])
+        k_own = levels.index(own)
+        if self.key == "sparsity":
+            target = self.target if self.target is not None else own
+            budget = (1 - target) * total  # kept weights
+        else:
+            target = self.target if self.target is not None else costs[:, k_own].sum() / total
+            budget = target * total  # packed bits
+        units = names
+        if self.granularity == "block":  # one level per block: the block's Linears summed
+            prefix = adapter.blocks + "."
+            block = [int(n[len(prefix):].split(".", 1)[0]) for n in names]
+            ids = sorted(set(block))
+            units = ids
+            errs = np.array([errs[[b == i for b in block]].sum(0) for i in ids])
+            costs = np.array([costs[[b == i for b in block]].sum(0) for i in ids])
+        choice = solve(errs, costs, budget, self.resolution)
+        if self.granularity == "block":
+            by_block = dict(zip(units, choice))
+            prefix = adapter.blocks + "."
+            choice = np.array([by_block[int(n[len(prefix):].split(".", 1)[0])] for n in names])
+            errs = np.array([probe.table[n][0] for n in names])
+            costs = np.array([probe.table[n][1] for n in names])
+        spent = costs[np.arange(len(names)), choice].sum()
+        met = 1 - spent / total if self.key == "sparsity" else spent / total
+        self.report = {"allocation/target": float(target), "allocation/met": float(met),
+                       "allocation/error_sum": float(errs[np.arange(len(names)), choice].sum()),
+                       "allocation/error_sum_uniform": float(errs[:, k_own].sum())}
+        return {n: {self.key: _plain(levels[k])} for n, k in zip(names, choice)}
+
+
+def _plain(v):
+    return int(v) if isinstance(v, (int, np.integer)) else float(v)

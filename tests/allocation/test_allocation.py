@@ -1,0 +1,236 @@
+"""Allocation (OWL, DP): the DP is optimal against brute force, OWL's rule against a formula written here
+from dense activations, budgets are met, a saved allocation reproduces the same model, and stages take
+their layer's level (also inside the fused SparseGPT+GPTQ pass)."""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compresslab import compress
+from compresslab.allocation.dp import DP, solve
+from compresslab.allocation.owl import OWL
+from compresslab.engine import SequentialEngine
+from compresslab.errors import ConfigError
+from compresslab.models.loaders import TinyModel
+from compresslab.pruner.magnitude import Magnitude
+from compresslab.pruner.sparsegpt import SparseGPT
+from compresslab.pruner.wanda import Wanda
+from compresslab.quantizer.gptq import GPTQ
+from compresslab.stages import fuse_stages, layer_state
+from conftest import needs_data
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def brute(errors, costs, budget):
+    best = (np.inf, None)
+    for ch in itertools.product(*[range(errors.shape[1])] * errors.shape[0]):
+        idx = np.arange(len(ch)), np.array(ch)
+        if costs[idx].sum() <= budget and errors[idx].sum() < best[0]:
+            best = (errors[idx].sum(), ch)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dp_is_optimal_on_integer_costs(seed):
+    rng = np.random.default_rng(seed)
+    L, K = 6, 4
+    errors = rng.random((L, K))
+    costs = rng.integers(1, 20, (L, K)).astype(float)
+    budget = float(rng.integers(costs.min(1).sum(), costs.max(1).sum() + 1))
+    choice = solve(errors, costs, budget)
+    opt, _ = brute(errors, costs, budget)
+    idx = np.arange(L), choice
+    assert costs[idx].sum() <= budget
+    assert errors[idx].sum() == pytest.approx(opt, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dp_with_binned_costs_stays_in_budget_and_beats_the_shrunk_optimum(seed):
+    """Real costs in bins of budget/R (rounded up): every choice that fits budget − L·bin is open to the DP,
+    so its error is at most that smaller budget's optimum; and it never exceeds the budget."""
+    rng = np.random.default_rng(seed)
+    L, K, R = 5, 3, 64
+    errors, costs = rng.random((L, K)), rng.random((L, K)) * 100 + 1
+    budget = float(costs.min(1).sum() + 0.6 * (costs.max(1).sum() - costs.min(1).sum()))
+    choice = solve(errors, costs, budget, resolution=R)
+    idx = np.arange(L), choice
+    assert costs[idx].sum() <= budget + 1e-9
+    shrunk, _ = brute(errors, costs, budget - L * budget / R)
+    assert errors[idx].sum() <= shrunk + 1e-12
+
+
+def test_dp_refuses_a_budget_below_the_cheapest_choice():
+    with pytest.raises(ConfigError, match="cheapest"):
+        solve(np.ones((2, 2)), np.array([[3.0, 5.0], [3.0, 4.0]]), 5.0)
+
+
+def _model(seed=0, layers=3):
+    m, _ = TinyModel(hidden_size=64, intermediate_size=128, num_layers=layers, seed=seed, device="cpu").load()
+    return m
+
+
+def _ids(n=8, t=32, seed=0):
+    return torch.randint(0, 257, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def engine():
+    return SequentialEngine(device="cpu", progress=False)
+
+
+def test_owl_matches_its_rule_computed_from_dense_activations():
+    """Outlier ratios from a plain forward of the dense model (hooks record each Linear's input norms),
+    then OWL's mapping, both written here; the allocator's levels must equal them."""
+    m, ids = _model(), _ids()
+    norms = {}
+    hooks = [lin.register_forward_pre_hook(lambda mod, a, n=n: norms.__setitem__(n, a[0].reshape(-1, a[0].shape[-1])
+                                                                                   .double().norm(dim=0)))
+             for n, lin in m.named_modules() if isinstance(lin, torch.nn.Linear) and ".layers." in f".{n}"]
+    with torch.no_grad():
+        m(ids)
+    for h in hooks:
+        h.remove()
+    M, lam, S = 3.0, 0.05, 0.6
+    D = []
+    for i in range(3):
+        scores = torch.cat([(lin.weight.double().abs() * norms[n][None]).flatten()
+                            for n, lin in m.named_modules() if n.startswith(f"model.layers.{i}.")
+                            and isinstance(lin, torch.nn.Linear)])
+        D.append(float((scores > M * scores.mean()).double().mean()))
+    D = np.array(D)
+    dens = (D - D.min()) / (D.max() - D.min()) * 2 * lam
+    want = 1 - (dens - dens.mean() + 1 - S)
+    owl = OWL(M=M, lam=lam, target=S)
+    levels = owl.allocate(m, ids, [Wanda(sparsity=S)], engine())
+    for i in range(3):
+        got = {v["sparsity"] for k, v in levels.items() if k.startswith(f"model.layers.{i}.")}
+        assert len(got) == 1 and got.pop() == pytest.approx(want[i], abs=1e-6)
+    assert np.mean([owl_s for owl_s in want]) == pytest.approx(S)
+    assert np.allclose(owl.ratios, D, atol=1e-12)
+    # the measuring pass left the model dense and without records
+    assert all(layer_state(lin) is None for n, lin in m.named_modules() if isinstance(lin, torch.nn.Linear))
+
+
+def test_dp_sparsity_budget_is_met_and_every_layer_takes_its_level(tmp_path):
+    m, ids = _model(), _ids()
+    stages = [SparseGPT(sparsity=0.6)]
+    dp = DP(budget="sparsity", target=0.6, levels=[0.4, 0.5, 0.6, 0.7, 0.8])
+    eng = engine()
+    eng.levels = dp.levels(m, ids, stages, eng, tmp_path)
+    assert (tmp_path / "allocation.yaml").is_file()
+    assert len({v["sparsity"] for v in eng.levels.values()}) > 1  # not uniform
+    report = compress(m, pruner=stages[0], calibration=ids, engine=eng)
+    pruned = total = 0
+    step = 0
+    for row in report.layers:
+        lv = eng.levels[row["name"]]["sparsity"]
+        assert row["sparsity"] == pytest.approx(lv, abs=1 / 64)  # per-row rounding of a 64-wide row
+        numel = row["shape"][0] * row["shape"][1]
+        pruned, total = pruned + row["sparsity"] * numel, total + numel
+        step = max(step, 0.1 * numel)
+    assert pruned / total >= 0.6 - 1e-9 and (pruned / total - 0.6) * total <= step
+    assert dp.report["allocation/error_sum"] <= dp.report["allocation/error_sum_uniform"]
+
+
+def test_dp_bits_inside_the_fused_sparsegpt_gptq_pass_and_the_packed_size_is_the_budget(tmp_path):
+    m, ids = _model(), _ids()
+    stages = fuse_stages([SparseGPT(sparsity=0.5), GPTQ(bits=3, group_size=32)])
+    assert len(stages) == 1  # the joint pass: levels must reach its quantizer
+    dp = DP(budget="avg_bits", levels=[2, 3, 4])
+    eng = engine()
+    eng.levels = dp.levels(m, ids, stages, eng)
+    report = compress(m, pruner=SparseGPT(sparsity=0.5), quantizer=GPTQ(bits=3, group_size=32), calibration=ids,
+                      engine=eng)
+    bits = {r["name"]: r["bits"] for r in report.layers}
+    assert bits == {n: v["bits"] for n, v in eng.levels.items()}
+    assert len(set(bits.values())) > 1
+    assert report.metrics["avg_bits"] <= dp.report["allocation/target"] + 1e-12
+    assert report.metrics["avg_bits"] == pytest.approx(dp.report["allocation/met"], rel=1e-12)
+
+
+def test_a_saved_allocation_reproduces_the_same_compressed_model(tmp_path):
+    ids = _ids()
+    weights = []
+    for path in (None, str(tmp_path / "allocation.yaml")):
+        m = _model()
+        dp = DP(budget="sparsity", target=0.6, path=path) if path else DP(budget="sparsity", target=0.6)
+        eng = engine()
+        eng.levels = dp.levels(m, ids, [Wanda(sparsity=0.6)], eng, tmp_path if path is None else None)
+        compress(m, pruner=Wanda(sparsity=0.6), calibration=ids, engine=eng)
+        weights.append({n: p.detach().clone() for n, p in m.named_parameters()})
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
+
+
+def test_a_saved_allocation_for_another_model_is_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("levels:\n  model.layers.9.mlp.up_proj: {sparsity: 0.5}\n")
+    with pytest.raises(ConfigError, match="another model"):
+        DP(path=str(tmp_path / "a.yaml")).levels(_model(), None, [Magnitude(0.5)], engine())
+    with pytest.raises(ConfigError, match="not a file"):
+        DP(path=str(tmp_path / "none.yaml"))
+
+
+@pytest.mark.parametrize("kw,match", [({"budget": "flops"}, "budget"), ({"target": 1.5}, "target"),
+                                      ({"levels": [0.5, 1.2]}, "levels"), ({"granularity": "row"}, "granularity"),
+                                      ({"budget": "avg_bits", "levels": [3, 9]}, "levels"),
+                                      ({"resolution": 4}, "resolution")])
+def test_bad_dp_options_fail_at_once(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        DP(**kw)
+
+
+def test_owl_refuses_nm_patterns_and_a_missing_stage():
+    with pytest.raises(ConfigError, match="unstructured"):
+        OWL().check([Wanda(pattern="2:4")])
+    with pytest.raises(ConfigError, match="quantizer"):
+        DP(budget="avg_bits").check([Wanda()])
+    with pytest.raises(ConfigError, match="lam"):
+        OWL(lam=0.7)
+
+
+TINY = ["model=tiny_llama", "data.nsamples=4", "data.seqlen=64", "eval.seqlen=64", "eval.max_windows=2",
+        "engine.progress=false", "eval.progress=false", "logger=none"]
+
+
+def run(args):
+    env = {**os.environ, "WANDB_SILENT": "true", "TQDM_DISABLE": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=900)
+
+
+@needs_data
+def test_readme_allocation_commands_run_as_printed(tmp_path):
+    lines = [ln.strip() for ln in (ROOT / "README.md").read_text().splitlines()
+             if ln.startswith(".venv/bin/python run.py") and "allocation=" in ln]
+    assert len(lines) == 3, lines
+    recs = []
+    for k, line in enumerate(lines):
+        out_dir = tmp_path / f"cmd{k}"
+        args = line.split()[2:] + [*TINY, "model.hidden_size=128", "model.intermediate_size=256",
+                                   f"hydra.{'sweep' if '-m' in line.split() else 'run'}.dir={out_dir}"]
+        out = run(args)
+        assert out.returncode == 0, out.stderr[-3000:]
+        recs += [(p.parent, json.loads(p.read_text())) for p in out_dir.rglob("metrics.json")]
+    assert len(recs) >= 3
+    for d, r in recs:
+        assert r["status"] == "ok", r.get("error")
+        if r["choices"]["allocation"]:
+            assert (d / "allocation.yaml").is_file() or r["config"]["allocation"]["path"]
+            assert all(any(k.startswith("allocated_") for k in row) for row in r["layers"])
+
+
+@needs_data
+def test_bad_allocation_values_fail_before_loading(tmp_path):
+    for k, args in enumerate([["allocation=dp", "allocation.budget=flops", "pruner=wanda"],
+                              ["allocation=owl", "pruner=wanda", "pruner.pattern=2:4"],
+                              ["allocation=dp", "allocation.budget=avg_bits", "pruner=wanda"]]):
+        out = run([*TINY, *args, f"hydra.run.dir={tmp_path / str(k)}"])
+        assert out.returncode != 0
+        rec = json.loads((tmp_path / str(k) / "metrics.json").read_text())
+        assert rec["status"] == "failed" and "allocation" in rec["error"] and "time/load_s" not in rec["metrics"]
