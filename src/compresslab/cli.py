@@ -169,7 +169,7 @@ def config_hash(config: dict) -> str:
 
 def method_string(choices: dict) -> str:
     """'quarot+owl+sparsegpt+gptq+slim+beam' from Hydra's group choices; 'dense' when no stage runs."""
-    parts = [choices.get(g) for g in ("rotation", "allocation", "pruner", "quantizer", "lowrank", "recovery")]
+    parts = [choices.get(g) for g in STAGE_GROUPS]
     return "+".join(p for p in parts if p not in (None, "null")) or "dense"
 
 

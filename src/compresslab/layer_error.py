@@ -27,7 +27,8 @@ def hessian_rel_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> 
 class ErrorMeter:
     """While attached (a context manager), accumulates ‖(W_d − Ŵ)x‖² and ‖W_d x‖² over every input x
     the given Linears see. The hook runs before any other pre-hook (activation quantization), so x
-    is the layer's input as the Hessian saw it; only weights differ.
+    is the layer's input as the Hessian saw it, a rotation's online transform applied (the Hessian's
+    hooks ran after it); only weights differ.
 
     Args:
         layers: {name: (Linear, dense weight (out, in))}; a dense weight on another device is moved
@@ -46,8 +47,12 @@ class ErrorMeter:
     def _hook(self, name):
         lin, W_d = self.layers[name]
 
-        def hook(_mod, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])  # (N·T, in)
+        def hook(mod, args):
+            x = args[0].detach()
+            st = layer_state(lin)
+            if st is not None and st.online is not None:  # rotation R4: the input the weights were fitted on
+                x = st.online(mod, (x,))[0]
+            x = x.reshape(-1, x.shape[-1])  # (N·T, in)
             Wd = W_d.to(device=x.device, dtype=x.dtype)
             delta = Wd - effective_weight(lin).to(x.dtype)  # (out, in)
             rows = max(1, self.CHUNK_ELEMENTS // Wd.shape[0])

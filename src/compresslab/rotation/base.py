@@ -136,13 +136,13 @@ def fuse_norms(model: nn.Module) -> dict:
     """Fold every RMSNorm scale of the layout into the Linears that read it (norm weights become 1);
     untie the head. The model computes the same function."""
     lay = layout(model)
-    untied = _untie_head(model, lay)
     adapter = adapter_for(model)
     pairs = [(f"{adapter.blocks}.{i}.{norm}", get_module(b, norm), [get_module(b, r) for r in readers])
              for i, b in enumerate(adapter.block_list(model)) for norm, readers in lay.norms]
     pairs.append((lay.final_norm, get_module(model, lay.final_norm), [get_module(model, lay.head)]))
-    for name, norm, readers in pairs:
-        w = _check_rmsnorm(name, norm).double()
+    scales = [_check_rmsnorm(name, norm).double() for name, norm, _ in pairs]  # all checked before any change
+    untied = _untie_head(model, lay)  # (the head module stays; it gets its own weight)
+    for (name, norm, readers), w in zip(pairs, scales):
         for lin in readers:
             lin.weight.data.copy_((lin.weight.double() * w[None, :]).to(lin.weight.dtype))
         norm.weight.data.fill_(1.0)

@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models.adapters import adapter_for
 from ..quantizer import grid as _grid
-from ..quantizer.activations import fake_quant_int
+from ..quantizer.activations import ActQuant
 from ..utils import get_module
 from .base import _head_dim, as_orthogonal, layout
 from .quarot import QuaRot
@@ -33,10 +33,14 @@ FILE = "spinquant.safetensors"
 
 
 def cayley_step(R: torch.Tensor, G: torch.Tensor, lr: float) -> torch.Tensor:
-    """One Cayley SGD step for (..., n, n) orthogonal R with Euclidean gradient G."""
-    A = G @ R.transpose(-1, -2) - R @ G.transpose(-1, -2)
+    """One Cayley SGD step (Li et al. 2020, as SpinQuant runs it) for (..., n, n) orthogonal R with
+    Euclidean gradient G: the skew-symmetric A = ½(G Rᵀ − R Gᵀ) (the Riemannian gradient's generator for
+    square R), step α = min(lr, 1/‖A‖₁) per matrix, R ← (I + α/2 A)⁻¹ (I − α/2 A) R."""
+    A = 0.5 * (G @ R.transpose(-1, -2) - R @ G.transpose(-1, -2))
+    norm1 = A.abs().sum(-2).amax(-1)  # max column sum
+    alpha = torch.clamp(1.0 / (norm1 + 1e-8), max=lr)[..., None, None]
     eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device).expand_as(R)
-    return torch.linalg.solve(eye + lr / 2 * A, (eye - lr / 2 * A) @ R)
+    return torch.linalg.solve(eye + alpha / 2 * A, (eye - alpha / 2 * A) @ R)
 
 
 def nearest_orthogonal(R: torch.Tensor) -> torch.Tensor:
@@ -45,34 +49,40 @@ def nearest_orthogonal(R: torch.Tensor) -> torch.Tensor:
     return U @ Vh
 
 
-def rtn_ste(W: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """W fake-quantised on the min/max grid (per row, or per group of inputs), gradient straight through."""
-    Wd = W.detach()
+def rtn_ste(W: torch.Tensor, bits: int, group_size: int, grid: str = "asym") -> torch.Tensor:
+    """W fake-quantised to nearest on `grid` (per row, or per group of inputs), gradient straight through."""
+    Wd = W.detach().float()
     view, _ = _grid.group_reshape(Wd, group_size, "row")
-    scale, zero = _grid.qparams(view.amin(-1, keepdim=True), view.amax(-1, keepdim=True), bits, "asym")
-    q = _grid.fake_quantize(view, scale, zero, 2**bits - 1).reshape(W.shape)
-    return W + (q - Wd)
+    scale, zero = _grid.qparams(view.amin(-1, keepdim=True), view.amax(-1, keepdim=True), bits, grid)
+    q = _grid.fake_quantize(view, scale, zero, _grid.max_code(bits, grid)).reshape(W.shape).to(W.dtype)
+    return W + (q - W.detach())
 
 
 class SpinQuant(QuaRot):
     """Args:
         seed, online_down: as QuaRot (the start is QuaRot's randomised Hadamard with this seed).
-        bits, group_size: the weights' fake quantization during training (RTN, min/max grid).
-        act_bits: per-token int activations during training (null: weights only).
+        bits, group_size, grid: the weights' fake quantization during training (round to nearest).
+        act_bits: activations during training, as the quantizer's `act_bits` (8: FP8 per tensor, fewer:
+            int per token); null: weights only.
         iters: Cayley SGD steps (paper: 100). lr: its step size (paper: 1.5). momentum: heavy ball.
         batch_size: calibration windows per step (the pipeline's data; cycled).
         path: a file this class saved (spinquant.safetensors): its R1/R2 are applied, nothing is learned.
     """
 
     def __init__(self, seed: int = 0, online_down: bool = True, bits: int = 4, group_size: int = -1,
-                 act_bits: int | None = None, iters: int = 100, lr: float = 1.5, momentum: float = 0.0,
-                 batch_size: int = 1, path: str | None = None):
+                 grid: str = "asym", act_bits: int | None = None, iters: int = 100, lr: float = 1.5,
+                 momentum: float = 0.0, batch_size: int = 1, path: str | None = None):
         super().__init__(seed, True, online_down)
         _grid.check_bits(bits)
+        _grid.check_grid(grid, key="rotation.grid")
         if not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
             raise ConfigError(f"rotation.group_size must be -1 (per row) or a positive int, got {group_size!r}")
-        if act_bits is not None and (not isinstance(act_bits, int) or not 2 <= act_bits <= 8):
-            raise ConfigError(f"rotation.act_bits={act_bits!r} is out of range; use 2..8 or null")
+        self.act = None
+        if act_bits is not None:
+            try:
+                self.act = ActQuant(act_bits)
+            except ConfigError as e:
+                raise ConfigError(str(e).replace("quantizer.", "rotation.")) from e
         if not isinstance(iters, int) or iters < 0:
             raise ConfigError(f"rotation.iters must be an int >= 0, got {iters!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -82,7 +92,7 @@ class SpinQuant(QuaRot):
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"rotation.path={path!r} is not a file; pass the {FILE} a SpinQuant run saved "
                               "in its output folder, or leave it null to learn the rotation")
-        self.bits, self.group_size, self.act_bits = bits, group_size, act_bits
+        self.bits, self.group_size, self.grid, self.act_bits = bits, group_size, grid, act_bits
         self.iters, self.lr, self.momentum, self.batch_size, self.path = iters, lr, momentum, batch_size, path
 
     @property
@@ -126,12 +136,13 @@ class SpinQuant(QuaRot):
         m1, m2 = torch.zeros_like(r1), torch.zeros_like(r2)
         # the embeddings and the head are not quantized: rotate their activations instead of their
         # (vocab, hidden) weights, e ← e R1 after the embedding and x ← x R1ᵀ before the head
-        hooks = [get_module(model, lay.embed).register_forward_hook(lambda _m, _a, out: out @ r1),
-                 get_module(model, lay.head).register_forward_pre_hook(lambda _m, a: (a[0] @ r1.T, *a[1:]))]
-        if self.act_bits is not None:
-            def act(_m, args):
+        hooks = [get_module(model, lay.embed).register_forward_hook(lambda _m, _a, out: out @ r1.to(out.dtype)),
+                 get_module(model, lay.head).register_forward_pre_hook(
+                     lambda _m, a: (a[0] @ r1.T.to(a[0].dtype), *a[1:]))]
+        if self.act is not None:
+            def act(m, args):  # the quantizer's activation rounding, gradient straight through
                 x = args[0]
-                return (x + (fake_quant_int(x.detach(), self.act_bits, "token") - x.detach()), *args[1:])
+                return (x + (self.act(m, (x.detach(),))[0] - x.detach()), *args[1:])
 
             hooks += [lin.register_forward_pre_hook(act) for _, lin in block_linears]
         grads = {p: p.requires_grad for p in model.parameters()}
@@ -141,8 +152,8 @@ class SpinQuant(QuaRot):
         losses = []
         try:
             for step in range(self.iters):
-                k = (step * self.batch_size) % ids.shape[0]
-                batch = ids[k:k + self.batch_size]
+                rows = torch.arange(step * self.batch_size, (step + 1) * self.batch_size) % ids.shape[0]
+                batch = ids[rows.to(ids.device)]
                 params = self._rotated(model, lay, adapter, W0, r1, r2, d, block_linears)
                 out = torch.func.functional_call(model, params, (batch,), {"labels": batch, "use_cache": False})
                 loss = out.loss
@@ -171,6 +182,8 @@ class SpinQuant(QuaRot):
         P = {}  # (the embeddings and the head: hooks in `learn`)
         readers = {n for _, rs in lay.norms for n in rs}
         v_name, o_name = lay.values
+        dt = next(iter(W0.values())).dtype  # the model's (bf16 on a GPU): the rotations cast into it, in the graph
+        r1, r2 = r1.to(dt), r2.to(dt)
         for i, _ in enumerate(adapter.block_list(model)):
             pre = f"{adapter.blocks}.{i}."
             for n in readers:
@@ -189,7 +202,7 @@ class SpinQuant(QuaRot):
                     P[pre + n + ".bias"] = W0[pre + n + ".bias"] @ r1
         for name, lin in block_linears:
             key = name + ".weight"
-            P[key] = rtn_ste(P.get(key, W0[key]), self.bits, self.group_size)
+            P[key] = rtn_ste(P.get(key, W0[key]), self.bits, self.group_size, self.grid)
         return P
 
     # -- saved rotations -------------------------------------------------------------------------
