@@ -8,6 +8,7 @@ Each cell runs three times (`run.py` processes, 128x512 wikitext2 calibration, p
 group, activation bits) in the first cell that needs it (its `iters` scaled by --spin-iters for CPU time);
 the other cells with the same setting reuse the saved matrices (`rotation.path=`), as a user would.
 Writes experiments/results/rotation.{json,md} (one row per cell) and rotation_runs.json (every run).
+Runs whose folder under --out already holds an ok metrics.json are kept, not rerun (delete one to redo it).
 """
 
 import json
@@ -59,6 +60,10 @@ def main():
                           f"rotation.act_bits={'null' if act is None else act}", f"rotation.iters={args.spin_iters}"]
                 if setting in trained:
                     extra.append(f"rotation.path={trained[setting]}")
+            done = run_dir_for(out, name) / "metrics.json"
+            if done.is_file() and json.loads(done.read_text()).get("status") == "ok":  # an earlier invocation's
+                first = False
+                continue
             if first:
                 extra.append("eval.dense_baseline=true")
                 first = False
