@@ -234,3 +234,44 @@ def test_bad_allocation_values_fail_before_loading(tmp_path):
         assert out.returncode != 0
         rec = json.loads((tmp_path / str(k) / "metrics.json").read_text())
         assert rec["status"] == "failed" and "allocation" in rec["error"] and "time/load_s" not in rec["metrics"]
+
+
+def test_level_switch_keeps_the_budget_and_stays_in_its_classes():
+    from compresslab.allocation.evopress import level_switch
+
+    rng = np.random.default_rng(0)
+    classes = [np.array([0, 1, 2]), np.array([3, 4]), np.array([5])]
+    cost = np.array([[1, 2, 3]] * 3 + [[10, 20, 30]] * 2 + [[7, 8, 9]])  # same cost per level within a class
+    start = np.array([1, 1, 1, 0, 2, 1])
+    for _ in range(200):
+        child = level_switch(start, classes, 3, int(rng.integers(1, 4)), rng)
+        assert cost[np.arange(6), child].sum() == cost[np.arange(6), start].sum()
+        assert child.min() >= 0 and child.max() <= 2 and child[5] == 1
+        for c in classes:  # the levels move within a class, never between classes
+            assert child[c].sum() == start[c].sum()
+
+
+def test_evopress_improves_on_its_dp_start_within_the_same_budget():
+    from compresslab.allocation.evopress import EvoPress
+
+    m, ids = _model(layers=2), _ids(n=4, t=32)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    ev = EvoPress(budget="sparsity", target=0.6, levels=[0.4, 0.5, 0.6, 0.7, 0.8], generations=12, offspring=4,
+                  windows=2)
+    levels = ev.allocate(m, ids, [Wanda(sparsity=0.6)], engine())
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())  # dense again for the compression
+    assert ev.curve[-1] <= ev.curve[0] and all(b <= a for a, b in zip(ev.curve, ev.curve[1:]))
+    dp = DP(budget="sparsity", target=0.6, levels=[0.4, 0.5, 0.6, 0.7, 0.8])
+    dp.allocate(_model(layers=2), ids, [Wanda(sparsity=0.6)], engine())
+    assert ev.report["allocation/met"] >= 0.6 - 1e-12  # within the budget, as the DP's start
+    numel = [lin.weight.numel() for n, lin in m.named_modules() if isinstance(lin, torch.nn.Linear) and ".layers." in n]
+    assert ev.report["allocation/met"] - 0.6 <= 0.1 * max(numel) / sum(numel)  # within one layer's step
+    assert len(levels) == 14
+
+
+@pytest.mark.parametrize("kw", [{"generations": -1}, {"offspring": 0}, {"windows": 0}, {"max_switches": 0}])
+def test_bad_evopress_options_fail_at_once(kw):
+    from compresslab.allocation.evopress import EvoPress
+
+    with pytest.raises(ConfigError, match=list(kw)[0]):
+        EvoPress(**kw)

@@ -86,9 +86,11 @@ class LevelProbe:
     the level set), its relative squared output error through the Hessian and its cost recorded. The
     layer itself stays dense."""
 
-    def __init__(self, stages, key: str, levels: list, cost: str):
+    def __init__(self, stages, key: str, levels: list, cost: str, keep: bool = False):
         self.stages = fuse_stages([s for s in stages if s is not None])
         self.key, self.levels, self.cost = key, list(levels), cost
+        self.keep = keep  # also keep each level's effective weight (fp16, CPU): EvoPress stitches models from them
+        self.weights: dict[str, list[torch.Tensor]] = {}
         self.needs = frozenset({"hessian"}).union(*(s.needs for s in self.stages))
         self.uses_original = True
         self.table: dict[str, tuple[list[float], list[float]]] = {}
@@ -112,7 +114,10 @@ class LevelProbe:
             layer_state(tmp, create=True).original = W
             for s in self.stages:
                 with_levels(s, {self.key: lv}).compress(name, tmp, stats)
-            errs.append(hessian_rel_error(W, effective_weight(tmp), H) ** 2)
+            W_hat = effective_weight(tmp)
+            errs.append(hessian_rel_error(W, W_hat, H) ** 2)
+            if self.keep:
+                self.weights.setdefault(name, []).append(W_hat.to("cpu", torch.float16))
             if self.cost == "kept":
                 keep = layer_state(tmp).keep_mask()
                 costs.append(float(keep.sum()) if keep is not None else float(W.numel()))
@@ -156,16 +161,16 @@ class DP(Allocator):
             return sorted({round(min(max(own + d, 0.0), 0.95), 4) for d in (-0.2, -0.1, 0.0, 0.1, 0.2)})
         return sorted({b for b in (own - 1, own, own + 1) if 2 <= b <= 8})
 
-    def allocate(self, model, calibration, stages, engine) -> dict[str, dict]:
+    def measure(self, model, calibration, stages, engine, keep: bool = False):
+        """The measuring pass: (names, levels, errors (L, K), costs (L, K), budget, target, index of the
+        stage's own level, the probe)."""
         own = _stage_value(stages, self.key)
         levels = self._levels(own)
-        probe = LevelProbe(stages, self.key, levels, "kept" if self.key == "sparsity" else "bits")
+        probe = LevelProbe(stages, self.key, levels, "kept" if self.key == "sparsity" else "bits", keep)
         engine.run(model, calibration, [probe])
         clear_states(model)
-        adapter = adapter_for(model)
-        names = [n for n, _ in adapter.named_linears(model)]
-        numel = {n: lin.weight.numel() for n, lin in adapter.named_linears(model)}
-        total = sum(numel.values())
+        names = [n for n, _ in adapter_for(model).named_linears(model)]
+        total = sum(lin.weight.numel() for _, lin in adapter_for(model).named_linears(model))
         errs = np.array([probe.table[n][0] for n in names])
         costs = np.array([probe.table[n][1] for n in names])
         k_own = levels.index(own)
@@ -175,27 +180,32 @@ class DP(Allocator):
         else:
             target = self.target if self.target is not None else costs[:, k_own].sum() / total
             budget = target * total  # packed bits
-        units = names
-        if self.granularity == "block":  # one level per block: the block's Linears summed
-            prefix = adapter.blocks + "."
-            block = [int(n[len(prefix):].split(".", 1)[0]) for n in names]
-            ids = sorted(set(block))
-            units = ids
-            errs = np.array([errs[[b == i for b in block]].sum(0) for i in ids])
-            costs = np.array([costs[[b == i for b in block]].sum(0) for i in ids])
-        choice = solve(errs, costs, budget, self.resolution)
-        if self.granularity == "block":
-            by_block = dict(zip(units, choice))
-            prefix = adapter.blocks + "."
-            choice = np.array([by_block[int(n[len(prefix):].split(".", 1)[0])] for n in names])
-            errs = np.array([probe.table[n][0] for n in names])
-            costs = np.array([probe.table[n][1] for n in names])
+        return names, levels, errs, costs, budget, target, k_own, probe
+
+    def choose(self, model, names, errs, costs, budget) -> np.ndarray:
+        """The DP's choice per Linear (per block with granularity=block, each block's Linears summed)."""
+        if self.granularity == "layer":
+            return solve(errs, costs, budget, self.resolution)
+        prefix = adapter_for(model).blocks + "."
+        block = np.array([int(n[len(prefix):].split(".", 1)[0]) for n in names])
+        ids = sorted(set(block.tolist()))
+        per = solve(np.array([errs[block == i].sum(0) for i in ids]), np.array([costs[block == i].sum(0) for i in ids]),
+                    budget, self.resolution)
+        return np.array([per[ids.index(b)] for b in block])
+
+    def record(self, model, names, levels, errs, costs, choice, target, k_own) -> dict[str, dict]:
+        total = sum(lin.weight.numel() for _, lin in adapter_for(model).named_linears(model))
         spent = costs[np.arange(len(names)), choice].sum()
         met = 1 - spent / total if self.key == "sparsity" else spent / total
         self.report = {"allocation/target": float(target), "allocation/met": float(met),
                        "allocation/error_sum": float(errs[np.arange(len(names)), choice].sum()),
                        "allocation/error_sum_uniform": float(errs[:, k_own].sum())}
         return {n: {self.key: _plain(levels[k])} for n, k in zip(names, choice)}
+
+    def allocate(self, model, calibration, stages, engine) -> dict[str, dict]:
+        names, levels, errs, costs, budget, target, k_own, _ = self.measure(model, calibration, stages, engine)
+        choice = self.choose(model, names, errs, costs, budget)
+        return self.record(model, names, levels, errs, costs, choice, target, k_own)
 
 
 def _plain(v):

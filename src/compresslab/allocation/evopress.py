@@ -1,0 +1,128 @@
+"""EvoPress (Sieberling et al. 2024, "EvoPress: Towards Optimal Dynamic Model Compression via
+Evolutionary Search"): per-layer levels by a level-switching evolutionary search on the whole model.
+
+The measuring pass (as `dp`, with the dense inputs) also keeps each Linear's effective weight at every
+level (fp16, CPU memory: levels x the block Linears' weights). A candidate is one level per Linear; its
+fitness is the KL divergence of the stitched model's next-token distribution from the dense model's,
+on the first `windows` calibration windows (a forward per candidate, no compression). The search is
+(1 + λ): from the parent (the DP's choice, which meets the budget), `offspring` children each switch
+1..`max_switches` pairs of Linears of the same shape, one a level up and one a level down (same-shape
+Linears cost the same at a level, so with evenly spaced level costs the total stays the same; a child
+over the budget is drawn again); the best child replaces the parent when its fitness is lower. The paper selects in several stages on growing token counts; here one
+stage, every child on all the windows. Activation quantization is not applied while searching.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+from ..models.adapters import adapter_for
+from .dp import DP
+
+log = logging.getLogger(__name__)
+
+
+def level_switch(choice: np.ndarray, classes: list[np.ndarray], K: int, switches: int,
+                 rng: np.random.Generator) -> np.ndarray:
+    """A child: `switches` times, in a random class of interchangeable Linears, one Linear a level up and
+    another a level down (skipped when no pair can move)."""
+    child = choice.copy()
+    movable = [c for c in classes if len(c) > 1]
+    for _ in range(switches):
+        if not movable:
+            break
+        cls = movable[rng.integers(len(movable))]
+        up = cls[child[cls] < K - 1]
+        down = cls[child[cls] > 0]
+        if len(up) == 0 or len(down) == 0:
+            continue
+        a = up[rng.integers(len(up))]
+        b_choices = down[down != a]
+        if len(b_choices) == 0:
+            continue
+        b = b_choices[rng.integers(len(b_choices))]
+        child[a] += 1
+        child[b] -= 1
+    return child
+
+
+class EvoPress(DP):
+    """Args (besides dp's budget, target, levels, resolution, path):
+        generations: search steps (paper: hundreds; scale to CPU time).
+        offspring: children per generation.
+        max_switches: level switches per child, drawn from 1..max_switches.
+        windows: calibration windows the fitness is measured on.
+        seed: the search's random numbers.
+    """
+
+    def __init__(self, budget: str = "sparsity", target: float | None = None, levels: list | None = None,
+                 generations: int = 50, offspring: int = 8, max_switches: int = 3, windows: int = 4,
+                 seed: int = 0, resolution: int = 1 << 16, path: str | None = None):
+        super().__init__(budget, target, levels, "layer", resolution, path)
+        for key, v, lo in (("generations", generations, 0), ("offspring", offspring, 1),
+                           ("max_switches", max_switches, 1), ("windows", windows, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ConfigError(f"allocation.{key}={v!r} must be an int >= {lo}")
+        self.generations, self.offspring, self.max_switches = generations, offspring, max_switches
+        self.windows, self.seed = windows, seed
+        self.curve: list[float] = []
+
+    def allocate(self, model, calibration, stages, engine) -> dict[str, dict]:
+        names, levels, errs, costs, budget, target, k_own, probe = self.measure(model, calibration, stages,
+                                                                               engine, keep=True)
+        choice = self.choose(model, names, errs, costs, budget)
+        linears = dict(adapter_for(model).named_linears(model))
+        shapes: dict[tuple, list[int]] = {}
+        for i, n in enumerate(names):  # interchangeable: same shape and the same cost at every level
+            shapes.setdefault((tuple(linears[n].weight.shape), tuple(costs[i])), []).append(i)
+        classes = [np.array(v) for v in shapes.values()]
+        ids = calibration[: self.windows]
+        dense = {n: linears[n].weight.detach().clone() for n in names}
+        rng = np.random.default_rng(self.seed)
+        try:
+            ref = self._logprobs(model, ids, engine)
+            parent, best = choice, self._fitness(model, names, linears, probe, choice, ids, ref, engine)
+            self.curve = [best]
+            for _ in tqdm(range(self.generations), desc="evopress", disable=not engine.progress):
+                children = []
+                for _ in range(self.offspring * 20):  # level costs need not be evenly spaced: keep the feasible
+                    c = level_switch(parent, classes, len(levels), int(rng.integers(1, self.max_switches + 1)), rng)
+                    if costs[np.arange(len(names)), c].sum() <= budget and not np.array_equal(c, parent):
+                        children.append(c)
+                    if len(children) == self.offspring:
+                        break
+                if not children:
+                    break
+                scored = [(self._fitness(model, names, linears, probe, c, ids, ref, engine), k)
+                          for k, c in enumerate(children)]
+                fit, k = min(scored)
+                if fit < best:
+                    parent, best = children[k], fit
+                self.curve.append(best)
+        finally:
+            with torch.no_grad():
+                for n in names:  # the compression pass starts from the dense weights
+                    linears[n].weight.copy_(dense[n])
+        out = self.record(model, names, levels, errs, costs, parent, target, k_own)
+        self.report.update({"allocation/kl_start": self.curve[0], "allocation/kl": best,
+                            "allocation/generations": float(self.generations)})
+        return out
+
+    @torch.no_grad()
+    def _logprobs(self, model, ids, engine) -> torch.Tensor:
+        dev = next(model.parameters()).device
+        return torch.log_softmax(model(ids.to(dev), use_cache=False).logits.float(), -1)
+
+    @torch.no_grad()
+    def _fitness(self, model, names, linears, probe, choice, ids, ref, engine) -> float:
+        """Mean over tokens of KL(dense ‖ stitched)."""
+        for n, k in zip(names, choice):
+            w = linears[n].weight
+            w.copy_(probe.weights[n][int(k)].to(w.device, w.dtype))
+        logq = self._logprobs(model, ids, engine)
+        return float((ref.exp() * (ref - logq)).sum(-1).mean())
