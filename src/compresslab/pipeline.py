@@ -131,6 +131,14 @@ class Pipeline:
                 entry[f"recovery/curve/epoch_{epoch}"] = loss
             self.logger.log(entry)
 
+    def _log_curves(self) -> None:
+        """A learned rotation's loss per step and a searched allocation's fitness per generation, to W&B."""
+        if self.logger is None:
+            return
+        for group, obj in (("rotation", self.rotation), ("allocation", self.allocation)):
+            for step, value in enumerate(getattr(obj, "curve", None) or []):
+                self.logger.log({f"{group}/step": step, f"{group}/curve": value})
+
     def run(self, output_dir: str | Path | None = None, config: dict | None = None,
             meta: dict | None = None) -> dict[str, Any]:
         """Validate, load, (dense eval), compress, eval; write metrics.json (atomically, also on failure).
@@ -176,6 +184,7 @@ class Pipeline:
                 self.engine.levels = self.allocation.levels(model, calib, self.stages, self.engine, output_dir)
                 metrics["time/allocation_s"] = time.perf_counter() - t0
                 metrics.update(self.allocation.report)
+            self._log_curves()
             sink = None
             if source is not None:  # streamed: each final block is summarised (and written) before it is freed
                 from .checkpoint.io import CheckpointWriter

@@ -275,3 +275,32 @@ def test_bad_evopress_options_fail_at_once(kw):
 
     with pytest.raises(ConfigError, match=list(kw)[0]):
         EvoPress(**kw)
+
+
+@needs_data
+def test_the_search_curve_goes_to_the_logger(tmp_path):
+    from compresslab.allocation.evopress import EvoPress
+    from compresslab.data.calibration import CalibrationData
+    from compresslab.pipeline import Pipeline
+
+    class Logger:
+        def __init__(self):
+            self.rows = []
+
+        def start(self, *a, **k): ...
+        def table(self, *a, **k): ...
+        def summary(self, *a, **k): ...
+        def finish(self, *a, **k): ...
+
+        def log(self, metrics, step=None):
+            self.rows.append(metrics)
+
+    lg = Logger()
+    ev = EvoPress(target=0.6, levels=[0.5, 0.6, 0.7], generations=3, offspring=2, windows=1)
+    p = Pipeline(model=TinyModel(device="cpu"), data=CalibrationData(nsamples=2, seqlen=32), pruner=Wanda(0.6),
+                 allocation=ev, logger=lg, engine=SequentialEngine(device="cpu", progress=False))
+    rec = p.run(tmp_path)
+    assert rec["status"] == "ok", rec["error"]
+    curve = [r["allocation/curve"] for r in lg.rows if "allocation/curve" in r]
+    assert curve == ev.curve and len(curve) >= 2
+    assert (tmp_path / "allocation.yaml").is_file()
