@@ -25,6 +25,7 @@ from compresslab.pruner.wanda import Wanda
 from compresslab.quantizer.gptq import GPTQ
 from compresslab.stages import fuse_stages, layer_state
 from conftest import needs_data
+from test_sweeps import run  # run.py in a subprocess, quiet
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -196,12 +197,6 @@ def test_owl_refuses_nm_patterns_and_a_missing_stage():
 
 TINY = ["model=tiny_llama", "data.nsamples=4", "data.seqlen=64", "eval.seqlen=64", "eval.max_windows=2",
         "engine.progress=false", "eval.progress=false", "logger=none"]
-
-
-def run(args):
-    env = {**os.environ, "WANDB_SILENT": "true", "TQDM_DISABLE": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, capture_output=True, text=True,
-                          env=env, timeout=900)
 
 
 @needs_data

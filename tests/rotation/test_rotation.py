@@ -27,6 +27,7 @@ from compresslab.rotation.quarot import QuaRot
 from compresslab.rotation.spinquant import SpinQuant, cayley_step, rtn_ste
 from compresslab.stages import layer_state
 from conftest import needs_data
+from test_sweeps import run  # run.py in a subprocess, quiet
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -324,12 +325,6 @@ def test_bad_spinquant_options_fail_at_once(kw, match):
 TINY = ["model=tiny_llama", "model.hidden_size=96", "model.intermediate_size=192", "model.num_heads=6",
         "data.nsamples=4", "data.seqlen=64", "eval.seqlen=64", "eval.max_windows=2", "engine.progress=false",
         "eval.progress=false", "logger=none"]
-
-
-def run(args):
-    env = {**os.environ, "WANDB_SILENT": "true", "TQDM_DISABLE": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, capture_output=True, text=True,
-                          env=env, timeout=900)
 
 
 @needs_data
