@@ -4,9 +4,6 @@ their layer's level (also inside the fused SparseGPT+GPTQ pass)."""
 
 import itertools
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np

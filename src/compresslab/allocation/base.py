@@ -9,7 +9,6 @@ with `allocation.path=<that file>`.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -17,8 +16,6 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..stages import is_stage
-
-log = logging.getLogger(__name__)
 
 BUDGETS = {"sparsity": "sparsity", "avg_bits": "bits"}  # what is budgeted -> the stage option it sets
 FILE = "allocation.yaml"

@@ -14,7 +14,6 @@ stage, every child on all the windows. Activation quantization is not applied wh
 
 from __future__ import annotations
 
-import logging
 
 import numpy as np
 import torch
@@ -23,8 +22,6 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from ..models.adapters import adapter_for
 from .dp import DP
-
-log = logging.getLogger(__name__)
 
 
 def level_switch(choice: np.ndarray, classes: list[np.ndarray], K: int, switches: int,
