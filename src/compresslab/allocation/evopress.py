@@ -14,7 +14,6 @@ stage, every child on all the windows. Activation quantization is not applied wh
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from tqdm.auto import tqdm
