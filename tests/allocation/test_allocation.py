@@ -296,3 +296,28 @@ def test_the_search_curve_goes_to_the_logger(tmp_path):
     curve = [r["allocation/curve"] for r in lg.rows if "allocation/curve" in r]
     assert curve == ev.curve and len(curve) >= 2
     assert (tmp_path / "allocation.yaml").is_file()
+
+
+def test_dp_adapter_ranks_under_a_parameter_budget():
+    """budget=params: SLiM-LoRA ranks per layer from [4, 8, 16, 32] (the stage set by rank_ratio is the
+    uniform choice, level null); the stored parameters stay within the uniform setting's."""
+    from compresslab.lowrank.slim import SLiMLoRA
+    from compresslab.metrics import layer_params
+
+    m, ids = _model(), _ids()
+    stages = [Magnitude(0.5), SLiMLoRA(rank_ratio=0.25)]
+    dp = DP(budget="params", levels=[4, 8, 16, 32])
+    eng = engine()
+    eng.levels = dp.levels(m, ids, stages, eng)
+    ranks = {v["rank"] for v in eng.levels.values()}
+    assert len(ranks) > 1 and ranks <= {4, 8, 16, 32, None}
+    compress(m, pruner=stages[0], lowrank=stages[1], calibration=ids, engine=eng)
+    lins = [(n, lin) for n, lin in m.named_modules() if isinstance(lin, torch.nn.Linear) and ".layers." in n]
+    for n, lin in lins:
+        want = eng.levels[n]["rank"] or max(1, round(0.25 * min(lin.weight.shape)))
+        assert layer_state(lin).adapter.rank == want
+    stored = sum(layer_params(lin) for _, lin in lins) / sum(lin.weight.numel() for _, lin in lins)
+    assert stored <= dp.report["allocation/target"] + 1e-12
+    assert stored == pytest.approx(dp.report["allocation/met"], rel=1e-12)
+    with pytest.raises(ConfigError, match="allocation.levels"):
+        DP(budget="params").levels(_model(), ids, stages, engine())

@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..stages import is_stage
 
-BUDGETS = {"sparsity": "sparsity", "avg_bits": "bits"}  # what is budgeted -> the stage option it sets
+BUDGETS = {"sparsity": "sparsity", "avg_bits": "bits", "params": "rank"}  # what is budgeted -> the option it sets
 FILE = "allocation.yaml"
 
 
@@ -29,6 +29,19 @@ def stage_has(stages, key: str) -> bool:
         if key in vars(s) or any(stage_has([v], key) for v in vars(s).values() if is_stage(v)):
             return True
     return False
+
+
+def stage_value(stages, key: str):
+    """The first stage's (or nested stage's) option `key`."""
+    for s in stages:
+        if s is None:
+            continue
+        if key in vars(s):
+            return getattr(s, key)
+        for v in vars(s).values():
+            if is_stage(v) and key in vars(v):
+                return getattr(v, key)
+    raise ConfigError(f"no stage has `{key}`")
 
 
 def save_levels(path: Path, levels: dict[str, dict], meta: dict) -> None:
@@ -62,14 +75,16 @@ class Allocator:
 
     def __init__(self, budget: str = "sparsity", target: float | None = None, path: str | None = None):
         if budget not in BUDGETS:
-            raise ConfigError(f"allocation.budget={budget!r}: use one of {', '.join(BUDGETS)} (params, for adapter "
-                              "ranks, is not built yet)")
+            raise ConfigError(f"allocation.budget={budget!r}: use one of {', '.join(BUDGETS)}")
         if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))):
             raise ConfigError(f"allocation.target={target!r} must be a number or null (the uniform setting's)")
         if budget == "sparsity" and target is not None and not 0 <= target < 1:
             raise ConfigError(f"allocation.target={target} is a sparsity: use a value in [0, 1)")
         if budget == "avg_bits" and target is not None and not 1 <= target <= 16:
             raise ConfigError(f"allocation.target={target} is an average number of bits: use a value in [1, 16]")
+        if budget == "params" and target is not None and not target > 0:
+            raise ConfigError(f"allocation.target={target} is stored parameters per weight (adapters included): "
+                              "use a value > 0")
         if path is not None:
             load_levels(path)  # a missing or unreadable file fails now
         self.budget, self.target, self.path = budget, target, path
@@ -86,8 +101,9 @@ class Allocator:
     def check(self, stages) -> None:
         """Before loading: some stage must take the budgeted option."""
         if not stage_has(stages, self.key):
+            kind = {"sparsity": "pruner", "bits": "quantizer", "rank": "lowrank stage"}[self.key]
             raise ConfigError(f"allocation.budget={self.budget} sets each layer's `{self.key}`, which none of the "
-                              f"stages has: add a {'pruner' if self.key == 'sparsity' else 'quantizer'}")
+                              f"stages has: add a {kind}")
         for s in stages:
             nm = getattr(s, "nm", None) or getattr(getattr(s, "pruner", None), "nm", None)
             if self.key == "sparsity" and nm is not None:

@@ -19,11 +19,10 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..layer_error import hessian_rel_error
-from ..metrics import layer_storage_bits
+from ..metrics import layer_params, layer_storage_bits
 from ..models.adapters import adapter_for
 from ..stages import effective_weight, fuse_stages, layer_state, with_levels
-from .base import Allocator, clear_states
-from .owl import _stage_value
+from .base import Allocator, clear_states, stage_value
 
 MAX_EXACT_UNITS = 1 << 20  # integer budgets up to this many units are solved without binning
 
@@ -121,6 +120,8 @@ class LevelProbe:
             if self.cost == "kept":
                 keep = layer_state(tmp).keep_mask()
                 costs.append(float(keep.sum()) if keep is not None else float(W.numel()))
+            elif self.cost == "params":  # the weight (unless the factors replace it) and the adapters
+                costs.append(float(layer_params(tmp)))
             else:
                 costs.append(float(layer_storage_bits(tmp)))
         self.table[name] = (errs, costs)
@@ -128,7 +129,8 @@ class LevelProbe:
 
 class DP(Allocator):
     """Args:
-        budget: sparsity (the mean over all block Linears' weights) | avg_bits (packed bits per weight).
+        budget: sparsity (the mean over all block Linears' weights) | avg_bits (packed bits per weight) |
+            params (stored parameters per weight, low-rank adapters included: the adapters' ranks).
         target: its value (null: the uniform setting's, i.e. the stages' own sparsity / bits).
         levels: the choices (sparsities, or bit widths); null: around the stage's own value.
         granularity: layer (each Linear its level) | block (one level per block).
@@ -148,15 +150,23 @@ class DP(Allocator):
             if not levels or len(levels) > 64:
                 raise ConfigError("allocation.levels must list 1 to 64 choices, or be null")
             for v in levels:
-                ok = (0 <= v < 1) if self.key == "sparsity" else (isinstance(v, int) and 2 <= v <= 8)
-                if isinstance(v, bool) or not ok:
+                ok = {"sparsity": lambda: 0 <= v < 1, "bits": lambda: isinstance(v, int) and 2 <= v <= 8,
+                      "rank": lambda: isinstance(v, int) and v >= 1}[self.key]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok():
                     raise ConfigError(f"allocation.levels has {v!r}: sparsities must be in [0, 1), bit widths ints "
-                                      "in 2..8")
+                                      "in 2..8, ranks ints >= 1")
         self.levels_, self.granularity, self.resolution = levels, granularity, resolution
 
     def _levels(self, own):
+        if self.key == "rank" and own is None:  # the stage's rank_ratio: its own per-layer rank is the level None
+            if self.levels_ is None:
+                raise ConfigError("allocation.budget=params with a lowrank stage set by rank_ratio: list the ranks to "
+                                  "choose from, allocation.levels=[8,16,32,64]")
+            return sorted(set(self.levels_)) + [None]
         if self.levels_ is not None:
             return sorted(set(self.levels_) | {own})
+        if self.key == "rank":
+            return sorted({max(1, own // 2), own, own * 2})
         if self.key == "sparsity":
             return sorted({round(min(max(own + d, 0.0), 0.95), 4) for d in (-0.2, -0.1, 0.0, 0.1, 0.2)})
         return sorted({b for b in (own - 1, own, own + 1) if 2 <= b <= 8})
@@ -164,9 +174,10 @@ class DP(Allocator):
     def measure(self, model, calibration, stages, engine, keep: bool = False):
         """The measuring pass: (names, levels, errors (L, K), costs (L, K), budget, target, index of the
         stage's own level, the probe)."""
-        own = _stage_value(stages, self.key)
+        own = stage_value(stages, self.key)
         levels = self._levels(own)
-        probe = LevelProbe(stages, self.key, levels, "kept" if self.key == "sparsity" else "bits", keep)
+        probe = LevelProbe(stages, self.key, levels, {"sparsity": "kept", "bits": "bits", "rank": "params"}[self.key],
+                           keep)
         engine.run(model, calibration, [probe])
         clear_states(model)
         names = [n for n, _ in adapter_for(model).named_linears(model)]
@@ -177,9 +188,9 @@ class DP(Allocator):
         if self.key == "sparsity":
             target = self.target if self.target is not None else own
             budget = (1 - target) * total  # kept weights
-        else:
+        else:  # packed bits, or stored parameters, per weight
             target = self.target if self.target is not None else costs[:, k_own].sum() / total
-            budget = target * total  # packed bits
+            budget = target * total
         return names, levels, errs, costs, budget, target, k_own, probe
 
     def choose(self, model, names, errs, costs, budget) -> np.ndarray:
@@ -209,4 +220,6 @@ class DP(Allocator):
 
 
 def _plain(v):
+    if v is None:
+        return None
     return int(v) if isinstance(v, (int, np.integer)) else float(v)

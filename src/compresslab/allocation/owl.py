@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.adapters import adapter_for
-from .base import Allocator, clear_states
+from .base import Allocator, clear_states, stage_value
 
 
 class OutlierCounter:
@@ -75,7 +75,7 @@ class OWL(Allocator):
     def allocate(self, model, calibration, stages, engine) -> dict[str, dict]:
         adapter = adapter_for(model)
         prefix = adapter.blocks + "."
-        target = self.target if self.target is not None else _stage_value(stages, "sparsity")
+        target = self.target if self.target is not None else stage_value(stages, "sparsity")
         counter = OutlierCounter(lambda name: int(name[len(prefix):].split(".", 1)[0]), self.M)
         engine.run(model, calibration, [counter])
         counter.finish()
@@ -91,16 +91,3 @@ class OWL(Allocator):
         return {name: {"sparsity": sparsity[int(name[len(prefix):].split(".", 1)[0])]}
                 for name, _ in adapter.named_linears(model)}
 
-
-def _stage_value(stages, key: str):
-    from ..stages import is_stage
-
-    for s in stages:
-        if s is None:
-            continue
-        if key in vars(s):
-            return getattr(s, key)
-        for v in vars(s).values():
-            if is_stage(v) and key in vars(v):
-                return getattr(v, key)
-    raise ConfigError(f"no stage has `{key}`")
