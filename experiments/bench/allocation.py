@@ -4,7 +4,8 @@
 
 Cells: Wanda and SparseGPT at 70% unstructured (uniform | owl | dp | evopress, levels 0.5..0.9), and
 GPTQ g64 at 3 bits on average (uniform W3 | dp | evopress over {2, 3, 4}; the budget is the packed
-avg_bits of uniform W3, scales included). Each run is a `run.py` process; `time/allocation_s` is the
+avg_bits of uniform W3, scales included), and SLiM-LoRA adapters on sparsegpt 2:4 + gptq W4 at the
+stored parameters of rank_ratio 0.1 (uniform | dp | evopress over ranks {16, 32, 57, 96, 128}). Each run is a `run.py` process; `time/allocation_s` is the
 search, `compress_s` the compression after it. Runs whose folder holds an ok metrics.json are kept.
 Writes experiments/results/allocation.{json,md}.
 """
@@ -20,13 +21,16 @@ CELLS = {
     "wanda 70%": ["pruner=wanda", "pruner.sparsity=0.7"],
     "sparsegpt 70%": ["pruner=sparsegpt", "pruner.sparsity=0.7"],
     "gptq 3 bits g64": ["quantizer=gptq", "quantizer.bits=3", "quantizer.group_size=64"],
+    "slim adapters (sparsegpt 2:4 + gptq W4)": ["pruner=sparsegpt", "pruner.pattern=2:4", "quantizer=gptq",
+                                                "quantizer.group_size=64", "lowrank=slim", "lowrank.rank_ratio=0.1"],
 }
+RANKS = ["allocation.budget=params", "allocation.levels=[16,32,57,96,128]"]
 
 
 def allocations(cell: str, generations: int) -> dict[str, list[str]]:
-    extra = BITS if "bits" in cell else [SPARSE]
+    extra = BITS if "bits" in cell else RANKS if "adapters" in cell else [SPARSE]
     out = {"uniform": ["allocation=null"]}
-    if "bits" not in cell:
+    if "%" in cell:
         out["owl"] = ["allocation=owl"]
     out["dp"] = ["allocation=dp", *extra]
     out["evopress"] = ["allocation=evopress", *extra, f"allocation.generations={generations}"]
