@@ -321,3 +321,10 @@ def test_dp_adapter_ranks_under_a_parameter_budget():
     assert stored == pytest.approx(dp.report["allocation/met"], rel=1e-12)
     with pytest.raises(ConfigError, match="allocation.levels"):
         DP(budget="params").levels(_model(), ids, stages, engine())
+
+
+def test_block_trained_quantizers_are_refused():
+    from compresslab.quantizer.slim_llm_plus import SliMLLMPlus
+
+    with pytest.raises(ConfigError, match="one-shot"):
+        DP(budget="avg_bits").check([SliMLLMPlus(bits=3, group_size=32)])

@@ -105,6 +105,9 @@ class Allocator:
             raise ConfigError(f"allocation.budget={self.budget} sets each layer's `{self.key}`, which none of the "
                               f"stages has: add a {kind}")
         for s in stages:
+            if hasattr(s, "finish_block") and stage_has([s], self.key):
+                raise ConfigError(f"{type(s).__name__} trains each block with one `{self.key}` for all its layers, "
+                                  f"so per-layer levels of it cannot be allocated; use its one-shot variant")
             nm = getattr(s, "nm", None) or getattr(getattr(s, "pruner", None), "nm", None)
             if self.key == "sparsity" and nm is not None:
                 raise ConfigError("allocation by sparsity needs an unstructured pruner (pruner.pattern=unstructured); "
