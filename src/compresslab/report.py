@@ -15,7 +15,8 @@ import math
 from pathlib import Path
 
 SETTINGS = {  # column -> (config group, key)
-    "rotation": ("rotation", "_target_"), "allocation": ("allocation", "_target_"), "pattern": ("pruner", "pattern"), "sparsity_target": ("pruner", "sparsity"), "bits": ("quantizer", "bits"),
+    "rotation": ("rotation", "_target_"), "allocation": ("allocation", "_target_"),  # the method's class, lowercased
+    "pattern": ("pruner", "pattern"), "sparsity_target": ("pruner", "sparsity"), "bits": ("quantizer", "bits"),
     "group_size": ("quantizer", "group_size"), "rank_ratio": ("lowrank", "rank_ratio"),
     "recovery_mode": ("recovery", "mode"), "granularity": ("recovery", "block_granularity"),
     "optimizer": ("recovery", "optimizer"),
