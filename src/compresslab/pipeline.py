@@ -179,6 +179,7 @@ class Pipeline:
             calib = self.data(tok) if self.uses_calibration else None
             if self.rotation is not None:  # exact: the rotated dense model computes the same logits
                 metrics.update(self.rotation.apply(model, calib, output_dir))
+            self.engine.levels = {}  # (an engine used before keeps no earlier run's levels)
             if self.allocation is not None:  # per-layer levels, which the engine gives each layer's stages
                 t0 = time.perf_counter()
                 self.engine.levels = self.allocation.levels(model, calib, self.stages, self.engine, output_dir)

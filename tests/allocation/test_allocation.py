@@ -252,9 +252,19 @@ def test_evopress_improves_on_its_dp_start_within_the_same_budget():
                   windows=2)
     levels = ev.allocate(m, ids, [Wanda(sparsity=0.6)], engine())
     assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())  # dense again for the compression
-    assert ev.curve[-1] <= ev.curve[0] and all(b <= a for a, b in zip(ev.curve, ev.curve[1:]))
-    dp = DP(budget="sparsity", target=0.6, levels=[0.4, 0.5, 0.6, 0.7, 0.8])
-    dp.allocate(_model(layers=2), ids, [Wanda(sparsity=0.6)], engine())
+    assert ev.curve[-1] < ev.curve[0]  # the search found a better allocation than the DP's on this seed
+    # its fitness is the KL it reports: stitch the chosen levels by hand (compress each Linear at its level)
+    m2 = _model(layers=2)
+    eng = engine()
+    eng.levels = levels
+    compress(m2, pruner=Wanda(sparsity=0.6), calibration=ids, engine=eng)
+    with torch.no_grad():
+        ref = torch.log_softmax(_model(layers=2)(ids[:2]).logits.double(), -1)
+        got = torch.log_softmax(m2(ids[:2]).logits.double(), -1)
+    kl = float((ref.exp() * (ref - got)).sum(-1).mean())
+    assert kl != pytest.approx(ev.curve[0], rel=1e-3)  # not the start's
+    # (the compression pass sees compressed inputs, the search dense ones: close, not equal)
+    assert kl == pytest.approx(ev.curve[-1], rel=0.3)
     assert ev.report["allocation/met"] >= 0.6 - 1e-12  # within the budget, as the DP's start
     numel = [lin.weight.numel() for n, lin in m.named_modules() if isinstance(lin, torch.nn.Linear) and ".layers." in n]
     assert ev.report["allocation/met"] - 0.6 <= 0.1 * max(numel) / sum(numel)  # within one layer's step
@@ -328,3 +338,60 @@ def test_block_trained_quantizers_are_refused():
 
     with pytest.raises(ConfigError, match="one-shot"):
         DP(budget="avg_bits").check([SliMLLMPlus(bits=3, group_size=32)])
+
+
+def test_default_sparsity_budget_admits_the_uniform_setting():
+    """With target null the budget is what the uniform setting keeps (its per-row rounding included): one
+    level equal to the pruner's gives exactly the uniform allocation."""
+    m, ids = _model(), _ids()
+    dp = DP(budget="sparsity", levels=[0.6])
+    levels = dp.allocate(m, ids, [Magnitude(1 / 3)], engine())  # 1/3 of 64 is not a whole number of weights
+    assert all(v["sparsity"] == pytest.approx(1 / 3) for v in levels.values())
+    assert dp.report["allocation/error_sum"] == dp.report["allocation/error_sum_uniform"]
+
+
+def test_block_granularity_gives_one_level_per_block():
+    m, ids = _model(), _ids()
+    levels = DP(budget="sparsity", target=0.6, levels=[0.4, 0.6, 0.8], granularity="block").allocate(
+        m, ids, [Wanda(0.6)], engine())
+    per_block = {}
+    for name, v in levels.items():
+        per_block.setdefault(name.split(".")[2], set()).add(v["sparsity"])
+    assert all(len(v) == 1 for v in per_block.values()) and len(per_block) == 3
+
+
+def test_levels_a_stage_cannot_take_fail_before_loading(tmp_path):
+    from compresslab.lowrank.slim import SLiMLoRA
+    from compresslab.pruner.mask import MaskFile
+    from compresslab.quantizer.slim_llm import SliMLLM
+
+    with pytest.raises(ConfigError, match="bits"):  # SliM-LLM takes 2..7 (b+1 <= 8)
+        DP(budget="avg_bits", levels=[3, 8]).check([SliMLLM(bits=3, group_size=32)])
+    with pytest.raises(ConfigError, match="param_ratio"):
+        DP(budget="params", levels=[8]).check([SLiMLoRA(param_ratio=0.5)])
+    mask = tmp_path / "m.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.ones(1)}, str(mask))
+    with pytest.raises(ConfigError, match="mask"):
+        DP(budget="sparsity", levels=[0.5]).check([MaskFile(path=str(mask), pattern="unstructured")])
+    with pytest.raises(ConfigError, match="largest level"):
+        DP(budget="sparsity", target=0.9, levels=[0.5, 0.7]).check([Wanda(0.5)])
+    with pytest.raises(ConfigError, match="lam"):
+        OWL(lam=0.2, target=0.7).check([Wanda(0.7)])
+
+
+def test_a_saved_allocation_of_another_budget_is_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("levels:\n  model.layers.0.mlp.up_proj: {bits: 3}\n")
+    with pytest.raises(ConfigError, match="budget"):
+        DP(path=str(tmp_path / "a.yaml")).levels(_model(), None, [Magnitude(0.5)], engine())
+
+
+def test_with_levels_leaves_the_stage_itself_alone():
+    from compresslab.stages import with_levels
+
+    joint = fuse_stages([SparseGPT(sparsity=0.5), GPTQ(bits=4, group_size=32)])[0]
+    lv = with_levels(joint, {"bits": 2, "sparsity": 0.7})
+    assert (lv.quantizer.bits, lv.pruner.sparsity) == (2, 0.7)
+    assert (joint.quantizer.bits, joint.pruner.sparsity) == (4, 0.5)
+    assert with_levels(joint, None) is joint

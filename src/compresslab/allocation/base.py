@@ -31,6 +31,26 @@ def stage_has(stages, key: str) -> bool:
     return False
 
 
+def holders(stages, key: str) -> list:
+    """Every stage, nested ones included (a fused pass's pruner and quantizer), that has the option `key`."""
+    out = []
+    for s in stages:
+        if s is None:
+            continue
+        if key in vars(s):
+            out.append(s)
+        out += holders([v for v in vars(s).values() if is_stage(v)], key)
+    return out
+
+
+def check_values(stages, key: str, values) -> None:
+    """Each value must be one every holder of `key` takes (its `check_level`, the range its __init__ enforces)."""
+    for s in holders(stages, key):
+        if hasattr(s, "check_level"):
+            for v in values:
+                s.check_level(key, v)
+
+
 def stage_value(stages, key: str):
     """The first stage's (or nested stage's) option `key`."""
     for s in stages:
@@ -112,6 +132,11 @@ class Allocator:
             if self.key == "sparsity" and nm is not None:
                 raise ConfigError("allocation by sparsity needs an unstructured pruner (pruner.pattern=unstructured); "
                                   "N:M patterns have one sparsity")
+        self.check_levels(stages)
+
+    def check_levels(self, stages) -> None:
+        """The levels this allocator may give, checked against the stages (before loading)."""
+        return None
 
     def allocate(self, model: nn.Module, calibration: torch.Tensor, stages, engine) -> dict[str, dict]:
         raise NotImplementedError
@@ -125,6 +150,11 @@ class Allocator:
             if unknown:
                 raise ConfigError(f"allocation.path={self.path} names layers this model lacks ({unknown[:3]}): it "
                                   "was allocated for another model")
+            keys = {k for v in levels.values() for k in (v or {})}
+            if keys - {self.key}:
+                raise ConfigError(f"allocation.path={self.path} sets {sorted(keys)}, but allocation.budget={self.budget} "
+                                  f"allocates `{self.key}`: set the budget the file was made with")
+            check_values(stages, self.key, {v[self.key] for v in levels.values() if v})
             self.report = {"allocation/reused": 1.0}
             return levels
         levels = self.allocate(model, calibration, stages, engine)

@@ -22,7 +22,7 @@ from ..layer_error import hessian_rel_error
 from ..metrics import layer_params, layer_storage_bits
 from ..models.adapters import adapter_for
 from ..stages import effective_weight, fuse_stages, layer_state, with_levels
-from .base import Allocator, clear_states, stage_value
+from .base import Allocator, check_values, clear_states, stage_value
 
 MAX_EXACT_UNITS = 1 << 20  # integer budgets up to this many units are solved without binning
 
@@ -88,7 +88,7 @@ class LevelProbe:
     def __init__(self, stages, key: str, levels: list, cost: str, keep: bool = False):
         self.stages = fuse_stages([s for s in stages if s is not None])
         self.key, self.levels, self.cost = key, list(levels), cost
-        self.keep = keep  # also keep each level's effective weight (fp16, CPU): EvoPress stitches models from them
+        self.keep = keep  # also keep each level's effective weight (CPU): EvoPress stitches models from them
         self.weights: dict[str, list[torch.Tensor]] = {}
         self.needs = frozenset({"hessian"}).union(*(s.needs for s in self.stages))
         self.uses_original = True
@@ -115,8 +115,9 @@ class LevelProbe:
                 with_levels(s, {self.key: lv}).compress(name, tmp, stats)
             W_hat = effective_weight(tmp)
             errs.append(hessian_rel_error(W, W_hat, H) ** 2)
-            if self.keep:
-                self.weights.setdefault(name, []).append(W_hat.to("cpu", torch.float16))
+            if self.keep:  # fp16 for an fp32 model (the fitness only), else the model's own dtype
+                dt = torch.float16 if layer.weight.dtype == torch.float32 else layer.weight.dtype
+                self.weights.setdefault(name, []).append(W_hat.to("cpu", dt))
             if self.cost == "kept":
                 keep = layer_state(tmp).keep_mask()
                 costs.append(float(keep.sum()) if keep is not None else float(W.numel()))
@@ -157,6 +158,18 @@ class DP(Allocator):
                                       "in 2..8, ranks ints >= 1")
         self.levels_, self.granularity, self.resolution = levels, granularity, resolution
 
+    def check_levels(self, stages) -> None:
+        own = stage_value(stages, self.key)
+        levels = self._levels(own)
+        check_values(stages, self.key, levels)
+        if self.target is not None:  # an impossible budget fails now, not after the measuring pass
+            if self.key == "sparsity" and self.target > max(levels):
+                raise ConfigError(f"allocation.target={self.target} is above the largest level {max(levels)}: add "
+                                  "higher sparsities to allocation.levels")
+            if self.key == "bits" and self.target < min(v for v in levels if v is not None):
+                raise ConfigError(f"allocation.target={self.target} bits is below the smallest level: add lower bit "
+                                  "widths to allocation.levels")
+
     def _levels(self, own):
         if self.key == "rank" and own is None:  # the stage's rank_ratio: its own per-layer rank is the level None
             if self.levels_ is None:
@@ -168,8 +181,8 @@ class DP(Allocator):
         if self.key == "rank":
             return sorted({max(1, own // 2), own, own * 2})
         if self.key == "sparsity":
-            return sorted({round(min(max(own + d, 0.0), 0.95), 4) for d in (-0.2, -0.1, 0.0, 0.1, 0.2)})
-        return sorted({b for b in (own - 1, own, own + 1) if 2 <= b <= 8})
+            return sorted({round(min(max(own + d, 0.0), 0.95), 4) for d in (-0.2, -0.1, 0.1, 0.2)} | {own})
+        return sorted({b for b in (own - 1, own + 1) if 2 <= b <= 8} | {own})
 
     def measure(self, model, calibration, stages, engine, keep: bool = False):
         """The measuring pass: (names, levels, errors (L, K), costs (L, K), budget, target, index of the
@@ -178,6 +191,7 @@ class DP(Allocator):
         levels = self._levels(own)
         probe = LevelProbe(stages, self.key, levels, {"sparsity": "kept", "bits": "bits", "rank": "params"}[self.key],
                            keep)
+        engine.levels = {}  # the measuring pass runs every stage at each level itself
         engine.run(model, calibration, [probe])
         clear_states(model)
         names = [n for n, _ in adapter_for(model).named_linears(model)]
@@ -185,9 +199,11 @@ class DP(Allocator):
         errs = np.array([probe.table[n][0] for n in names])
         costs = np.array([probe.table[n][1] for n in names])
         k_own = levels.index(own)
-        if self.key == "sparsity":
-            target = self.target if self.target is not None else own
-            budget = (1 - target) * total  # kept weights
+        if self.key == "sparsity" and self.target is not None:
+            target, budget = self.target, (1 - self.target) * total  # kept weights
+        elif self.key == "sparsity":  # the uniform setting's kept weights (its per-row rounding included)
+            budget = costs[:, k_own].sum()
+            target = 1 - budget / total
         else:  # packed bits, or stored parameters, per weight
             target = self.target if self.target is not None else costs[:, k_own].sum() / total
             budget = target * total

@@ -2,7 +2,8 @@
 Evolutionary Search"): per-layer levels by a level-switching evolutionary search on the whole model.
 
 The measuring pass (as `dp`, with the dense inputs) also keeps each Linear's effective weight at every
-level (fp16, CPU memory: levels x the block Linears' weights). A candidate is one level per Linear; its
+level (in CPU memory, fp16 for an fp32 model, else the model's dtype: levels x the block Linears' size).
+The model runs where it is (the whole model at once); the dense log-probabilities are kept in bf16. A candidate is one level per Linear; its
 fitness is the KL divergence of the stitched model's next-token distribution from the dense model's,
 on the first `windows` calibration windows (a forward per candidate, no compression). The search is
 (1 + λ): from the parent (the DP's choice, which meets the budget), `offspring` children each switch
@@ -78,12 +79,13 @@ class EvoPress(DP):
             shapes.setdefault((tuple(linears[n].weight.shape), tuple(costs[i])), []).append(i)
         classes = [np.array(v) for v in shapes.values()]
         ids = calibration[: self.windows]
-        dense = {n: linears[n].weight.detach().clone() for n in names}
+        dense = {n: linears[n].weight.detach().to("cpu", copy=True) for n in names}
         rng = np.random.default_rng(self.seed)
         try:
             ref = self._logprobs(model, ids, engine)
             parent, best = choice, self._fitness(model, names, linears, probe, choice, ids, ref, engine)
             self.curve = [best]
+            done = 0
             for _ in tqdm(range(self.generations), desc="evopress", disable=not engine.progress):
                 children = []
                 for _ in range(self.offspring * 20):  # level costs need not be evenly spaced: keep the feasible
@@ -100,25 +102,33 @@ class EvoPress(DP):
                 if fit < best:
                     parent, best = children[k], fit
                 self.curve.append(best)
+                done += 1
         finally:
             with torch.no_grad():
                 for n in names:  # the compression pass starts from the dense weights
                     linears[n].weight.copy_(dense[n])
         out = self.record(model, names, levels, errs, costs, parent, target, k_own)
         self.report.update({"allocation/kl_start": self.curve[0], "allocation/kl": best,
-                            "allocation/generations": float(self.generations)})
+                            "allocation/generations": float(done)})
         return out
 
     @torch.no_grad()
-    def _logprobs(self, model, ids, engine) -> torch.Tensor:
+    def _logprobs(self, model, ids, engine) -> list[torch.Tensor]:
+        """Per window, the next-token log-probabilities in bf16 (a (T, vocab) tensor each)."""
         dev = next(model.parameters()).device
-        return torch.log_softmax(model(ids.to(dev), use_cache=False).logits.float(), -1)
+        return [torch.log_softmax(model(w[None].to(dev), use_cache=False).logits[0].float(), -1).bfloat16()
+                for w in ids]
 
     @torch.no_grad()
     def _fitness(self, model, names, linears, probe, choice, ids, ref, engine) -> float:
-        """Mean over tokens of KL(dense ‖ stitched)."""
+        """Mean over tokens of KL(dense ‖ stitched), window by window."""
         for n, k in zip(names, choice):
             w = linears[n].weight
             w.copy_(probe.weights[n][int(k)].to(w.device, w.dtype))
-        logq = self._logprobs(model, ids, engine)
-        return float((ref.exp() * (ref - logq)).sum(-1).mean())
+        dev = next(model.parameters()).device
+        total = 0.0
+        for w_ids, logp in zip(ids, ref):
+            logq = torch.log_softmax(model(w_ids[None].to(dev), use_cache=False).logits[0].float(), -1)
+            logp = logp.float()
+            total += float((logp.exp() * (logp - logq)).sum(-1).mean())
+        return total / len(ref)

@@ -4,8 +4,8 @@ LLMs to High Sparsity"): blocks with more outliers keep more weights.
 Per block l, on the dense model (a measuring pass of the engine that prunes nothing), the outlier
 ratio D_l = the fraction of the Wanda scores |W_ij|·‖X_j‖₂ of all the block's Linears that exceed M times
 their mean. Then D is mapped linearly onto [0, 2λ], shifted to mean 1 − S (S the target sparsity):
-the block's density; its sparsity S_l = 1 − density_l ∈ [S − λ, S + λ], mean S (blocks are equal).
-The paper: M = 5, λ = 0.08 for LLaMA at 70%.
+the block's density; its sparsity S_l = 1 − density_l, mean S (blocks are equal), spread 2λ: within
+[S − 2λ, S + 2λ] (±λ when the ratios are spread evenly). The paper: M = 5, λ = 0.08 for LLaMA at 70%.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.adapters import adapter_for
-from .base import Allocator, clear_states, stage_value
+from .base import Allocator, check_values, clear_states, stage_value
 
 
 class OutlierCounter:
@@ -59,7 +59,7 @@ def owl_sparsities(ratios: list[float], target: float, lam: float) -> list[float
 class OWL(Allocator):
     """Args:
         M: outlier threshold, in multiples of the block's mean score (paper: 5).
-        lam: the sparsity spread λ: every block within [S − λ, S + λ] (paper: 0.08).
+        lam: the sparsity spread: max − min block sparsity = 2λ, every block within S ± 2λ (paper: 0.08).
         target: the mean sparsity (null: the pruner's `sparsity`).
         path: a saved allocation.yaml to reuse.
     """
@@ -72,11 +72,19 @@ class OWL(Allocator):
             raise ConfigError(f"allocation.lam={lam!r} must be in [0, 0.5): each block's sparsity stays within ±lam")
         self.M, self.lam = float(M), float(lam)
 
+    def check_levels(self, stages) -> None:
+        target = self.target if self.target is not None else stage_value(stages, "sparsity")
+        if target - 2 * self.lam < 0 or target + 2 * self.lam >= 1:
+            raise ConfigError(f"OWL can give block sparsities anywhere in target ± 2·lam = [{target - 2 * self.lam:.3f}, "
+                              f"{target + 2 * self.lam:.3f}], outside [0, 1): lower allocation.lam")
+        check_values(stages, "sparsity", [max(target - 2 * self.lam, 0.0), min(target + 2 * self.lam, 0.999)])
+
     def allocate(self, model, calibration, stages, engine) -> dict[str, dict]:
         adapter = adapter_for(model)
         prefix = adapter.blocks + "."
         target = self.target if self.target is not None else stage_value(stages, "sparsity")
         counter = OutlierCounter(lambda name: int(name[len(prefix):].split(".", 1)[0]), self.M)
+        engine.levels = {}
         engine.run(model, calibration, [counter])
         counter.finish()
         clear_states(model)

@@ -152,6 +152,15 @@ class LowRank:
         self.pad_rank_to = pad_rank_to or None
         self.param_ratio = param_ratio
 
+    def check_level(self, key: str, value) -> None:
+        """An allocation's per-layer `rank` (allocation/)."""
+        if key != "rank":
+            return
+        if self.param_ratio is not None:
+            raise ConfigError("lowrank.param_ratio sets every layer's rank; unset it to allocate ranks per layer")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"an allocated rank must be an int >= 1, got {value!r}")
+
     def check_after(self, previous: list) -> None:
         """A merged B·A (separate=false) is dense and off any grid: it would undo a pruner's mask and
         a quantizer's grid, so it only makes sense as the one stage (low-rank as compression)."""

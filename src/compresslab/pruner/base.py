@@ -26,6 +26,11 @@ class Pruner:
     def check(self, name: str, layer: nn.Module) -> None:
         check_width(name, layer.in_features, self.nm)
 
+    def check_level(self, key: str, value) -> None:
+        """An allocation's per-layer `sparsity` (allocation/): the range __init__ enforces."""
+        if key == "sparsity":
+            check_sparsity(value, self.nm)
+
     def scores(self, name: str, W: torch.Tensor, stats) -> torch.Tensor:
         raise NotImplementedError
 

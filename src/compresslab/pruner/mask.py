@@ -19,6 +19,10 @@ class MaskFile(Pruner):
     `.weight_mask` or `.weight` after it). `pattern` is verified on every mask; with
     `pattern=unstructured`, `sparsity` (null = any) is checked to within 1%."""
 
+    def check_level(self, key: str, value) -> None:
+        if key == "sparsity":
+            raise ConfigError("pruner=mask reads its masks from a file: their sparsity cannot be allocated per layer")
+
     def __init__(self, path: str | None = None, pattern: str = "2:4", sparsity: float | None = None):
         if not path:
             raise ConfigError("pruner=mask needs pruner.path=<masks.safetensors>")

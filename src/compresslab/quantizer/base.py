@@ -40,6 +40,13 @@ class WeightQuantizer:
         if self.act is not None:
             self.act.check(name, layer)
 
+    bit_range = (2, 8)  # the bits a method takes (an allocation's per-layer levels are held to it)
+
+    def check_level(self, key: str, value) -> None:
+        """An allocation's per-layer `bits` (allocation/): the range __init__ enforces."""
+        if key == "bits":
+            _grid.check_bits(value, *self.bit_range)
+
     def quantize(self, name: str, W: torch.Tensor, stats) -> tuple[torch.Tensor, QuantizedWeight]:
         raise NotImplementedError
 

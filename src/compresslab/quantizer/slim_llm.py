@@ -94,12 +94,13 @@ class SliMLLM(WeightQuantizer):
     """
 
     needs = frozenset({"hessian", "input_sample"})
+    bit_range = (2, 7)  # b−1 >= 1 and b+1 <= 8
 
     def __init__(self, bits: int = 2, group_size: int = 128, grid: str = "asym", sba: bool = True,
                  sqc: bool = True, sqc_lambda: float = 1.0, sba_grid=(0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5),
                  percdamp: float = 0.01, blocksize: int = 128, act_bits: int | None = None,
                  act_granularity: str | None = None, act_group_size: int = 64):
-        _grid.check_bits(bits, 2, 7)  # b−1 >= 1 and b+1 <= 8
+        _grid.check_bits(bits, *self.bit_range)
         super().__init__(bits, group_size, grid, act_bits, act_granularity, act_group_size)
         if group_size < 1:
             raise ConfigError("quantizer=slim_llm allocates bits per group: set quantizer.group_size (e.g. 128, or 64 for SmolLM2)")
