@@ -395,3 +395,15 @@ def test_with_levels_leaves_the_stage_itself_alone():
     assert (lv.quantizer.bits, lv.pruner.sparsity) == (2, 0.7)
     assert (joint.quantizer.bits, joint.pruner.sparsity) == (4, 0.5)
     assert with_levels(joint, None) is joint
+
+
+def test_the_measuring_pass_keeps_a_rotations_online_hadamard():
+    from compresslab.rotation.quarot import QuaRot
+
+    m, ids = _model(), _ids()
+    QuaRot().apply(m)
+    DP(budget="sparsity", target=0.6, levels=[0.5, 0.7]).allocate(m, ids, [Wanda(0.6)], engine())
+    for i in range(3):
+        down = m.model.layers[i].mlp.down_proj
+        assert layer_state(down).online is not None and layer_state(down).mask is None
+        assert layer_state(m.model.layers[i].mlp.up_proj) is None

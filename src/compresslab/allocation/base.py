@@ -15,20 +15,10 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..stages import is_stage
+from ..stages import STATE_ATTR, LayerState, is_stage
 
 BUDGETS = {"sparsity": "sparsity", "avg_bits": "bits", "params": "rank"}  # what is budgeted -> the option it sets
 FILE = "allocation.yaml"
-
-
-def stage_has(stages, key: str) -> bool:
-    """Some stage (or a stage nested in a fused one) has the option `key`."""
-    for s in stages:
-        if s is None:
-            continue
-        if key in vars(s) or any(stage_has([v], key) for v in vars(s).values() if is_stage(v)):
-            return True
-    return False
 
 
 def holders(stages, key: str) -> list:
@@ -53,15 +43,15 @@ def check_values(stages, key: str, values) -> None:
 
 def stage_value(stages, key: str):
     """The first stage's (or nested stage's) option `key`."""
-    for s in stages:
-        if s is None:
-            continue
-        if key in vars(s):
-            return getattr(s, key)
-        for v in vars(s).values():
-            if is_stage(v) and key in vars(v):
-                return getattr(v, key)
-    raise ConfigError(f"no stage has `{key}`")
+    found = holders(stages, key)
+    if not found:
+        raise ConfigError(f"no stage has `{key}`")
+    return getattr(found[0], key)
+
+
+def block_of(adapter, name: str) -> int:
+    """The block index in a full Linear name, '<adapter.blocks>.<i>.<...>'."""
+    return int(name[len(adapter.blocks) + 1:].split(".", 1)[0])
 
 
 def save_levels(path: Path, levels: dict[str, dict], meta: dict) -> None:
@@ -120,12 +110,12 @@ class Allocator:
 
     def check(self, stages) -> None:
         """Before loading: some stage must take the budgeted option."""
-        if not stage_has(stages, self.key):
+        if not holders(stages, self.key):
             kind = {"sparsity": "pruner", "bits": "quantizer", "rank": "lowrank stage"}[self.key]
             raise ConfigError(f"allocation.budget={self.budget} sets each layer's `{self.key}`, which none of the "
                               f"stages has: add a {kind}")
         for s in stages:
-            if hasattr(s, "finish_block") and stage_has([s], self.key):
+            if hasattr(s, "finish_block") and holders([s], self.key):
                 raise ConfigError(f"{type(s).__name__} trains each block with one `{self.key}` for all its layers, "
                                   f"so per-layer levels of it cannot be allocated; use its one-shot variant")
             nm = getattr(s, "nm", None) or getattr(getattr(s, "pruner", None), "nm", None)
@@ -160,10 +150,10 @@ class Allocator:
         levels = self.allocate(model, calibration, stages, engine)
         if output_dir is not None:
             save_levels(Path(output_dir) / FILE, levels,
-                        {"method": type(self).__name__.lower(), "budget": self.budget, **self.summary(model, levels)})
+                        {"method": type(self).__name__.lower(), "budget": self.budget, **self.summary()})
         return levels
 
-    def summary(self, model, levels: dict[str, dict]) -> dict:
+    def summary(self) -> dict:
         """The allocation's own figures (target, what it met), for metrics and the saved file."""
         return {k.split("/", 1)[1]: v for k, v in self.report.items() if k.startswith("allocation/")}
 
@@ -175,15 +165,9 @@ def _linears(model: nn.Module):
 
 
 def clear_states(model: nn.Module) -> None:
-    """Drop what a measuring pass left on the Linears (the engine records errors on them)."""
-    from ..stages import STATE_ATTR
-
+    """Drop what a measuring pass left on the Linears (the engine records errors on them); a rotation's
+    online transform stays."""
     for _, lin in _linears(model):
-        state = lin.__dict__.get(STATE_ATTR)
-        if state is not None and state.online is None:
-            del lin.__dict__[STATE_ATTR]
-        elif state is not None:  # a rotation's online transform stays
-            online = state.online
-            from ..stages import LayerState
-
-            lin.__dict__[STATE_ATTR] = LayerState(online=online)
+        state = lin.__dict__.pop(STATE_ATTR, None)
+        if state is not None and state.online is not None:
+            lin.__dict__[STATE_ATTR] = LayerState(online=state.online)

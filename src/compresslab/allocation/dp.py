@@ -22,7 +22,7 @@ from ..layer_error import hessian_rel_error
 from ..metrics import layer_params, layer_storage_bits
 from ..models.adapters import adapter_for
 from ..stages import effective_weight, fuse_stages, layer_state, with_levels
-from .base import Allocator, check_values, clear_states, stage_value
+from .base import Allocator, block_of, check_values, clear_states, stage_value
 
 MAX_EXACT_UNITS = 1 << 20  # integer budgets up to this many units are solved without binning
 
@@ -213,8 +213,8 @@ class DP(Allocator):
         """The DP's choice per Linear (per block with granularity=block, each block's Linears summed)."""
         if self.granularity == "layer":
             return solve(errs, costs, budget, self.resolution)
-        prefix = adapter_for(model).blocks + "."
-        block = np.array([int(n[len(prefix):].split(".", 1)[0]) for n in names])
+        adapter = adapter_for(model)
+        block = np.array([block_of(adapter, n) for n in names])
         ids = sorted(set(block.tolist()))
         per = solve(np.array([errs[block == i].sum(0) for i in ids]), np.array([costs[block == i].sum(0) for i in ids]),
                     budget, self.resolution)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.adapters import adapter_for
-from .base import Allocator, check_values, clear_states, stage_value
+from .base import Allocator, block_of, check_values, clear_states, stage_value
 
 
 class OutlierCounter:
@@ -81,9 +81,8 @@ class OWL(Allocator):
 
     def allocate(self, model, calibration, stages, engine) -> dict[str, dict]:
         adapter = adapter_for(model)
-        prefix = adapter.blocks + "."
         target = self.target if self.target is not None else stage_value(stages, "sparsity")
-        counter = OutlierCounter(lambda name: int(name[len(prefix):].split(".", 1)[0]), self.M)
+        counter = OutlierCounter(lambda name: block_of(adapter, name), self.M)
         engine.levels = {}
         engine.run(model, calibration, [counter])
         counter.finish()
@@ -96,6 +95,6 @@ class OWL(Allocator):
                               f"{target} with lam={self.lam}: lower allocation.lam")
         self.report = {"allocation/target": target, "allocation/min": min(sparsity), "allocation/max": max(sparsity)}
         self.ratios = ratios
-        return {name: {"sparsity": sparsity[int(name[len(prefix):].split(".", 1)[0])]}
+        return {name: {"sparsity": sparsity[block_of(adapter, name)]}
                 for name, _ in adapter.named_linears(model)}
 

@@ -86,12 +86,12 @@ def check_model(model: nn.Module) -> None:
     lay = layout(model)
     cfg = getattr(model, "config", None)
     if cfg is not None and getattr(cfg, "num_hidden_layers", None) is not None:
-        head_dim = _head_dim(model, lay)
+        head_dim = _head_dim(model)
         if head_dim is None:
             raise ConfigError("rotation: cannot tell the head width of this model (config.head_dim)")
 
 
-def _head_dim(model: nn.Module, lay: ResidualLayout) -> int | None:
+def _head_dim(model: nn.Module) -> int | None:
     cfg = model.config
     d = getattr(cfg, "head_dim", None)
     if d is None and getattr(cfg, "num_attention_heads", None):
@@ -176,7 +176,7 @@ def rotate(model: nn.Module, R1, R2: list | None, online_down: bool) -> None:
         embed = get_module(model, lay.embed)
         _right(embed.weight.data, R1)
         _right(get_module(model, lay.head).weight.data, R1)
-    head_dim = _head_dim(model, lay)
+    head_dim = _head_dim(model)
     for i, block in enumerate(blocks):
         if R1 is not None:
             for _, readers in lay.norms:

@@ -37,6 +37,6 @@ class QuaRot(Rotation):
         lay = layout(model)
         hidden = model.get_submodule(lay.embed).weight.shape[1]
         R1 = self._matrix(hidden, gen)
-        d = _head_dim(model, lay)
+        d = _head_dim(model)
         R2 = [self._matrix(d, gen) for _ in adapter_for(model).block_list(model)]
         return R1, R2

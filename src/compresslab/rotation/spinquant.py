@@ -127,7 +127,7 @@ class SpinQuant(QuaRot):
         lay, adapter = layout(model), adapter_for(model)
         dev = next(model.parameters()).device
         blocks = adapter.block_list(model)
-        d = _head_dim(model, lay)
+        d = _head_dim(model)
         block_linears = [(f"{adapter.blocks}.{i}.{n}", lin) for i, b in enumerate(blocks)
                          for g in adapter.linear_groups(b) for n, lin in g]
         W0 = {n: p.detach() for n, p in model.named_parameters()}
@@ -227,7 +227,7 @@ class SpinQuant(QuaRot):
         lay = layout(model)
         hidden = get_module(model, lay.embed).weight.shape[1]
         blocks = len(adapter_for(model).block_list(model))
-        d = _head_dim(model, lay)
+        d = _head_dim(model)
         if tuple(R1.shape) != (hidden, hidden) or tuple(R2.shape) != (blocks, d, d):
             raise ConfigError(f"rotation.path={self.path} holds R1 {tuple(R1.shape)}, R2 {tuple(R2.shape)}; this "
                               f"model needs ({hidden}, {hidden}) and ({blocks}, {d}, {d}): it was learned for "
