@@ -271,7 +271,8 @@ def test_evopress_improves_on_its_dp_start_within_the_same_budget():
     assert len(levels) == 14
 
 
-@pytest.mark.parametrize("kw", [{"generations": -1}, {"offspring": 0}, {"windows": 0}, {"max_switches": 0}])
+@pytest.mark.parametrize("kw", [{"generations": -1}, {"offspring": 0}, {"windows": 0}, {"max_switches": 0},
+                                {"seed": "x"}])
 def test_bad_evopress_options_fail_at_once(kw):
     from compresslab.allocation.evopress import EvoPress
 

@@ -65,6 +65,8 @@ class EvoPress(DP):
                            ("max_switches", max_switches, 1), ("windows", windows, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ConfigError(f"allocation.{key}={v!r} must be an int >= {lo}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"allocation.seed={seed!r} must be an int")
         self.generations, self.offspring, self.max_switches = generations, offspring, max_switches
         self.windows, self.seed = windows, seed
         self.curve: list[float] = []
