@@ -93,5 +93,5 @@ def test_cli_bad_option_and_help():
     assert help_.returncode == 0
     for line in ("pruner: jsq, magnitude, mask, null, sparsegpt, wanda",
                  "quantizer: absmax, awq, gptq, null, rtn, slim_llm, slim_llm_plus, slim_quant",
-                 "lowrank: asvd, eora, l2qer, naive, null, slim, svd_llm", "recovery: beam, finetune, null", "eval: full, ppl, zeroshot", "logger: none, wandb", "data: calibration"):
+                 "lowrank: asvd, eora, fwsvd, l2qer, naive, null, slim, svd_llm", "recovery: beam, finetune, null", "eval: full, ppl, zeroshot", "logger: none, wandb", "data: calibration"):
         assert line in help_.stdout, line

@@ -194,6 +194,7 @@ class SequentialEngine:
         self._keep_dense = False  # set per run: an end-to-end recovery measures errors after the loop
         self._lean = lambda block: contextlib.nullcontext()  # set per run: the adapter's `lean`
         self._source = self._sink = None  # set per run: a streamed model's block source and sink
+        self._fisher: dict | None = None  # set per run: the diagonal Fisher by Linear name (needs "fisher")
 
     # -- public -------------------------------------------------------------------------------
     @property
@@ -270,16 +271,33 @@ class SequentialEngine:
         # then (a recovery of a model compressed elsewhere measures against `dense_model` instead)
         self._keep_dense = hasattr(recovery, "finish_model") and bool(stages) and dense_model is None
         self._source, self._sink = source, sink
+        self._fisher = self._fisher_pass(model, adapter, calibration) if "fisher" in needs else None
         try:
             self._loop(model, adapter, blocks, calibration, stages, needs, uses_data, finishers, block_recovery,
                        keep_outputs, dense_model, result)
         finally:
-            self._source = self._sink = None
+            self._source = self._sink = self._fisher = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         result["time/compress_s"] = time.perf_counter() - t0
         result["ranks"] = ranks.summary(result["time/compress_s"])  # several ranks: each one's compute and comm
         return result
+
+    def _fisher_pass(self, model, adapter, calibration):
+        """The diagonal Fisher of every target Linear (fisher.py), before the loop, on the dense model where
+        it lives; several ranks each take their share of the windows and sum."""
+        if self._source is not None:
+            raise ConfigError("a stage needs the Fisher information (gradients of the whole model), which a model "
+                              "streamed from disk (model.offload=disk) cannot give: use model.offload=null")
+        if calibration is None:
+            raise ValueError("the Fisher information needs calibration data; pass calibration=(N, T) token ids")
+        from .fisher import fisher_diagonal
+
+        t0 = time.perf_counter()
+        fisher, n = fisher_diagonal(model, calibration, list(adapter.named_linears(model)), self.progress,
+                                    reduce=self.ranks.all_reduce_ if self.ranks.world > 1 else None)
+        log.info("fisher: %d windows, %.1f s", n, time.perf_counter() - t0)
+        return fisher
 
     def _loop(self, model, adapter, blocks, calibration, stages, needs, uses_data, finishers, block_recovery,
               keep_outputs, dense_model, result) -> None:
@@ -598,6 +616,9 @@ class SequentialEngine:
         ranks.reduce(stats)  # several ranks: every rank's statistics summed (distributed.py)
         if stats is not None and not stats.n:  # would divide by zero tokens
             raise RuntimeError(f"block {i}: the forward never called {[n for n, _ in group]}; no statistics")
+        if stats is not None and self._fisher is not None:  # this group's share of the gradient pass
+            names = [f"{adapter.blocks}.{i}.{name}" for name, _ in group]
+            stats.attach_fisher({n: self._fisher[n].to(self.device) for n in names if n in self._fisher})
         H = stats.hessian if stats is not None and stats.has_hessian else None
         keep_original = (H is not None or self._keep_dense
                          or any(getattr(s, "uses_original", False) for s in stages))

@@ -61,6 +61,10 @@ class Pipeline:
         if self.rotation is not None:
             raise ConfigError("model.offload=disk streams the blocks from the checkpoint as they are, and a rotation "
                               "rewrites the whole model first: use rotation=null, or model.offload=null")
+        fisher = [type(s).__name__ for s in self.stages if "fisher" in s.needs]
+        if fisher:
+            raise ConfigError(f"{', '.join(fisher)} needs the Fisher information, from gradients of the whole model, "
+                              "which model.offload=disk (one block in memory) cannot give: use model.offload=null")
         if self.allocation is not None and self.allocation.needs_calibration:
             raise ConfigError("model.offload=disk runs one pass over the blocks, and an allocation measures them in a "
                               "pass of its own first: allocate in memory once (its allocation.yaml), then pass "

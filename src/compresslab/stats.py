@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-KNOWN_STATS = frozenset({"hessian", "act_norm", "act_absmean", "jsq", "input_sample"})
+KNOWN_STATS = frozenset({"hessian", "act_norm", "act_absmean", "jsq", "input_sample", "fisher"})
 SAMPLE_PER_BATCH, SAMPLE_MAX = 1024, 8192  # input_sample: evenly spaced tokens per batch, capped
 JSQ_CLIP_TOP = 0.01  # JSQ clips the top 1% of |x| before taking its statistics
 GRAM_BLOCK = 256  # block rows of the symmetric Gram accumulation
@@ -48,6 +48,9 @@ class LayerStats:
 
     - ``input_sample``: up to 8192 input rows (n_s, d), evenly spaced over each batch, for
       stages that need the actual layer outputs (e.g. SliM-LLM's KL search).
+    - ``fisher``: not a statistic of X: the diagonal Fisher (out, in) of each of the group's weights,
+      from calibration gradients (fisher.py), computed once before the block loop; the engine
+      attaches the group's entries (`attach_fisher`) and a stage reads `fisher_of(name)`.
 
     Only what some stage declared in its ``needs`` is computed.
     """
@@ -65,6 +68,7 @@ class LayerStats:
         self._jsq_sq = torch.zeros(dim, device=device) if self._jsq else None
         self._jsq_seq: torch.Tensor | None = None  # (T, d) sum over samples
         self._sample: list[torch.Tensor] | None = [] if "input_sample" in needs else None
+        self._fisher: dict[str, torch.Tensor] | None = {} if "fisher" in needs else None
 
     def add_batch(self, x: torch.Tensor) -> None:
         x3 = x.float().reshape(-1, x.shape[-2] if x.dim() > 2 else 1, self.dim)  # (B, T, d)
@@ -130,5 +134,21 @@ class LayerStats:
     def input_sample(self) -> torch.Tensor:
         return torch.cat(self._require(self._sample, "input_sample"))[:SAMPLE_MAX]
 
+    def attach_fisher(self, entries: dict[str, torch.Tensor]) -> None:
+        """The diagonal Fisher of this group's Linears, by full Linear name (the engine's)."""
+        if self._fisher is not None:
+            self._fisher.update(entries)
+
+    def fisher_of(self, name: str) -> torch.Tensor:
+        """F (out, in) of the Linear `name`; a stacked group's (q/k/v) names joined by ' + ' give the
+        stacked rows."""
+        fisher = self._require(self._fisher, "fisher")
+        try:
+            return torch.cat([fisher[n] for n in name.split(" + ")])
+        except KeyError as e:
+            raise RuntimeError(f"no Fisher information for {e.args[0]}: it was not among the Linears the "
+                               "gradient pass covered") from None
+
     def free(self) -> None:
         self._xtx = self._hessian = self._sq = self._abs = self._jsq_sq = self._jsq_seq = self._sample = None
+        self._fisher = None

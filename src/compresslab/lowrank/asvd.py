@@ -14,7 +14,7 @@ class ASVD(LowRank):
         super().__init__(*args, **kwargs)
         self.alphas = tuple(alphas)
 
-    def factor(self, W, E, stats, r, numerics=None):
+    def factor(self, W, E, stats, r, numerics=None, name=""):
         H = stats.hessian
         a = stats.act_absmean.float().clamp_min(1e-8)
         best = None

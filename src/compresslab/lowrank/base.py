@@ -178,8 +178,9 @@ class LowRank:
     def transform(self, W: torch.Tensor, E: torch.Tensor, stats):
         raise NotImplementedError
 
-    def factor(self, W: torch.Tensor, E: torch.Tensor, stats, r: int, numerics: list | None = None):
-        """(B, A) of rank r; a method that factorizes XXᵀ appends its obs.Numerics to `numerics`."""
+    def factor(self, W: torch.Tensor, E: torch.Tensor, stats, r: int, numerics: list | None = None, name: str = ""):
+        """(B, A) of rank r for the Linear `name`; a method that factorizes XXᵀ appends its obs.Numerics
+        to `numerics`."""
         T, T_inv = self.transform(W, E, stats)
         return whitened_svd(E, r, T, T_inv)
 
@@ -194,7 +195,7 @@ class LowRank:
         C = layer.weight.detach().float() if compressed else torch.zeros_like(W)
         E = W - C  # (out, in)
         r = resolve_rank(self.rank, self.rank_ratio, *W.shape, self.pad_rank_to, self.param_ratio)
-        B, A = self.factor(W, E, stats, r, state.numerics)
+        B, A = self.factor(W, E, stats, r, state.numerics, name=name)
         H = stats.hessian if stats is not None and stats.has_hessian else None
         if self.prune_adapters:
             A = A * keep_mask(A.abs(), 0.5, (2, 4))

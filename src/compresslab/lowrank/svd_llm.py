@@ -40,5 +40,5 @@ class SVDLLM(LowRank):
     def transform(self, W, E, stats):
         return whitening(stats.hessian)
 
-    def factor(self, W, E, stats, r, numerics=None):
+    def factor(self, W, E, stats, r, numerics=None, name=""):
         return whitened_svd(E, r, *whitening(stats.hessian, numerics))
