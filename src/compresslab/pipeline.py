@@ -28,6 +28,9 @@ class Pipeline:
         self.model_loader, self.data, self.rotation, self.allocation = model, data, rotation, allocation
         self.pruner, self.quantizer, self.lowrank, self.recovery = pruner, quantizer, lowrank, recovery
         self.evaluator, self.logger = eval, logger
+        if self.allocation is None:  # a stage may bring its own (SVD-LLM V2's ratios); allocation=... replaces it
+            self.allocation = next((a for s in self.stages if hasattr(s, "default_allocation")
+                                    for a in [s.default_allocation()] if a is not None), None)
         self.engine = engine or SequentialEngine(device=str(getattr(model, "device", "auto")))
         self.seed = seed
         self.save = dict(save or {})

@@ -175,6 +175,10 @@ class LowRank:
             raise ConfigError(f"lowrank.prune_adapters=true prunes A 2:4 along the input width, but {name} has "
                               f"{layer.in_features} inputs (not a multiple of 4)")
 
+    def layer_rank(self, out: int, inp: int) -> int:
+        """This layer's rank, from rank / rank_ratio / param_ratio (an allocation sets `rank` per layer)."""
+        return resolve_rank(self.rank, self.rank_ratio, out, inp, self.pad_rank_to, self.param_ratio)
+
     def transform(self, W: torch.Tensor, E: torch.Tensor, stats):
         raise NotImplementedError
 
@@ -194,7 +198,7 @@ class LowRank:
                               f"{name} (filling pruned positions, moving it off the grid); use lowrank.separate=true")
         C = layer.weight.detach().float() if compressed else torch.zeros_like(W)
         E = W - C  # (out, in)
-        r = resolve_rank(self.rank, self.rank_ratio, *W.shape, self.pad_rank_to, self.param_ratio)
+        r = self.layer_rank(*W.shape)
         B, A = self.factor(W, E, stats, r, state.numerics, name=name)
         H = stats.hessian if stats is not None and stats.has_hessian else None
         if self.prune_adapters:

@@ -6,13 +6,19 @@ import torch
 from .base import LowRank
 
 
+EIG_FLOOR = 1e-8  # eigenvalues of XXᵀ below this × the largest are raised to it (an invertible T)
+
+
+def eigen_whitening(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, T⁻¹) = (Q√Λ, Λ^{-1/2}Qᵀ) from H ∝ XXᵀ = QΛQᵀ (in, in), in float32: ‖E·T‖_F = ‖EX‖_F up to
+    the scale, so truncating the SVD of E·T is optimal for the output error."""
+    lam, Q = torch.linalg.eigh(H.double())
+    lam = lam.clamp_min(lam.max() * EIG_FLOOR)
+    return (Q * lam.sqrt()[None, :]).float(), (Q / lam.sqrt()[None, :]).T.float()
+
+
 class EoRA(LowRank):
     needs = frozenset({"hessian"})
 
     def transform(self, W, E, stats):
-        H = stats.hessian.double()  # ∝ XXᵀ (in, in); the scale cancels
-        lam, Q = torch.linalg.eigh(H)
-        lam = lam.clamp_min(lam.max() * 1e-8)
-        T = Q * lam.sqrt()[None, :]
-        T_inv = (Q / lam.sqrt()[None, :]).T
-        return T.float(), T_inv.float()
+        return eigen_whitening(stats.hessian)  # ∝ XXᵀ; the scale cancels
