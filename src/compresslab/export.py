@@ -37,6 +37,9 @@ FORMATS = ("compressed-tensors",)
 def _exportable_quant(name: str, lin: nn.Linear):
     state = layer_state(lin)
     qw = state.quant if state is not None else None
+    if state is not None and (state.lut is not None or state.outliers is not None):
+        raise ConfigError(f"{name} holds a per-row table or fp16 outliers (SqueezeLLM / SpQR), which compressed-tensors' "
+                          "pack-quantized format cannot hold; save it with python -m compresslab.save instead")
     if qw is None:
         raise ConfigError(f"{name} is not quantized; compressed-tensors export needs every Linear quantized "
                           "(use a quantizer, or compresslab's own checkpoint: python -m compresslab.save)")

@@ -57,7 +57,8 @@ def layer_summary(name: str, lin: nn.Linear, bits: int | None = None) -> tuple[d
     row = {
         "name": name, "shape": list(w.shape), "sparsity": p / w.numel(), "zero_fraction": z / w.numel(),
         "avg_bits": b / w.numel(), "pattern": state.pattern if state else None,
-        "bits": state.quant.bits if state and state.quant is not None else None,
+        "bits": (state.quant.bits if state and state.quant is not None else
+                 state.lut.bits if state and state.lut is not None else None),
         "group_size": state.quant.group_size if state and state.quant is not None else None,
         "grid": state.quant.grid if state and state.quant is not None else None,
         "nm_valid": (nm_valid(mask, nm) and not bool(w[~mask.to(w.device)].any())
@@ -72,6 +73,8 @@ def layer_summary(name: str, lin: nn.Linear, bits: int | None = None) -> tuple[d
         fell, raised = int(state.fallback), int(any(n.retries for n in state.numerics))
     if state is not None and state.adapter is not None:
         row["rank"] = state.adapter.rank
+    if state is not None and state.outliers is not None:  # weights kept exactly (dense-and-sparse)
+        row["outliers"] = state.outliers.numel() / w.numel()
     if state is not None and state.tokens is not None:  # an expert (models/moe.py)
         row["tokens"], row["stats_from"] = state.tokens, state.stats_from
     return row, (p, z, w.numel(), b, layer_params(lin), fell, raised)

@@ -78,6 +78,8 @@ class LayerState:
     original: Any = None  # the dense weight while the layer's stages run (then dropped)
     dense: Any = None  # the dense weight (fp16, CPU) kept for an end-to-end recovery's error measurement
     packed_mask: Any = None  # the pruner's keep-mask, 1 bit per weight: (uint8, shape); see `mask`
+    lut: Any = None  # quantizer.format.LUTWeight: non-uniform per-row tables (SqueezeLLM), codes dropped
+    outliers: Any = None  # (nnz,) int64 sorted flat indices of weights kept exactly in fp16 (dense-and-sparse)
     adapter: Any = None  # lowrank.base.AdapterInfo when low-rank adapters are attached
     factors: Any = None  # (B, A) in fp16 when the layer is replaced by its low-rank factors
     tokens: int | None = None  # an expert's Linear: calibration tokens the router sent to its expert
@@ -114,6 +116,11 @@ class LayerState:
 
             self.quant = QuantizedWeight.stack_rows([p.quant for p in parts])
         self.numerics = [n for p in parts for n in p.numerics]
+
+    @property
+    def compressed(self) -> bool:
+        """Pruned or quantized (on a uniform grid or a table): a low-rank stage then compensates C(W)."""
+        return self.pattern is not None or self.quant is not None or self.lut is not None
 
     @property
     def damp(self) -> float | None:

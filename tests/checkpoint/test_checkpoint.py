@@ -22,6 +22,7 @@ from compresslab.quantizer.absmax import AbsMax
 from compresslab.quantizer.awq import AWQ
 from compresslab.quantizer.gptq import GPTQ
 from compresslab.quantizer.rtn import RTN
+from compresslab.quantizer.squeezellm import SqueezeLLM
 from compresslab.quantizer.slim_llm import SliMLLM
 from compresslab.quantizer.slim_quant import SLiMQuant
 from compresslab.stages import layer_state
@@ -57,8 +58,9 @@ def test_nm_compaction_by_hand():
 def _layer(stages, d=128, out=64):
     torch.manual_seed(0)
     X = correlated_inputs(1024, d, seed=0)
-    stats = LayerStats({"hessian", "act_norm", "act_absmean", "input_sample"}, d)
+    stats = LayerStats({"hessian", "act_norm", "act_absmean", "input_sample", "fisher"}, d)
     stats.add_batch(X)
+    stats.attach_fisher({"l": torch.rand(out, d, generator=torch.Generator().manual_seed(1)) ** 2})
     lin = nn.Linear(d, out)
     layer_state(lin, create=True).original = lin.weight.detach().float().clone()
     for s in stages:
@@ -88,6 +90,10 @@ KINDS = {
     "wanda60+rtn4": [Wanda(sparsity=0.6), RTN(bits=4, group_size=32)],
     "wanda50+gptq2-absmax": [Wanda(sparsity=0.5), GPTQ(bits=2, group_size=32, grid="absmax")],
     "wanda50+slim_llm3": [Wanda(sparsity=0.5), SliMLLM(bits=3, group_size=32)],
+    "squeezellm4": [SqueezeLLM(bits=4)],
+    "squeezellm3-dense-only": [SqueezeLLM(bits=3, outlier_fraction=0, sensitive_fraction=0)],
+    "wanda50+squeezellm3": [Wanda(sparsity=0.5), SqueezeLLM(bits=3, outlier_fraction=0.01)],
+    "wanda24+squeezellm4+slim": [Wanda(sparsity=0.5, pattern="2:4"), SqueezeLLM(bits=4), SLiMLoRA(rank=8)],
 }
 
 
@@ -109,7 +115,7 @@ def test_every_layer_kind_round_trips(kind):
     else:  # the PRUNER's mask is stored, not W != 0 (which would drop kept weights rounded to 0)
         assert torch.equal(packed.keep_mask(), mask)
     assert storage_bits(t) == layer_storage_bits(lin)  # avg_bits is the packed size
-    assert all(v.dtype in (torch.int32, torch.float16, torch.uint8) for v in t.values())
+    assert all(v.dtype in (torch.int32, torch.int16, torch.float16, torch.uint8) for v in t.values())
 
 
 def test_stored_mask_keeps_weights_rounded_to_zero():

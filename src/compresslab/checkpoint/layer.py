@@ -16,6 +16,11 @@ Per-layer tensors (key suffixes):
                      the kept entries follow in row-major order
     The positions and the bitmap are the PRUNER's mask, so a kept weight that quantization rounded
     to 0 stays kept (recovery after loading trains it; `PackedLinear.keep_mask()`).
+    lut       fp16   (out, 2^bits) per-row tables of a non-uniform quantizer (SqueezeLLM): W = lut[row, code];
+                     its codes are `qweight` at `bits`, like a uniform grid's
+    outlier_ptr / outlier_col / outlier_val   weights kept exactly (dense-and-sparse), CSR: int32 row
+                     pointers (out + 1), int16 columns (int32 past 32767 inputs), fp16 values; they
+                     replace whatever the codes give at their positions
     input_scale fp16 (in,) explicit per-input-channel scale (AWQ): W = dequant(codes) / s
     lora_A / lora_B  low-rank adapters (or the factors, when they replace the weight): fp16, or
                      `<name>.codes` (4-bit, code + 8) with `<name>.scales` per tile of 128 inputs;
@@ -129,18 +134,26 @@ def pack_linear(lin: nn.Linear) -> tuple[dict, dict[str, torch.Tensor]]:
             bitmap = mask
             meta["sparse"] = "bitmap"
             t["mask"] = pack_bits(mask.reshape(-1).to(torch.int64), 1)
+
+        def kept(M):  # the stored entries of an (out, d) matrix: all, the N:M kept ones, or the bitmap's
+            return M if idx is None and bitmap is None else M.gather(1, idx) if idx is not None else M[bitmap]
+
         qw: QuantizedWeight | None = state.quant if state is not None else None
+        if state is not None and state.outliers is not None:
+            t.update(_pack_outliers(W, state.outliers.to(W.device)))
+        if state is not None and state.lut is not None:
+            lw = state.lut
+            meta["lut"] = {"bits": lw.bits}
+            t["lut"] = lw.lut.half()
+            t["qweight"] = pack_bits(kept(lw.encode(W).codes.to(torch.int64)).reshape(-1), lw.bits)
         if state is not None and state.input_scale is not None:
             s = state.input_scale.float()
             t["input_scale"] = state.input_scale.half()
             W = W * s[None, :]
 
-        def kept(M):  # the stored entries of an (out, d) matrix: all, the N:M kept ones, or the bitmap's
-            return M if idx is None and bitmap is None else M.gather(1, idx) if idx is not None else M[bitmap]
-
-        if qw is None:
+        if qw is None and "lut" not in t:
             t["weight"] = kept(W).half()
-        else:
+        elif qw is not None:
             g = qw.group_size
             meta["quant"] = {"bits": qw.bits, "group_size": g, "grid": qw.grid, "symmetric": qw.symmetric,
                              "mixed": qw.bit_map is not None}
@@ -175,6 +188,25 @@ def pack_linear(lin: nn.Linear) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, t
 
 
+def _pack_outliers(W: torch.Tensor, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """CSR of the weights at the sorted flat indices `flat` of W (out, d)."""
+    out, d = W.shape
+    rows, cols = flat // d, flat % d
+    ptr = torch.zeros(out + 1, dtype=torch.int64, device=W.device)
+    ptr[1:] = torch.bincount(rows, minlength=out).cumsum(0)
+    return {"outlier_ptr": ptr.to(torch.int32), "outlier_col": cols.to(torch.int16 if d <= 32767 else torch.int32),
+            "outlier_val": W.reshape(-1)[flat].half()}
+
+
+def stored_outliers(t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rows (nnz,) int64, cols (nnz,) int64, values (nnz,) float32) of the stored outliers, or None."""
+    if "outlier_ptr" not in t:
+        return None
+    ptr = t["outlier_ptr"].to(torch.int64)
+    rows = torch.repeat_interleave(torch.arange(ptr.numel() - 1, device=ptr.device), ptr.diff())
+    return rows, t["outlier_col"].to(torch.int64), t["outlier_val"].float()
+
+
 def storage_bits(tensors: dict[str, torch.Tensor]) -> int:
     """Bits of the packed tensors that count toward avg_bits (all but the bias)."""
     return sum(v.numel() * v.element_size() * 8 for k, v in tensors.items() if k != "bias")
@@ -197,10 +229,12 @@ def _grid_of(q: dict) -> str:
     return q.get("grid") or ("sym" if q["symmetric"] else "asym")  # checkpoints before `grid` existed
 
 
-def dense_codes(meta: dict, t: dict[str, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
-    """The (out, in) int64 codes, with the pruned entries' codes set to 0 (they are masked anyway)."""
+def dense_codes(meta: dict, t: dict[str, torch.Tensor], mask: torch.Tensor | None, q: dict | None = None) -> torch.Tensor:
+    """The (out, in) int64 codes, with the pruned entries' codes set to 0 (they are masked anyway);
+    `q`: the layout ({bits, mixed, group_size}) when it is not meta["quant"] (a table's codes)."""
     out, d = meta["shape"]
-    q, nm, g = meta["quant"], meta.get("nm"), meta["quant"]["group_size"]
+    q = q or meta["quant"]
+    nm, g = meta.get("nm"), q["group_size"]
     widths = [int(b) for b in t["bit_map"]] if q["mixed"] else None
     if nm:
         kept = d * nm[0] // nm[1]
@@ -250,7 +284,12 @@ def dequantize_weight(meta: dict, t: dict[str, torch.Tensor]) -> torch.Tensor | 
         return None
     mask = stored_mask(meta, t)
     q = meta.get("quant")
-    if q is None:
+    if meta.get("lut"):
+        codes = dense_codes(meta, t, mask, {"bits": meta["lut"]["bits"], "mixed": False, "group_size": d})
+        W = t["lut"].float().to(codes.device).gather(1, codes)
+        if mask is not None:
+            W = W * mask
+    elif q is None:
         vals = t["weight"].float()
         if mask is None:
             W = vals
@@ -266,6 +305,10 @@ def dequantize_weight(meta: dict, t: dict[str, torch.Tensor]) -> torch.Tensor | 
             W = W * mask
     if "input_scale" in t:
         W = W / t["input_scale"].float()[None, :]
+    sparse = stored_outliers(t)
+    if sparse is not None:  # the weights kept exactly, over whatever the codes gave there
+        rows, cols, vals = sparse
+        W[rows.to(W.device), cols.to(W.device)] = vals.to(W.device)
     return W
 
 

@@ -192,7 +192,7 @@ class LowRank:
     def compress(self, name: str, layer: nn.Linear, stats=None) -> None:
         state = layer_state(layer, create=True)
         W = state.original if state.original is not None else layer.weight.detach().float()
-        compressed = state.pattern is not None or state.quant is not None
+        compressed = state.compressed
         if not self.separate and compressed:
             raise ConfigError(f"lowrank.separate=false would merge B·A into the pruned or quantized weight of "
                               f"{name} (filling pruned positions, moving it off the grid); use lowrank.separate=true")

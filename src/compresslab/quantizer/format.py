@@ -113,3 +113,33 @@ class QuantizedWeight:
 
     def avg_bits(self) -> float:
         return self.storage_bits() / (self.shape[0] * self.shape[1])
+
+
+@dataclass
+class LUTWeight:
+    """Non-uniform codes (SqueezeLLM): W[i, j] = lut[i, codes[i, j]], one sorted table of 2^bits values per
+    output row, stored in fp16 (the values here are already fp16-representable, so `encode` is exact)."""
+
+    codes: torch.Tensor | None  # (out, in) uint8, or None when dropped (they follow from W and the table)
+    lut: torch.Tensor  # (out, 2^bits) float, ascending per row
+    bits: int
+    shape: tuple[int, int]
+
+    def encode(self, W: torch.Tensor) -> "LUTWeight":
+        """Codes of the nearest table entry per weight (exact for weights on the table)."""
+        lut = self.lut.float().to(W.device)
+        mids = (lut[:, 1:] + lut[:, :-1]) / 2  # (out, 2^b − 1)
+        codes = torch.searchsorted(mids.contiguous(), W.float().contiguous())
+        return replace(self, codes=codes.to(torch.uint8))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.codes is None:
+            raise ValueError("codes were dropped; use encode(W) first")
+        return self.lut.float().to(self.codes.device).gather(1, self.codes.long()).to(dtype)
+
+    def without_codes(self) -> "LUTWeight":
+        return replace(self, codes=None)
+
+    def storage_bits(self) -> int:
+        out, inp = self.shape
+        return out * inp * self.bits + self.lut.numel() * SCALE_BITS

@@ -66,7 +66,9 @@ class ConstrainedLinear:
         # the pruner's own mask: a kept weight that quantization rounded to 0 is not pruned and trains
         self.mask = st.keep_mask(lin.weight.device) if st is not None else None
         self.train_weight = train == "all" and not (st is not None and st.adapter is not None and st.adapter.replaces)
-        if st is not None and st.input_scale is not None:  # AWQ: the grid is that of W·diag(s); keep frozen
+        if st is not None and (st.input_scale is not None or st.lut is not None or st.outliers is not None):
+            # AWQ (the grid is that of W·diag(s)), a per-row table (SqueezeLLM), fp16 outliers: no uniform grid
+            # to train on here, so the weight stays frozen (adapters, if any, still train)
             self.qw, self.train_weight = None, False
         self.W = nn.Parameter(lin.weight.detach().float().clone(), requires_grad=self.train_weight)
         self.scales = None
