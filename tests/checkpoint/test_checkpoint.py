@@ -283,3 +283,26 @@ def test_bad_shard_size_fails_before_loading(tmp_path):
 
     assert parse_size("2GB") == 2 * 10**9 and parse_size("1GiB") == 2**30 and parse_size(4096) == 4096
     assert parse_size(None) is None
+
+
+@pytest.mark.parametrize("outliers", [0.0, 0.02])
+def test_squeezellm_layer_feeds_the_lut_kernel_with_the_outliers_as_a_correction(outliers):
+    """The GPU path (4-bit codes through the table kernel, then the outliers' sparse correction) computes
+    what the CPU path (the dequantized weight) does; run here under the Triton interpreter."""
+    from compresslab import kernels
+
+    lin, X = _layer([SqueezeLLM(bits=4, outlier_fraction=outliers, sensitive_fraction=0)])
+    meta, t = pack_linear(lin)
+    packed = PackedLinear(meta, t)
+    kind, qweight, lut = packed.kernel_operands()
+    assert kind == "lut4"
+    x = X[:5]
+    y = kernels.lut4_matmul(x, qweight, lut)
+    fix = packed.sparse_correction()
+    assert (fix is None) == (outliers == 0)
+    if fix is not None:
+        y = kernels.add_sparse(y, x, *fix)
+    bias = t["bias"].float()
+    with torch.no_grad():
+        torch.testing.assert_close(y + bias, packed(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(packed(x), lin(x), atol=2e-3, rtol=2e-3)

@@ -193,3 +193,48 @@ def test_obs_compress_with_the_fused_block_matches_the_torch_path(monkeypatch, g
     same = (q_k.encode(W_k).codes == q_t.encode(W_t).codes).float().mean()
     assert same > 0.99, float(same)
     assert (W_k[~keep] == 0).all()
+
+
+def lut4_operands(N, K, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (N, K), generator=gen)
+    qweight = pack_bits(codes.reshape(-1), 4).reshape(N, K // 8)
+    lut = torch.randn(N, 16, generator=gen).sort(1).values.half()
+    return codes, qweight, lut
+
+
+def test_lut4_layout_matches_the_checkpoint_stream():
+    from compresslab.kernels.lut_gemv import dequantize_lut4
+
+    codes, qweight, lut = lut4_operands(8, 64)
+    W = dequantize_lut4(qweight, lut, 64)
+    want = torch.tensor([[float(lut[n, codes[n, k]]) for k in range(64)] for n in range(8)])
+    torch.testing.assert_close(W, want)
+
+
+@needs_triton
+@pytest.mark.parametrize("M,N,K", [(1, 64, 128), (3, 40, 96), (16, 33, 64), (5, 17, 192)])
+@pytest.mark.parametrize("lowrank", [0, 5])
+def test_lut4_kernel_matches_reference(M, N, K, lowrank):
+    from compresslab.kernels.lut_gemv import lut4_ref, lut4_triton
+
+    _, qweight, lut = lut4_operands(N, K)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(1))
+    A = B = None
+    if lowrank:
+        A, B = torch.randn(lowrank, K) * 0.1, torch.randn(N, lowrank) * 0.1
+    torch.testing.assert_close(lut4_triton(x, qweight, lut, A, B), lut4_ref(x, qweight, lut, A, B),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_add_sparse_is_the_dense_product():
+    from compresslab.kernels.lut_gemv import add_sparse
+
+    g = torch.Generator().manual_seed(3)
+    S = torch.zeros(6, 10)
+    rows, cols = torch.tensor([0, 0, 3, 5]), torch.tensor([1, 9, 4, 1])
+    vals = torch.randn(4, generator=g)
+    S[rows, cols] = vals
+    x = torch.randn(2, 10, generator=g)
+    y0 = torch.randn(2, 6, generator=g)
+    torch.testing.assert_close(add_sparse(y0.clone(), x, rows, cols, vals), y0 + x @ S.T)

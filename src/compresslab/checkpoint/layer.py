@@ -277,8 +277,9 @@ def dense_zeros(meta: dict, t: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.full(shape, symmetric_zero(q["bits"], grid))
 
 
-def dequantize_weight(meta: dict, t: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """The (out, in) float32 weight (without adapters), or None when the factors replace it."""
+def dequantize_weight(meta: dict, t: dict[str, torch.Tensor], outliers: bool = True) -> torch.Tensor | None:
+    """The (out, in) float32 weight (without adapters), or None when the factors replace it;
+    `outliers=False`: what the codes alone give (the kernels' part)."""
     out, d = meta["shape"]
     if meta.get("adapter", {}).get("replaces"):
         return None
@@ -305,7 +306,7 @@ def dequantize_weight(meta: dict, t: dict[str, torch.Tensor]) -> torch.Tensor | 
             W = W * mask
     if "input_scale" in t:
         W = W / t["input_scale"].float()[None, :]
-    sparse = stored_outliers(t)
+    sparse = stored_outliers(t) if outliers else None
     if sparse is not None:  # the weights kept exactly, over whatever the codes gave there
         rows, cols, vals = sparse
         W[rows.to(W.device), cols.to(W.device)] = vals.to(W.device)
@@ -329,6 +330,7 @@ class PackedLinear(nn.Module):
             self._keys.append(k)
         self.cache_weight, self._w = cache_weight, None
         self._kops: tuple | None | bool = False  # kernel operands, built on first use (False: not yet)
+        self._fix: tuple | None | bool = False  # the outliers' correction for the kernels (sparse_correction)
         self.online = None  # rotation R4: the input's online Hadamard, before anything else
         if meta.get("online"):
             from ..rotation.base import OnlineHadamard
@@ -371,6 +373,11 @@ class PackedLinear(nn.Module):
         self._kops = None
         q, nm, t = self.meta.get("quant"), self.meta.get("nm"), self.tensors()
         N, K = self.out_features, self.in_features
+        lut = self.meta.get("lut")
+        if lut is not None:  # 4-bit codes into per-row tables, dense (no mask) rows of whole words
+            if lut["bits"] == 4 and nm is None and "mask" not in t and "input_scale" not in t and K % 8 == 0:
+                self._kops = ("lut4", t["qweight"].view(N, K // 8), t["lut"])
+            return self._kops
         ok = (q is not None and q["bits"] == 4 and not q["mixed"] and "input_scale" not in t
               and (nm is None and K % 8 == 0 or nm == [2, 4] and K % 32 == 0))
         if ok:
@@ -392,6 +399,20 @@ class PackedLinear(nn.Module):
                               zeros, q["group_size"])
         return self._kops
 
+    def sparse_correction(self):
+        """(rows, cols, value − what the codes give there) of the stored outliers, for the kernels (which
+        read the codes only); None without outliers. Built once."""
+        if self._fix is False:
+            t = self.tensors()
+            sparse = stored_outliers(t)
+            if sparse is None:
+                self._fix = None
+            else:
+                rows, cols, vals = sparse
+                base = dequantize_weight(self.meta, t, outliers=False)[rows, cols]
+                self._fix = (rows, cols, vals - base)
+        return self._fix
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.online is not None:
             x = self.online(self, (x,))[0]
@@ -405,8 +426,13 @@ class PackedLinear(nn.Module):
             x2 = x.reshape(-1, self.in_features)
             if ops[0] == "w4a16":
                 y = kernels.w4a16_matmul(x2, *ops[1:], A=A, B=B)
+            elif ops[0] == "lut4":
+                y = kernels.lut4_matmul(x2, *ops[1:], A=A, B=B)
             else:
                 y = kernels.sparse24_w4_matmul(x2, *ops[1:], A=A, B=B)
+            fix = self.sparse_correction()
+            if fix is not None:  # outliers: their exact values over what the codes gave
+                y = kernels.add_sparse(y, x2, *fix)
             y = y.reshape(*x.shape[:-1], self.out_features)
             bias = self.tensors().get("bias")
             return y + bias.to(y.dtype) if bias is not None else y
