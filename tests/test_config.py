@@ -92,6 +92,6 @@ def test_cli_bad_option_and_help():
     help_ = subprocess.run([sys.executable, "run.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert help_.returncode == 0
     for line in ("pruner: jsq, magnitude, mask, null, sparsegpt, wanda",
-                 "quantizer: absmax, awq, gptq, null, rtn, slim_llm, slim_llm_plus, slim_quant",
+                 "quantizer: absmax, awq, gptq, null, rtn, slim_llm, slim_llm_plus, slim_quant, spqr, squeezellm",
                  "lowrank: asvd, eora, fwsvd, l2qer, naive, null, slim, svd_llm, svd_llm_v2", "recovery: beam, finetune, null", "eval: full, ppl, zeroshot", "logger: none, wandb", "data: calibration"):
         assert line in help_.stdout, line

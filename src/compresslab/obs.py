@@ -40,6 +40,10 @@ class GridSpec:
     bit_map: torch.Tensor | None = None
     # Optional range search: fn(Wg (out, k), salience (out, k), bits) -> (scale, zero), each (out,).
     params: Callable | None = None
+    # SpQR: each group's scales (and asym zeros) quantized again to `stat_bits` on a min/max grid per
+    # `stat_group` consecutive output rows (quantizer/grid.quantize_stat); None: fp16 scales, integer zeros
+    stat_bits: int | None = None
+    stat_group: int = 16
 
     def group_bits(self, j: int) -> int | torch.Tensor:
         """Bits of input group j: an int, or (out,) float per row for a per-row map."""
@@ -128,10 +132,12 @@ def _sub_block(blocksize: int, group: int | None, nm: tuple[int, int] | None) ->
     return sub
 
 
-def fused_block_sweep(W: torch.Tensor, quant: "GridSpec | None", fixed: bool, act_order: bool):
+def fused_block_sweep(W: torch.Tensor, quant: "GridSpec | None", fixed: bool, act_order: bool, tau=None):
     """The fused Triton block sweep (compresslab.kernels.obs_block) when W is on a GPU and the case
-    is GPTQ's own: quantization with a fixed mask, the min/max grid, contiguous groups; else None."""
+    is GPTQ's own: quantization with a fixed mask, the min/max grid, contiguous groups (no outliers, no
+    quantized statistics); else None."""
     if not (W.is_cuda and fixed and quant is not None and quant.params is None and not act_order
+            and tau is None and quant.stat_bits is None
             and (quant.bit_map is None or quant.bit_map.dim() == 1)):
         return None
     from .kernels import obs_block
@@ -139,14 +145,44 @@ def fused_block_sweep(W: torch.Tensor, quant: "GridSpec | None", fixed: bool, ac
     return obs_block.gptq_block_triton if obs_block.triton is not None else None
 
 
-def _group_params(Wg: torch.Tensor, spec: GridSpec, j: int, dU: torch.Tensor | None = None):
-    """(out,) scale and zero of input group j, whose columns are Wg (out, k): the min/max grid,
-    or the spec's range search given the OBS salience w²/[H⁻¹]_jj²."""
+def _group_params(Wg: torch.Tensor, spec: GridSpec, j: int, dU: torch.Tensor | None = None, tau: float | None = None):
+    """(out,) scale and zero of input group j, whose columns are Wg (out, k): the min/max grid, the
+    spec's range search given the OBS salience w²/[H⁻¹]_jj², or (with an outlier threshold tau) SpQR's
+    leave-one-out fit that leaves likely outliers out of the range."""
     bits = spec.group_bits(j)
     if spec.params is not None:
         sal = Wg.square() / (dU.square()[None, :] if dU is not None else 1.0)
         return spec.params(Wg, sal, bits)
+    if tau is not None and Wg.shape[1] > 1:
+        return grid.loo_qparams(Wg, dU, bits, spec.grid, tau)
     return grid.qparams(Wg.amin(1), Wg.amax(1), bits, spec.grid)
+
+
+class _Stats:
+    """SpQR's quantized statistics: each group's (out,) scales and zeros through `grid.quantize_stat`,
+    their codes and chunk parameters kept for the packed checkpoint (QuantizedWeight.stat)."""
+
+    def __init__(self, spec: GridSpec, out: int, ngroups: int, device):
+        self.spec, self.parts = spec, {}
+        n = -(-out // spec.stat_group)
+        for k in ("scales",) + (("zeros",) if spec.grid == "asym" else ()):
+            self.parts[k] = (torch.zeros(out, ngroups, dtype=torch.uint8, device=device),
+                             torch.zeros(n, ngroups, device=device), torch.zeros(n, ngroups, device=device))
+
+    def __call__(self, j: int, scale: torch.Tensor, zero: torch.Tensor):
+        out = []
+        for k, v in (("scales", scale), ("zeros", zero)):
+            if k not in self.parts:
+                out.append(v)
+                continue
+            vals, codes, step, low = grid.quantize_stat(v, self.spec.stat_bits, self.spec.stat_group)
+            c, st, lo = self.parts[k]
+            c[:, j], st[:, j], lo[:, j] = codes, step, low
+            out.append(vals.clamp_min(2**-24) if k == "scales" else vals)
+        return out[0], out[1]
+
+    def record(self) -> dict:
+        return {"bits": self.spec.stat_bits, "group": self.spec.stat_group, **self.parts}
 
 
 @torch.no_grad()
@@ -154,7 +190,8 @@ def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = N
                  prune: PruneSpec | None = None, keep: torch.Tensor | None = None,
                  act_order: bool = False, percdamp: float = 0.01, blocksize: int = 128,
                  name: str = "", numerics: list | None = None, latent: list | None = None,
-                 segments: list[int] | None = None) -> tuple[torch.Tensor, QuantizedWeight | None, torch.Tensor]:
+                 segments: list[int] | None = None, outlier_threshold: float | None = None,
+                 outliers: list | None = None) -> tuple[torch.Tensor, QuantizedWeight | None, torch.Tensor]:
     """Prune and/or quantize W (out, in) against the input Hessian H (in, in).
 
     Args:
@@ -168,6 +205,12 @@ def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = N
         segments: row counts of several Linears stacked in W (they share H): one sweep for all of
             them. Rows never interact in the sweep; only the unstructured pruning threshold is
             taken per segment, so the result is that of separate sweeps.
+        outlier_threshold: SpQR's unstructured outliers (Dettmers et al., "SpQR: A Sparse-Quantized
+            Representation for Near-Lossless LLM Weight Compression", 2023): a weight whose OBS error
+            (w − q(w))² / [U]_jj² exceeds τ = outlier_threshold · mean_j(var_i W_ij / U_jj²) keeps its
+            value (fp16) and passes no error on; group ranges are fit without likely outliers
+            (`grid.loo_qparams`). Needs dynamic groups (no act_order). The (out, in) bool mask of the
+            weights kept so is appended to `outliers`.
     Returns:
         (W_hat (out, in) float32, QuantizedWeight or None, keep-mask (out, in) bool).
     """
@@ -191,12 +234,15 @@ def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = N
     ngroups = d // g
     scales = torch.empty(out, ngroups, device=W.device)
     zeros = torch.empty(out, ngroups, device=W.device)
+    stat = _Stats(quant, out, ngroups, W.device) if quant is not None and quant.stat_bits is not None else None
+    float_zero = stat is not None  # quantized zeros are not integers: round(w/s + z)
     if quant is not None and (quant.static_groups or g == d):
         # Ranges fixed from the (masked) weight in its original column order.
         dH = hinv_chol_diag(H, percdamp, name) if quant.params is not None else None
         for j in range(ngroups):
             cols = slice(j * g, (j + 1) * g)
-            scales[:, j], zeros[:, j] = _group_params(W[:, cols], quant, j, dH[cols] if dH is not None else None)
+            sc, ze = _group_params(W[:, cols], quant, j, dH[cols] if dH is not None else None)
+            scales[:, j], zeros[:, j] = stat(j, sc, ze) if stat is not None else (sc, ze)
     dynamic = quant is not None and not (quant.static_groups or g == d)
     if act_order and dynamic:
         raise ValueError("act_order with groups needs static_groups (groups must stay contiguous)")
@@ -207,9 +253,15 @@ def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = N
     group_of = perm // g  # group of each processed column, in the original order
     U = inverse_hessian_upper(H, percdamp, name=name, numerics=numerics)  # (d, d)
     del H
+    tau = None
+    if outlier_threshold is not None:
+        if quant is None or not dynamic:
+            raise ValueError("outliers (SpQR) need quantization with dynamic groups (group_size > 0, no act_order)")
+        tau = outlier_threshold * float((W.var(0) / torch.diag(U).square()).mean())
+    sparse = torch.zeros_like(W, dtype=torch.bool) if tau is not None else None
 
     pre = torch.empty_like(W) if latent is not None else None
-    fused = fused_block_sweep(W, quant, fixed, act_order)
+    fused = fused_block_sweep(W, quant, fixed, act_order, tau)
     if fused is not None:  # group parameters transposed, (groups, out), as the kernel reads and writes them
         St, Zt = scales.T.contiguous(), zeros.T.contiguous()
         maxqs = torch.tensor([float(quant.group_maxq(j)) for j in range(ngroups)], device=W.device)
@@ -246,6 +298,7 @@ def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = N
                     thresh = score[:, rows].flatten().kthvalue(k).values
                     Kt[:, rows] &= score[:, rows] > thresh
         Mt = Kt.float() if masked else None  # the mask as 0/1 floats (a bool multiplier costs ~4x)
+        Ot = torch.zeros_like(Kt) if tau is not None else None  # this block's outliers, (b, out)
         nm_done = 0  # block columns [0, nm_done) have their N:M masks (chosen in column order)
 
         def choose_nm(upto):  # adaptive N:M masks of the N:M groups up to column `upto`, from the current Wt
@@ -274,7 +327,9 @@ def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = N
                     # group_size is a multiple of M, as in every grid this project ships)
                     gi = groups[col]
                     Wg = Wt[i:i + g] * Mt[i:i + g] if masked else Wt[i:i + g]
-                    sc, ze = _group_params(Wg.T, quant, gi, dU[i:i + g])
+                    sc, ze = _group_params(Wg.T, quant, gi, dU[i:i + g], tau)
+                    if stat is not None:
+                        sc, ze = stat(gi, sc, ze)
                     scales[:, gi], zeros[:, gi] = sc, ze
                     params[gi] = (sc.contiguous(), ze.contiguous(), quant.group_maxq(gi))
                 if not fixed and nm is not None:
@@ -287,7 +342,7 @@ def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = N
                 if quant is not None:
                     gi = groups[col]
                     sc, ze, maxq = params[gi]
-                    q = torch.div(w, sc).round_().add_(ze)
+                    q = torch.div(w, sc).add_(ze).round_() if float_zero else torch.div(w, sc).round_().add_(ze)
                     if isinstance(maxq, int):
                         q.clamp_(0, maxq)
                     else:  # a per-row bit map: (out,) largest codes
@@ -297,6 +352,13 @@ def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = N
                         q.mul_(Mt[i])
                 else:
                     q = w * Mt[i] if masked else w
+                if tau is not None:  # SpQR: a weight the grid would cost too much keeps its value
+                    big = (w - q).div_(dUl[i]).square_() > tau
+                    if masked:
+                        big &= Kt[i]
+                    if bool(big.any()):
+                        q = torch.where(big, w.half().float(), q)
+                        Ot[i] = big
                 err = torch.sub(Wt[i], q, out=Et[i]).div_(dUl[i])  # (out,), written in place into Et
                 if i + 1 < j2:
                     Wt[i + 1:j2].addr_(U1[i, i + 1:j2], err, alpha=-1.0)
@@ -305,6 +367,8 @@ def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = N
                 Wt[j2:].addmm_(U1[j1:j2, j2:].T, Et[j1:j2], alpha=-1.0)
         W[:, i1:i2] = Wt.T
         keep[:, i1:i2] = Kt.T
+        if Ot is not None:
+            sparse[:, i1:i2] = Ot.T
         if pre is not None:  # w_pre = q + err·U_ii, column by column, without a per-column copy
             pre[:, i1:i2] = (Wt + Et * dU[:, None]).T
         if i2 < d:
@@ -318,8 +382,11 @@ def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = N
         pre = pre[:, inv] if pre is not None else None
     if pre is not None:
         latent.append(pre * keep)
+    if outliers is not None and sparse is not None:
+        outliers.append(sparse)
     qw = None
     if quant is not None:
         qw = QuantizedWeight(None, scales, zeros, quant.bits, g, quant.grid, (out, d),
-                             quant.bit_map.clone().to(torch.uint8) if quant.bit_map is not None else None).encode(W)
+                             quant.bit_map.clone().to(torch.uint8) if quant.bit_map is not None else None,
+                             stat.record() if stat is not None else None).encode(W)
     return W, qw, keep

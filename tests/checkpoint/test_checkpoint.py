@@ -22,6 +22,7 @@ from compresslab.quantizer.absmax import AbsMax
 from compresslab.quantizer.awq import AWQ
 from compresslab.quantizer.gptq import GPTQ
 from compresslab.quantizer.rtn import RTN
+from compresslab.quantizer.spqr import SpQR
 from compresslab.quantizer.squeezellm import SqueezeLLM
 from compresslab.quantizer.slim_llm import SliMLLM
 from compresslab.quantizer.slim_quant import SLiMQuant
@@ -94,6 +95,10 @@ KINDS = {
     "squeezellm3-dense-only": [SqueezeLLM(bits=3, outlier_fraction=0, sensitive_fraction=0)],
     "wanda50+squeezellm3": [Wanda(sparsity=0.5), SqueezeLLM(bits=3, outlier_fraction=0.01)],
     "wanda24+squeezellm4+slim": [Wanda(sparsity=0.5, pattern="2:4"), SqueezeLLM(bits=4), SLiMLoRA(rank=8)],
+    "spqr3": [SpQR(bits=3)],
+    "spqr4-fp16-stats": [SpQR(bits=4, stat_bits=None)],
+    "wanda50+spqr3": [Wanda(sparsity=0.5), SpQR(bits=3)],
+    "wanda24+spqr4+slim": [Wanda(sparsity=0.5, pattern="2:4"), SpQR(bits=4), SLiMLoRA(rank=8)],
 }
 
 
@@ -285,21 +290,24 @@ def test_bad_shard_size_fails_before_loading(tmp_path):
     assert parse_size(None) is None
 
 
-@pytest.mark.parametrize("outliers", [0.0, 0.02])
-def test_squeezellm_layer_feeds_the_lut_kernel_with_the_outliers_as_a_correction(outliers):
-    """The GPU path (4-bit codes through the table kernel, then the outliers' sparse correction) computes
-    what the CPU path (the dequantized weight) does; run here under the Triton interpreter."""
+@pytest.mark.parametrize("stage,kind,has_outliers", [
+    (SqueezeLLM(bits=4, outlier_fraction=0, sensitive_fraction=0), "lut4", False),
+    (SqueezeLLM(bits=4, outlier_fraction=0.02, sensitive_fraction=0), "lut4", True),
+    (SpQR(bits=4), "w4a16", True)])
+def test_outlier_layers_feed_the_kernels_with_the_outliers_as_a_correction(stage, kind, has_outliers):
+    """The GPU path (4-bit codes through the table or int4 kernel, then the outliers' sparse correction)
+    computes what the CPU path (the dequantized weight) does; run here under the Triton interpreter."""
     from compresslab import kernels
 
-    lin, X = _layer([SqueezeLLM(bits=4, outlier_fraction=outliers, sensitive_fraction=0)])
+    lin, X = _layer([stage])
     meta, t = pack_linear(lin)
     packed = PackedLinear(meta, t)
-    kind, qweight, lut = packed.kernel_operands()
-    assert kind == "lut4"
+    ops = packed.kernel_operands()
+    assert ops[0] == kind
     x = X[:5]
-    y = kernels.lut4_matmul(x, qweight, lut)
+    y = kernels.lut4_matmul(x, *ops[1:]) if kind == "lut4" else kernels.w4a16_matmul(x, *ops[1:])
     fix = packed.sparse_correction()
-    assert (fix is None) == (outliers == 0)
+    assert (fix is not None) == has_outliers
     if fix is not None:
         y = kernels.add_sparse(y, x, *fix)
     bias = t["bias"].float()

@@ -158,9 +158,22 @@ def pack_linear(lin: nn.Linear) -> tuple[dict, dict[str, torch.Tensor]]:
             meta["quant"] = {"bits": qw.bits, "group_size": g, "grid": qw.grid, "symmetric": qw.symmetric,
                              "mixed": qw.bit_map is not None}
             codes = qw.encode(W).codes.to(torch.int64)
-            t["scales"] = qw.scales.half()
             zeros = qw.zeros.round().to(torch.int64)
-            if qw.bit_map is None:
+            if qw.stat is not None:  # SpQR: the statistics as codes + a (step, low) per chunk of rows
+                if qw.bit_map is not None:
+                    raise ValueError("quantized statistics with a mixed-precision bit map are not a stored layout")
+                meta["quant"]["stat"] = {"bits": qw.stat["bits"], "group": qw.stat["group"]}
+                for k, key in (("scales", "scales"), ("zeros", "qzeros")):
+                    if k in qw.stat:
+                        c, step, low = qw.stat[k]
+                        t[f"{key}.codes"] = pack_bits(c.to(torch.int64).reshape(-1), qw.stat["bits"])
+                        t[f"{key}.step"], t[f"{key}.low"] = step.half(), low.half()
+                t["qweight"] = pack_bits(kept(codes).reshape(-1), qw.bits)
+            else:
+                t["scales"] = qw.scales.half()
+            if qw.stat is not None:
+                pass  # stored above
+            elif qw.bit_map is None:
                 t["qweight"] = pack_bits(kept(codes).reshape(-1), qw.bits)
                 if not qw.symmetric:
                     t["qzeros"] = pack_bits(zeros.reshape(-1), qw.bits)
@@ -262,6 +275,31 @@ def dense_codes(meta: dict, t: dict[str, torch.Tensor], mask: torch.Tensor | Non
     return codes
 
 
+def _stat_values(t: dict[str, torch.Tensor], key: str, bits: int, group: int, rows: int) -> torch.Tensor:
+    """(rows, C) values of quantized statistics: low + step·code per chunk of `group` rows (grid.stat_values)."""
+    step, low = t[f"{key}.step"].float(), t[f"{key}.low"].float()  # (n, C)
+    n, C = step.shape
+    codes = unpack_bits(t[f"{key}.codes"], bits, rows * C).reshape(rows, C)
+    codes = torch.nn.functional.pad(codes, (0, 0, 0, n * group - rows)).reshape(n, group, C).float()
+    return (low[:, None, :] + step[:, None, :] * codes).reshape(n * group, C)[:rows]
+
+
+def stored_scales_zeros(meta: dict, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales, zeros), each (R, C) float32, as the layer computes with them."""
+    q = meta["quant"]
+    st = q.get("stat")
+    if st is None:
+        return t["scales"].float(), dense_zeros(meta, t).float()
+    out, d = meta["shape"]
+    C = d // q["group_size"]
+    scales = _stat_values(t, "scales", st["bits"], st["group"], out).clamp_min(2**-24)
+    if _grid_of(q) == "asym":
+        zeros = _stat_values(t, "qzeros", st["bits"], st["group"], out)
+    else:
+        zeros = torch.full((out, C), float(symmetric_zero(q["bits"], _grid_of(q))))
+    return scales, zeros
+
+
 def dense_zeros(meta: dict, t: dict[str, torch.Tensor]) -> torch.Tensor:
     """(R, C) zero points: stored for asymmetric grids, the grid's constant otherwise."""
     q = meta["quant"]
@@ -299,8 +337,9 @@ def dequantize_weight(meta: dict, t: dict[str, torch.Tensor], outliers: bool = T
             W[mask] = vals.reshape(-1)  # N:M and bitmap both store the kept entries row-major
     else:
         g = q["group_size"]
-        scales = t["scales"].float().expand(out, -1).repeat_interleave(g, dim=1)[:, :d]  # (1, C) when per tensor
-        zeros = dense_zeros(meta, t).float().to(scales.device).expand(out, -1).repeat_interleave(g, dim=1)[:, :d]
+        scales, zeros = stored_scales_zeros(meta, t)
+        scales = scales.expand(out, -1).repeat_interleave(g, dim=1)[:, :d]  # (1, C) when per tensor
+        zeros = zeros.to(scales.device).expand(out, -1).repeat_interleave(g, dim=1)[:, :d]
         W = scales * (dense_codes(meta, t, mask).float() - zeros)
         if mask is not None:
             W = W * mask
@@ -379,12 +418,14 @@ class PackedLinear(nn.Module):
                 self._kops = ("lut4", t["qweight"].view(N, K // 8), t["lut"])
             return self._kops
         ok = (q is not None and q["bits"] == 4 and not q["mixed"] and "input_scale" not in t
-              and (nm is None and K % 8 == 0 or nm == [2, 4] and K % 32 == 0))
+              and (nm is None and K % 8 == 0 or nm == [2, 4] and K % 32 == 0)
+              and not (q.get("stat") and (nm or "mask" in t)))  # quantized zeros: a pruned code is not 0
         if ok:
-            grid, scales = _grid_of(q), t["scales"]
-            zeros = None  # GPTQ's symmetric grid: the kernels' constant zero 8
-            if grid != "sym":
-                zeros = dense_zeros(self.meta, t).float().to(scales.device)
+            grid = _grid_of(q)
+            scales, zeros = stored_scales_zeros(self.meta, t)
+            if not q.get("stat"):
+                scales = t["scales"]
+            zeros = zeros.to(scales.device) if grid != "sym" else None  # sym: the kernels' constant zero 8
             if nm is None:
                 qweight = t["qweight"]
                 mask = stored_mask(self.meta, t)

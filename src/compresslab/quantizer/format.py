@@ -28,6 +28,9 @@ class QuantizedWeight:
     # (C,) bits of each input group (mixed precision); None: `bits`. (R, C) only transiently, for
     # Linears stacked in one sweep; rows() gives each Linear its (C,) map back
     bit_map: torch.Tensor | None = None
+    # SpQR: scales (and asym zeros) themselves quantized, {"bits", "group", "scales": (codes (R, C) uint8,
+    # step (⌈R/group⌉, C), low (⌈R/group⌉, C)), "zeros": (...)}; `scales`/`zeros` hold their values
+    stat: dict | None = None
 
     def __post_init__(self):
         if self.grid not in GRIDS:
@@ -69,7 +72,10 @@ class QuantizedWeight:
         """Codes of a weight that lies on this grid (e.g. after the codes were dropped)."""
         s, z = self.expand(self.scales.float()), self.expand(self.zeros.float())
         maxq = self._maxq_full()
-        codes = torch.minimum(torch.clamp(torch.round(W.float() / s) + z, min=0), torch.as_tensor(maxq)).to(torch.uint8)
+        # round(w/s) + z for integer zeros (GPTQ's order); round(w/s + z) when the zeros are quantized
+        # values themselves (SpQR), so that a weight on the grid gets its own code back
+        q = torch.round(W.float() / s + z) if self.stat is not None else torch.round(W.float() / s) + z
+        codes = torch.minimum(torch.clamp(q, min=0), torch.as_tensor(maxq)).to(torch.uint8)
         return replace(self, codes=codes)
 
     def rows(self, start: int, stop: int) -> "QuantizedWeight":
@@ -109,7 +115,12 @@ class QuantizedWeight:
         else:
             zero_bits = int(self.scales.shape[0] * self.bit_map.sum())
         map_bits = 0 if self.bit_map is None else 8 * self.bit_map.numel()
-        return self.code_bits() + self.scales.numel() * SCALE_BITS + zero_bits + map_bits
+        scale_bits = self.scales.numel() * SCALE_BITS
+        if self.stat is not None:  # codes at the stat width + an fp16 step and low per chunk of rows
+            scale_bits, zero_bits = (sum(c.numel() * self.stat["bits"] + 2 * SCALE_BITS * st.numel()
+                                         for c, st, _ in [self.stat[k]]) if k in self.stat else 0
+                                     for k in ("scales", "zeros"))
+        return self.code_bits() + scale_bits + zero_bits + map_bits
 
     def avg_bits(self) -> float:
         return self.storage_bits() / (self.shape[0] * self.shape[1])

@@ -109,3 +109,41 @@ def group_reshape(W: torch.Tensor, group_size: int, granularity: str):
     if granularity == "tensor":
         return W.reshape(1, 1, -1), inp
     raise ConfigError(f"unknown quantizer.granularity={granularity!r}; use one of {', '.join(GRANULARITIES)}")
+
+
+def quantize_stat(v: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SpQR's second level: a vector of group statistics (a scale or zero per output row, (R,)) on its
+    own min/max grid of `bits`, in chunks of `group` consecutive rows.
+
+    Returns (values (R,) float32 = low + step·code, codes (R,) uint8, step (⌈R/group⌉,), low (⌈R/group⌉,)),
+    step and low fp16-representable, so the stored (codes, step, low) give back exactly these values."""
+    R = v.numel()
+    n = -(-R // group)
+    V = torch.nn.functional.pad(v.float(), (0, n * group - R), value=float(v[-1])).view(n, group)
+    low = V.amin(1).half().float()
+    span = (V.amax(1) - low) / (2**bits - 1)
+    step = torch.where(span > 0, span, torch.ones_like(span)).half().float().clamp_min(2**-24)
+    codes = torch.clamp(torch.round((V - low[:, None]) / step[:, None]), 0, 2**bits - 1)
+    vals = stat_values(codes, step, low)
+    return vals.reshape(-1)[:R], codes.reshape(-1)[:R].to(torch.uint8), step, low
+
+
+def stat_values(codes: torch.Tensor, step: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """low + step·code per chunk of rows: codes (n, group), step and low (n,) -> (n, group) float32."""
+    return low.float()[:, None] + step.float()[:, None] * codes.float()
+
+
+def loo_qparams(Wg: torch.Tensor, dU: torch.Tensor, bits: int, grid: str, tau: float):
+    """SpQR's outlier-aware range of one group (Wg (out, g), g ≥ 2): each weight is quantized on the
+    min/max range of its row WITHOUT it (leave-one-out); where its OBS error (Δw / U_jj)² exceeds tau it
+    is a likely outlier and is replaced by its row's mean of the others before the range is fit."""
+    s = Wg.sort(1).values
+    lmin = torch.where(Wg == s[:, :1], s[:, 1:2], s[:, :1])
+    lmax = torch.where(Wg == s[:, -1:], s[:, -2:-1], s[:, -1:])
+    sc, ze = qparams(lmin, lmax, bits, grid)
+    err = (Wg - fake_quantize(Wg, sc, ze, max_code(bits, grid))) / dU[None, :]
+    likely = err.square() > tau
+    keep = (~likely).float()
+    mean = (Wg * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
+    Wf = torch.where(likely, mean, Wg)
+    return qparams(Wf.amin(1), Wf.amax(1), bits, grid)
