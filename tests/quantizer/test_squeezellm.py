@@ -97,3 +97,21 @@ def test_cli_avg_bits_counts_codes_tables_and_outliers(tmp_path):
         bits += (-3 * o * i) % 32
         assert row["avg_bits"] == pytest.approx(bits / (o * i), rel=1e-9), row["name"]
         assert row["outliers"] == pytest.approx(nnz / (o * i))
+
+
+def test_recovery_keeps_table_layers_frozen():
+    """A table (or outlier) layer has no uniform grid to train on: recovery's latent weight stays frozen."""
+    from torch import nn
+
+    from compresslab.recovery.ste import ConstrainedLinear
+    from compresslab.stats import LayerStats
+
+    lin = nn.Linear(32, 8, bias=False)
+    stats = LayerStats({"fisher"}, 32)
+    stats.add_batch(torch.randn(4, 32))
+    stats.attach_fisher({"l": torch.rand(8, 32)})
+    SqueezeLLM(bits=3).compress("l", lin, stats)
+    c = ConstrainedLinear(lin, "all", False)
+    assert not c.train_weight and not c.W.requires_grad and c.qw is None
+    plain = nn.Linear(32, 8, bias=False)
+    assert ConstrainedLinear(plain, "all", False).train_weight  # an uncompressed layer does train
