@@ -17,7 +17,7 @@
 #   obs_block_sweep      the fused Triton block sweep vs the torch column loop, 4096 x 11008 GPTQ W4 g128 (issue 14)
 #   plan_hidden_on_host  a max_memory that holds only the block and one chunk: hidden states on the host (issue 15)
 #   packed_checkpoint    save, load on cuda, forward through PackedLinear (issue 15)
-#   kernels              experiments/bench/kernels.py: int4 and 2:4+int4 kernels vs fp16 (issue 8)
+#   kernels              experiments/bench/kernels.py: int4, 2:4+int4 and LUT (SqueezeLLM) kernels vs fp16 (issues 8, 20)
 #   distributed          one compression on every GPU (torchrun, nccl) vs one process, same weights to float
 #                        order (issue 17); a machine with one GPU (the lent H200) reports "skipped" and why
 set -uo pipefail

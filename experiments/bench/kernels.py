@@ -41,11 +41,11 @@ def main():
             row = {"N": N, "K": K, "batch": M}
             if not gpu:
                 row.update({"fp16_us": "not measured", "w4a16_us": "not measured", "sparse24_w4_us": "not measured",
-                            "note": "no GPU on this machine"})
+                            "lut4_us": "not measured", "note": "no GPU on this machine"})
                 rows.append(row)
                 continue
             from compresslab.checkpoint.pack import compact_nm, pack_bits
-            from compresslab.kernels import sparse24_w4_triton, w4a16_triton
+            from compresslab.kernels import lut4_triton, sparse24_w4_triton, w4a16_triton
 
             dev, g = "cuda", 128
             x = torch.randn(M, K, device=dev, dtype=torch.float16)
@@ -62,8 +62,10 @@ def main():
             t16 = _time(lambda: x @ W.T, args.iters)
             t4 = _time(lambda: w4a16_triton(x, qw, scales, zeros, g), args.iters)
             t24 = _time(lambda: sparse24_w4_triton(x, qk, meta, scales, zeros, g), args.iters)
-            row.update({"fp16_us": t16, "w4a16_us": t4, "sparse24_w4_us": t24,
-                        "w4a16_speedup": t16 / t4, "sparse24_w4_speedup": t16 / t24})
+            lut = torch.randn(N, 16, device=dev).sort(1).values.half()  # SqueezeLLM's per-row tables
+            tl4 = _time(lambda: lut4_triton(x, qw, lut), args.iters)
+            row.update({"fp16_us": t16, "w4a16_us": t4, "sparse24_w4_us": t24, "lut4_us": tl4,
+                        "w4a16_speedup": t16 / t4, "sparse24_w4_speedup": t16 / t24, "lut4_speedup": t16 / tl4})
             rows.append(row)
             print(row, flush=True)
     emit("kernels", rows, {"device": torch.cuda.get_device_name() if gpu else "CPU only: GPU rows not measured",
