@@ -20,7 +20,7 @@ ROOT = CONF.parent
 
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))] if CONF.is_dir() else []
 EXTRA = {("model", "hf"): ["model.name_or_path=some/model"]}
-NO_SCALAR_ATTRS = {("eval", "full"), ("allocation", "svd_llm_v2")}  # two evaluators; only `path: null`
+NO_SCALAR_ATTRS = {("eval", "full")}  # two evaluators
 
 
 def _compose(overrides):

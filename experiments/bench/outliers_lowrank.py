@@ -36,6 +36,7 @@ for cut, ratio in (("20%", 0.8), ("40%", 0.6)):
     for m in ("naive", "asvd", "svd_llm", "fwsvd"):
         CUT[f"{m} {cut} cut"] = [f"lowrank={m}", *args]
     CUT[f"svd_llm_v2 {cut} cut"] = ["lowrank=svd_llm_v2", f"lowrank.param_ratio={ratio}"]
+    CUT[f"svd_llm_v2 {cut} cut, rule=loss"] = ["lowrank=svd_llm_v2", f"lowrank.param_ratio={ratio}", "lowrank.rule=loss"]
     CUT[f"svd_llm_v2 {cut} cut, uniform ranks"] = ["lowrank=svd_llm_v2", f"lowrank.param_ratio={ratio}",
                                                   "lowrank.heterogeneous=false"]
 BASE = ["pruner=sparsegpt", "pruner.pattern=2:4", "quantizer=gptq", "quantizer.bits=4", "quantizer.group_size=64"]

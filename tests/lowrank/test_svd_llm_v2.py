@@ -86,6 +86,8 @@ def test_options_fail_before_loading():
         SVDLLMv2(rank=8, param_ratio=0.8, heterogeneous=False)
     with pytest.raises(ConfigError, match="true or false"):
         SVDLLMv2(param_ratio=0.8, heterogeneous="yes")
+    with pytest.raises(ConfigError, match="rule"):
+        SVDLLMv2(param_ratio=0.8, rule="best")
 
 
 @needs_data
@@ -104,3 +106,31 @@ def test_cli_allocates_ranks_and_meets_the_budget(tmp_path):
     dense = sum(rows[n]["shape"][0] * rows[n]["shape"][1] for n in rows)
     assert params <= 0.8 * dense and rec["metrics"]["allocation/met"] == pytest.approx(params / dense)
     assert len(set(ranks.values())) > 2  # heterogeneous, not one rank per shape
+
+
+def test_loss_rule_is_the_brute_force_optimum():
+    """rule=loss against every rank combination within the budget (three matrices of one shape)."""
+    import itertools
+
+    from compresslab.allocation.svd_llm_v2 import loss_optimal_ranks
+
+    g = torch.Generator().manual_seed(4)
+    spectra = {f"m{i}": (torch.rand(6, generator=g, dtype=torch.float64).sort(descending=True).values
+                         * 10 ** i, (6, 10)) for i in range(3)}
+    budget = 9 * 16  # nine ranks of 16 parameters
+    got = loss_optimal_ranks(spectra, budget)
+    loss = lambda rk: sum(float(spectra[n][0][r:].sum()) for n, r in rk.items())  # noqa: E731
+    best = min((dict(zip(spectra, rs)) for rs in itertools.product(range(1, 7), repeat=3)
+                if sum(rs) * 16 <= budget), key=loss)
+    assert loss(got) == pytest.approx(loss(best)) and sum(got.values()) * 16 <= budget
+
+
+@needs_data
+def test_cli_loss_rule_never_loses_to_uniform_ranks(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "run.py", "model=tiny_llama", "lowrank=svd_llm_v2", "lowrank.param_ratio=0.7",
+         "lowrank.rule=loss", "data.nsamples=8", "data.seqlen=64", "eval.seqlen=128", "eval.max_windows=2",
+         "logger=none", f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    assert m["allocation/error_sum"] <= m["allocation/error_sum_uniform"] and m["allocation/met"] <= 0.7

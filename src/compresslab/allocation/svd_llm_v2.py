@@ -12,6 +12,11 @@ so a matrix that loses more when truncated keeps more (the ratios average to R, 
 Ranks are r_i = ⌊(1 − R_i)·out·in / (out + in)⌋ within [1, min(out, in)]; if clamping leaves the total
 above what uniform ranks spend, singular values are dropped where they cost least (σ² per parameter).
 A group whose smallest loss is ≤ 1 (log ≤ 0; only with very few calibration tokens) keeps uniform ranks.
+
+`rule=loss` (not the paper's) instead minimises the summed theoretical loss Σ_i Σ_{k ≥ r_i} σ_ik² under the
+same parameter total directly: singular values are kept greedily by σ² per parameter (out + in) across all
+matrices; each matrix's σ² do not increase with k, so this is optimal whenever the budget is spent exactly
+(always among matrices of one shape), and within one rank's cost otherwise.
 """
 
 from __future__ import annotations
@@ -50,12 +55,33 @@ class SpectrumProbe:
         self.spectra[name] = (sigma.square().cpu(), tuple(W.shape))
 
 
+RULES = ("paper", "loss")
+
+
+def loss_optimal_ranks(spectra: dict[str, tuple[torch.Tensor, tuple[int, int]]], budget: float) -> dict[str, int]:
+    """Ranks (≥ 1) keeping the singular values with the largest σ² per parameter until `budget`
+    parameters are spent (`rule=loss`)."""
+    ranks = {n: 1 for n in spectra}
+    spent = sum(sum(shape) for _, shape in spectra.values())
+    cand = []
+    for n, (s2, shape) in spectra.items():
+        cost = sum(shape)
+        cand += [(float(v) / cost, n, cost) for v in s2[1:min(shape)].tolist()]
+    for _, n, cost in sorted(cand, key=lambda c: -c[0]):  # per matrix in descending σ² order: ranks grow by one
+        if spent + cost <= budget:
+            ranks[n] += 1
+            spent += cost
+    return ranks
+
+
 def heterogeneous_ranks(spectra: dict[str, tuple[torch.Tensor, tuple[int, int]]], groups: dict[str, str],
-                        param_ratio: float) -> tuple[dict[str, int], dict[str, int]]:
+                        param_ratio: float, rule: str = "paper") -> tuple[dict[str, int], dict[str, int]]:
     """({name: rank}, {name: uniform rank}) by the rule in the module docstring.
 
     spectra: name -> (σ² descending, (out, in)); groups: name -> its type group."""
     uniform = {n: resolve_rank(None, None, *shape, None, param_ratio) for n, (_, shape) in spectra.items()}
+    if rule == "loss":
+        return loss_optimal_ranks(spectra, sum(uniform[n] * sum(sh) for n, (_, sh) in spectra.items())), uniform
     loss = {n: float(s2[uniform[n]:].sum().sqrt()) for n, (s2, _) in spectra.items()}
     R = 1.0 - param_ratio
     ranks: dict[str, int] = {}
@@ -86,8 +112,12 @@ class TruncationLoss(Allocator):
     """`lowrank=svd_llm_v2`'s own allocation (it brings it when `allocation` is null); also usable as
     `allocation=svd_llm_v2` with `path` to reuse a saved one."""
 
-    def __init__(self, path: str | None = None):
+    def __init__(self, rule: str = "paper", path: str | None = None):
         super().__init__("params", None, path)
+        if rule not in RULES:
+            raise ConfigError(f"allocation.rule={rule!r}: use paper (SVD-LLM V2's 1/log-loss ratios) or loss "
+                              "(the least summed truncation loss)")
+        self.rule = rule
 
     def check_levels(self, stages) -> None:
         live = [s for s in stages if s is not None]
@@ -104,7 +134,7 @@ class TruncationLoss(Allocator):
         clear_states(model)
         adapter = adapter_for(model)
         groups = {n: n[len(adapter.blocks) + 1:].split(".", 1)[1] for n in probe.spectra}
-        ranks, uniform = heterogeneous_ranks(probe.spectra, groups, stage.param_ratio)
+        ranks, uniform = heterogeneous_ranks(probe.spectra, groups, stage.param_ratio, self.rule)
         total = sum(out * inp for _, (out, inp) in probe.spectra.values())
         loss = lambda rk: sum(float(probe.spectra[n][0][rk[n]:].sum()) for n in rk)  # noqa: E731
         self.report = {"allocation/target": float(stage.param_ratio),

@@ -21,11 +21,12 @@ from .eora import eigen_whitening
 
 class SVDLLMv2(LowRank):
     """Args (beyond LowRank's): heterogeneous: per-matrix ranks from the truncation losses (needs
-    param_ratio); false: every matrix at param_ratio (or rank / rank_ratio)."""
+    param_ratio); false: every matrix at param_ratio (or rank / rank_ratio). rule: paper (the paper's
+    ratios) | loss (the least summed truncation loss, allocation/svd_llm_v2.py)."""
 
     needs = frozenset({"hessian"})
 
-    def __init__(self, *args, heterogeneous: bool = True, **kwargs):
+    def __init__(self, *args, heterogeneous: bool = True, rule: str = "paper", **kwargs):
         super().__init__(*args, **kwargs)
         if not isinstance(heterogeneous, bool):
             raise ConfigError(f"lowrank.heterogeneous={heterogeneous!r} must be true or false")
@@ -34,7 +35,12 @@ class SVDLLMv2(LowRank):
                               "(e.g. 0.8 for a 20% cut), or lowrank.heterogeneous=false for uniform ranks")
         if self.param_ratio is not None and self.rank is not None:
             raise ConfigError("lowrank.param_ratio and lowrank.rank both set each layer's rank: keep one")
-        self.heterogeneous = heterogeneous
+        from ..allocation.svd_llm_v2 import RULES
+
+        if rule not in RULES:
+            raise ConfigError(f"lowrank.rule={rule!r}: use paper (SVD-LLM V2's 1/log-loss ratios) or loss (the least "
+                              "summed truncation loss under the same parameter total)")
+        self.heterogeneous, self.rule = heterogeneous, rule
 
     def default_allocation(self):
         """The allocation this stage brings when `allocation` is null: SVD-LLM V2's ratio rule."""
@@ -42,7 +48,7 @@ class SVDLLMv2(LowRank):
             return None
         from ..allocation.svd_llm_v2 import TruncationLoss
 
-        return TruncationLoss()
+        return TruncationLoss(self.rule)
 
     def check_level(self, key: str, value) -> None:
         """An allocated per-layer `rank` takes the place of param_ratio's uniform one."""
