@@ -9,7 +9,7 @@
   ASVD, SVD-LLM, FWSVD, SVD-LLM V2 (its per-matrix ratios).
 - compensation: sparsegpt 2:4 + gptq W4 g64 plus adapters at rank_ratio 0.1: slim vs fwsvd vs svd_llm.
 Each row is its own `run.py` process (kept when its folder already holds an ok metrics.json: rerun to
-finish a table). Writes experiments/results/outliers_lowrank_<table>.{json,md}.
+finish a table). Writes experiments/results/outliers_lowrank_<table>.{json,md} (a reduced protocol: _<N>x<T>_w<windows>).
 """
 
 import json
@@ -50,7 +50,10 @@ def main():
     ap.add_argument("--table", choices=[*TABLES, "all"], default="all")
     args = ap.parse_args()
     common = table_overrides(args)
-    out = Path(args.out)
+    # a reduced protocol gets tables of its own: its rows are not comparable with the 128x512 / 16-window ones
+    suffix = "" if (args.nsamples, args.calib_seqlen, args.windows) == (128, 512, 16) else \
+        f"_{args.nsamples}x{args.calib_seqlen}_w{args.windows}"
+    out = Path(args.out + suffix)
     meta = {
         "model": "SmolLM2-135M-Instruct (dense weights dequantized from GGUF Q4_1), fp32, CPU",
         "calibration": f"wikitext2 valid, {args.nsamples}x{args.calib_seqlen}",
@@ -66,8 +69,8 @@ def main():
                 done = run_dir_for(out / name, m) / "metrics.json"
                 if done.is_file() and json.loads(done.read_text()).get("status") == "ok":
                     continue
-                run_table(f"outliers_lowrank_{name}", {m: o}, common, out / name)
-        rows = run_table(f"outliers_lowrank_{name}", methods, common, out / name, collect=True)
+                run_table(f"outliers_lowrank_{name}{suffix}", {m: o}, common, out / name)
+        rows = run_table(f"outliers_lowrank_{name}{suffix}", methods, common, out / name, collect=True)
         for row in rows:
             rec = json.loads((run_dir_for(out / name, row["method"]) / "metrics.json").read_text())
             m = rec.get("metrics", {})
@@ -77,7 +80,7 @@ def main():
             if any(sparse):
                 row["outlier_fraction"] = sum(sparse) / sum(r["shape"][0] * r["shape"][1] for r in rec["layers"])
         if rows:
-            emit(f"outliers_lowrank_{name}", rows, meta)
+            emit(f"outliers_lowrank_{name}{suffix}", rows, meta)
 
 
 if __name__ == "__main__":
