@@ -41,7 +41,7 @@ def emit(name: str, rows: list[dict], meta: dict, merge: bool = False) -> None:
 def _fmt(v):
     if isinstance(v, float):
         return f"{v:.4g}"
-    return "" if v is None else str(v)
+    return "" if v is None else str(v).replace("|", "\\|")  # a cell's own "|" would split the row
 
 
 ROOT = Path(__file__).resolve().parents[2]
