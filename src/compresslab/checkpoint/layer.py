@@ -168,14 +168,11 @@ def pack_linear(lin: nn.Linear) -> tuple[dict, dict[str, torch.Tensor]]:
                         c, step, low = qw.stat[k]
                         t[f"{key}.codes"] = pack_bits(c.to(torch.int64).reshape(-1), qw.stat["bits"])
                         t[f"{key}.step"], t[f"{key}.low"] = step.half(), low.half()
-                t["qweight"] = pack_bits(kept(codes).reshape(-1), qw.bits)
             else:
                 t["scales"] = qw.scales.half()
-            if qw.stat is not None:
-                pass  # stored above
-            elif qw.bit_map is None:
+            if qw.bit_map is None:
                 t["qweight"] = pack_bits(kept(codes).reshape(-1), qw.bits)
-                if not qw.symmetric:
+                if not qw.symmetric and qw.stat is None:  # quantized zeros were stored with the statistics
                     t["qzeros"] = pack_bits(zeros.reshape(-1), qw.bits)
             else:
                 widths = [int(b) for b in qw.bit_map]
