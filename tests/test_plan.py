@@ -148,3 +148,34 @@ def test_engine_chunks_under_a_small_budget_with_the_one_pass_result():
     out = eng.run(model, ids, [Recorder()], keep_outputs=True)
     assert out["plan"].chunk_size == 4
     torch.testing.assert_close(out["outputs"], out_ref["outputs"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["gptq", "sparsegpt+gptq"])
+@pytest.mark.parametrize("inter", [256, 96])
+def test_sweep_estimate_bounds_the_bytes_a_group_holds(stage, inter):
+    """The cost model's statistics term against the bytes counted through torch's dispatcher while the
+    engine compresses each group of a block (the group's H held, the dense originals, the stacked and
+    working copies, the factorization, the codes): never below the widest group, at most 2x above."""
+    from compresslab.pruner.sparsegpt import SparseGPT
+    from compresslab.quantizer.gptq import GPTQ
+    from compresslab.stages import fuse_stages
+    from compresslab.stats import LayerStats
+
+    torch.manual_seed(0)
+    model = llama(intermediate_size=inter, num_hidden_layers=1)
+    block = model.model.layers[0]
+    stages = [GPTQ(bits=4, group_size=32)]
+    if stage != "gptq":
+        stages = fuse_stages([SparseGPT(sparsity=0.5, pattern="2:4"), *stages])
+    adapter = adapter_for(model)
+    engine = SequentialEngine(device="cpu", progress=False, distributed="off")
+    peak = 0
+    for group in adapter.linear_groups(block):
+        d = group[0][1].in_features
+        stats = LayerStats({"hessian"}, d)
+        stats.add_batch(torch.randn(4, 32, d))
+        with LiveBytes(stats.hessian) as counted:
+            engine._compress_group(adapter, 0, group, stages, stats)
+        peak = max(peak, counted.peak)
+    est = estimate(Shape.of(model.config), 4, 32, None) - estimate(Shape.of(model.config), 4, 32, None, hessian=False)
+    assert peak <= est <= 2 * peak

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from compresslab.stats import LayerStats, gram_full, gram_upper_
+from compresslab.stats import LayerStats, gram_full, gram_upper_, mirror_upper_
 
 
 @pytest.mark.parametrize("d,block", [(200, 64), (600, 256), (96, 256)])
@@ -29,8 +29,18 @@ def test_layer_stats_hessian_is_symmetric_and_exact():
     H = st.hessian
     torch.testing.assert_close(H.double(), 2 / X.shape[0] * X.T @ X, rtol=1e-5, atol=1e-5)
     assert torch.equal(H, H.T)
-    st.add_batch(torch.randn(1, 64, 576))  # a new batch rebuilds H from the accumulated sum
-    assert not torch.equal(st.hessian, H)
+    assert st.hessian is H  # built once, in the accumulator's memory
+    with pytest.raises(RuntimeError, match="after the Hessian was read"):  # the sum is gone: no silent mix
+        st.add_batch(torch.randn(1, 64, 576))
+
+
+def test_mirror_upper_is_the_upper_triangle_exactly():
+    """Block sizes that do not divide d, and a lower triangle full of junk that must be overwritten."""
+    torch.manual_seed(2)
+    for d, block in ((7, 3), (576, 256), (100, 100), (5, 8)):
+        A = torch.randn(d, d)
+        want = torch.triu(A) + torch.triu(A, 1).T
+        assert torch.equal(mirror_upper_(A.clone(), block), want)
 
 
 def _stages_that_read_the_hessian():

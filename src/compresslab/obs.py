@@ -73,20 +73,29 @@ class Numerics:
 
 
 def inverse_hessian_upper(H: torch.Tensor, percdamp: float, retries: int = 3, name: str = "",
-                          numerics: list | None = None) -> torch.Tensor:
+                          numerics: list | None = None, dead: torch.Tensor | None = None) -> torch.Tensor:
     """Upper Cholesky factor U of (H + λI)⁻¹ with λ = percdamp·mean(diag H), so that U[i, i:] is
     the row GPTQ needs. When the factorization fails, λ grows ×10 (from 1e-4 when it was 0) up to
     `retries` times; if all fail, the diagonal inverse is used (no error propagation: RTN with OBS
-    saliences). What was needed is appended to `numerics` (a Numerics)."""
-    d = H.shape[0]
-    mean_diag = torch.mean(torch.diag(H)).clamp_min(1e-12)
+    saliences). What was needed is appended to `numerics` (a Numerics). `dead` (d,) bool: columns
+    no input ever reached (H_jj = 0, which no damping relative to mean(diag H) can make factorizable
+    on its own); their diagonal counts as 1, in the working copy (H itself is never copied for it)."""
+    diag = torch.diag(H) if dead is None else torch.diag(H).masked_fill(dead, 1.0)
+    mean_diag = torch.mean(diag).clamp_min(1e-12)
     damp = percdamp
-    eye = torch.eye(d, device=H.device, dtype=H.dtype)
     for attempt in range(retries + 1):
-        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        # two (d, d) matrices of ours live at once beside H (d = 11008: 0.5 GB each in fp32)
+        A = H.clone()
+        if dead is not None:
+            A.diagonal().masked_fill_(dead, 1.0)
+        A.diagonal().add_(damp * mean_diag)  # H + λI
+        L, info = torch.linalg.cholesky_ex(A)
+        del A
         if info == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if info == 0 and torch.isfinite(U).all():
                 if attempt:
                     log.warning("%s: Cholesky succeeded with percdamp=%g after %d retries", name, damp, attempt)
@@ -100,24 +109,16 @@ def inverse_hessian_upper(H: torch.Tensor, percdamp: float, retries: int = 3, na
     log.error("%s: Cholesky failed %d times; falling back to the diagonal (no error propagation)", name, retries + 1)
     if numerics is not None:
         numerics.append(Numerics(damp, True, retries))
-    return torch.diag(1.0 / torch.sqrt(torch.diag(H).clamp_min(0) + damp * mean_diag))
-
-
-def prepare_hessian(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H with dead columns' diagonal set to 1, the dead mask): a column no input ever reached has
-    H_jj = 0, which no damping relative to mean(diag H) can make factorizable on its own."""
-    H = H.detach().float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    return H, dead
+    return torch.diag(1.0 / torch.sqrt(diag.clamp_min(0) + damp * mean_diag))
 
 
 def hinv_chol_diag(H: torch.Tensor, percdamp: float, name: str = "", numerics: list | None = None) -> torch.Tensor:
-    """diag(U), U the upper Cholesky factor of (H + λI)⁻¹ (dead columns set to 1 first), with the
+    """diag(U), U the upper Cholesky factor of (H + λI)⁻¹ (dead columns' diagonal set to 1 first), with the
     same damping retries as the sweep: the [H⁻¹]_jj of the OBS saliences w²/[H⁻¹]_jj² as GPTQ,
     SparseGPT and the SliM-LLM reference compute them (the diagonal of the Cholesky factor, not of
     the inverse itself)."""
-    return torch.diag(inverse_hessian_upper(prepare_hessian(H)[0], percdamp, name=name, numerics=numerics))
+    H = H.detach().float()
+    return torch.diag(inverse_hessian_upper(H, percdamp, name=name, numerics=numerics, dead=torch.diag(H) == 0))
 
 
 SUB_BLOCK = 32  # columns per inner lazy-update block (see obs_compress)
@@ -215,7 +216,8 @@ def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = N
         (W_hat (out, in) float32, QuantizedWeight or None, keep-mask (out, in) bool).
     """
     W = W.detach().float().clone()  # (out, in)
-    H, dead = prepare_hessian(H)  # (in, in)
+    H = H.detach().float()  # (in, in), read only: dead columns' diagonal is set to 1 in the factorization's copy
+    dead = torch.diag(H) == 0
     out, d = W.shape
     W[:, dead] = 0.0
     keep = torch.ones_like(W, dtype=torch.bool) if keep is None else keep.clone().bool()
@@ -247,11 +249,12 @@ def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = N
     if act_order and dynamic:
         raise ValueError("act_order with groups needs static_groups (groups must stay contiguous)")
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(d, device=W.device)
+    perm = (torch.argsort(torch.diag(H).masked_fill(dead, 1.0), descending=True) if act_order
+            else torch.arange(d, device=W.device))
     if act_order:
-        W, H, keep = W[:, perm], H[perm][:, perm], keep[:, perm]
+        W, H, keep, dead = W[:, perm], H[perm][:, perm], keep[:, perm], dead[perm]
     group_of = perm // g  # group of each processed column, in the original order
-    U = inverse_hessian_upper(H, percdamp, name=name, numerics=numerics)  # (d, d)
+    U = inverse_hessian_upper(H, percdamp, name=name, numerics=numerics, dead=dead)  # (d, d)
     del H
     tau = None
     if outlier_threshold is not None:

@@ -22,9 +22,23 @@ def gram_upper_(acc: torch.Tensor, x: torch.Tensor, block: int = GRAM_BLOCK) -> 
         acc[i:i + block, i:].addmm_(x[:, i:i + block].T, x[:, i:])
 
 
+def mirror_upper_(acc: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
+    """Make `acc` the symmetric matrix whose upper triangle `gram_upper_` accumulated, in place: each
+    block column below the diagonal gets the transpose of the block row beside it (copies only, so
+    exactly the values of the upper triangle; no (d, d) temporary)."""
+    d = acc.shape[0]
+    for i in range(0, d, block):
+        e = min(i + block, d)
+        diag = acc[i:e, i:e]
+        diag.copy_(torch.triu(diag) + torch.triu(diag, 1).T)
+        if e < d:
+            acc[e:, i:e] = acc[i:e, e:].T
+    return acc
+
+
 def gram_full(acc: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose upper triangle `gram_upper_` accumulated."""
-    return torch.triu(acc) + torch.triu(acc, 1).T
+    """The symmetric matrix whose upper triangle `gram_upper_` accumulated (a new tensor)."""
+    return mirror_upper_(acc.clone())
 
 
 def clip_top(x: torch.Tensor, frac: float) -> torch.Tensor:
@@ -73,11 +87,12 @@ class LayerStats:
     def add_batch(self, x: torch.Tensor) -> None:
         x3 = x.float().reshape(-1, x.shape[-2] if x.dim() > 2 else 1, self.dim)  # (B, T, d)
         x = x3.reshape(-1, self.dim)  # (n_batch, d)
+        if self._hessian is not None:
+            raise RuntimeError("LayerStats.add_batch after the Hessian was read: observe every batch first")
         self.n += x.shape[0]
         self.samples += x3.shape[0]
         if self._xtx is not None:
             gram_upper_(self._xtx, x)  # half the FLOPs: H is symmetric
-            self._hessian = None
         if self._sq is not None:
             self._sq.add_(x.square().sum(0))
         if self._abs is not None:
@@ -106,13 +121,14 @@ class LayerStats:
     def hessian(self) -> torch.Tensor:
         """H (d, d), built once after the last batch and shared by every stage of the group: read it,
         never modify it in place (a (d, d) copy per access is 0.5 GB at d = 11008)."""
-        if self._hessian is None:
-            self._hessian = gram_full(self._require(self._xtx, "hessian")).mul_(2.0 / self.n)
+        if self._hessian is None:  # the accumulator becomes H (no second (d, d) matrix)
+            self._hessian = mirror_upper_(self._require(self._xtx, "hessian")).mul_(2.0 / self.n)
+            self._xtx = None
         return self._hessian
 
     @property
     def has_hessian(self) -> bool:
-        return self._xtx is not None and self.n > 0
+        return (self._xtx is not None or self._hessian is not None) and self.n > 0
 
     @property
     def act_norm(self) -> torch.Tensor:

@@ -45,11 +45,17 @@ class QuantizedWeight:
         return max_code(self.bits, self.grid)
 
     def _maxq_full(self):
-        """Largest code per element: a scalar, or (1, in) with a bit map."""
-        if self.bit_map is None:
-            return self.maxq
+        """Largest code per element: a scalar, or (1 or R, in) with a bit map."""
+        return self.maxq if self.bit_map is None else self.expand(self._maxq_groups())
+
+    def _maxq_groups(self) -> torch.Tensor:
+        """Largest code per group with a bit map: (1 or R, C)."""
         m = max_code(self.bit_map.to(self.scales.device).float(), self.grid)
-        return self.expand(m if m.dim() == 2 else m[None, :])
+        return m if m.dim() == 2 else m[None, :]
+
+    def _per_group(self, t: torch.Tensor) -> torch.Tensor:
+        """(R, C) group parameters -> (R, C, 1), broadcastable against the (out, C, g) view of a weight."""
+        return t[:, :, None]
 
     def code_bits(self) -> int:
         """Bits of the integer codes alone."""
@@ -65,18 +71,26 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.codes is None:
             raise ValueError("codes were dropped; use encode(W) first")
-        s, z = self.expand(self.scales.float()), self.expand(self.zeros.float())
-        return (s * (self.codes.float() - z)).to(dtype)  # (out, in)
+        out, inp = self.shape
+        w = self.codes.float().reshape(out, -1, self.group_size)  # (out, C, g): one float buffer
+        w = w.sub_(self._per_group(self.zeros.float())).mul_(self._per_group(self.scales.float()))
+        return w.reshape(out, inp).to(dtype)
 
     def encode(self, W: torch.Tensor) -> "QuantizedWeight":
         """Codes of a weight that lies on this grid (e.g. after the codes were dropped)."""
-        s, z = self.expand(self.scales.float()), self.expand(self.zeros.float())
-        maxq = self._maxq_full()
+        s, z = self._per_group(self.scales.float()), self._per_group(self.zeros.float())
+        out, inp = self.shape
+        # (out, C, g) views and one float buffer: a weight-sized temporary, not one per operation
+        q = torch.div(W.float().reshape(out, -1, self.group_size), s)
         # round(w/s) + z for integer zeros (GPTQ's order); round(w/s + z) when the zeros are quantized
         # values themselves (SpQR), so that a weight on the grid gets its own code back
-        q = torch.round(W.float() / s + z) if self.stat is not None else torch.round(W.float() / s) + z
-        codes = torch.minimum(torch.clamp(q, min=0), torch.as_tensor(maxq)).to(torch.uint8)
-        return replace(self, codes=codes)
+        q = q.add_(z).round_() if self.stat is not None else q.round_().add_(z)
+        q.clamp_(min=0)
+        if self.bit_map is None:
+            q.clamp_(max=self.maxq)
+        else:
+            torch.minimum(q, self._per_group(self._maxq_groups()), out=q)
+        return replace(self, codes=q.to(torch.uint8).reshape(out, inp))
 
     def rows(self, start: int, stop: int) -> "QuantizedWeight":
         """The grid of output rows start..stop (per-row parameters: scales (out, C)), e.g. one Linear
