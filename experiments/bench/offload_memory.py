@@ -62,6 +62,9 @@ def main():
         "magnitude 2:4 + rtn W4 (offload)": ["pruner=magnitude", "pruner.pattern=2:4", "quantizer=rtn", *q,
                                              "model.offload=disk"],
         "gptq W4 (offload)": ["quantizer=gptq", *q, "model.offload=disk"],
+        # the memory plan's budget on top of streaming: chunks instead of one pass through each block
+        "gptq W4 (offload, engine.max_memory=1GB)": ["quantizer=gptq", *q, "model.offload=disk",
+                                                     "engine.max_memory=1GB"],
         "magnitude 2:4 + rtn W4 (in memory)": ["pruner=magnitude", "pruner.pattern=2:4", "quantizer=rtn", *q],
     }
     methods = {m: [*o, f"save.path={run_dir_for(out, m) / 'ckpt'}"] for m, o in methods.items()}
