@@ -63,3 +63,29 @@ def test_compress_needs_calibration_for_data_methods():
         compress(model, tok, pruner=Recorder())
     report = compress(model, tok, pruner=Recorder(), calibration=torch.randint(0, 256, (2, 16)))
     assert report.metrics["sparsity"] == 0.0 and report.metrics["avg_bits"] == 16.0
+
+
+def test_compress_runs_the_allocation_a_stage_brings_and_an_explicit_one():
+    """SVD-LLM V2 with heterogeneous ranks brings its own allocation: the API runs it as the CLI does
+    (each Linear gets the rank the allocator computes on the same model and calibration)."""
+    from compresslab.allocation.owl import OWL
+    from compresslab.allocation.svd_llm_v2 import TruncationLoss
+    from compresslab.engine import SequentialEngine
+    from compresslab.lowrank.svd_llm_v2 import SVDLLMv2
+    from compresslab.pruner.wanda import Wanda
+
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    model, tok = TinyModel(device="cpu").load()
+    want = TruncationLoss("paper").levels(model, ids, [SVDLLMv2(param_ratio=0.8)], SequentialEngine(progress=False))
+    model, tok = TinyModel(device="cpu").load()
+    report = compress(model, tok, lowrank=SVDLLMv2(param_ratio=0.8), calibration=ids,
+                      engine=SequentialEngine(progress=False))
+    got = {r["name"]: r["rank"] for r in report.layers}
+    assert got == {n: v["rank"] for n, v in want.items()}
+    assert len(set(got.values())) > 2 and report.metrics["allocation/met"] <= 0.8
+
+    model, tok = TinyModel(device="cpu").load()
+    report = compress(model, tok, pruner=Wanda(0.5), calibration=ids, allocation=OWL(target=0.5),
+                      engine=SequentialEngine(progress=False))
+    sparsity = {r["name"]: r["sparsity"] for r in report.layers}
+    assert len(set(sparsity.values())) > 1  # OWL's per-block ratios, not one uniform 50%

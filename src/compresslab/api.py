@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .engine import SequentialEngine
-from .metrics import compression_summary, experts_summary, peak_rss_gb, peak_rss_since_reset_gb, summarize
+from .metrics import (compression_summary, experts_summary, peak_rss_gb, peak_rss_since_reset_gb, reset_peak_rss,
+                      summarize)
 
 
 @dataclass
@@ -62,13 +63,31 @@ def _plan_metrics(plan, engine: SequentialEngine) -> dict[str, float]:
 
 
 def compress(model, tokenizer=None, *, pruner=None, quantizer=None, lowrank=None, recovery=None,
-             calibration: torch.Tensor | Callable | None = None,
+             calibration: torch.Tensor | Callable | None = None, allocation=None, allocation_dir=None,
              engine: SequentialEngine | None = None, source=None, sink=None) -> CompressionReport:
     """Compress `model` in place: prune, then quantize, then low-rank, block by block; then recover.
-    A streamed model (stream.py) passes its block `source` and a `BlockSink`; the per-layer figures
-    then come from the sink (each block was summarised before it was freed)."""
+    `allocation`: an allocator (allocation/, e.g. `OWL`) that first sets each Linear's level (written
+    to `allocation_dir`/allocation.yaml when given); None: the one a stage brings (SVD-LLM V2's
+    heterogeneous ranks), if any. A streamed model (stream.py) passes its block `source` and a
+    `BlockSink`; the per-layer figures then come from the sink (each block was summarised before it
+    was freed)."""
+    from .allocation.base import stage_default
+
     engine = engine or SequentialEngine()
     ids = _calibration_ids(calibration, tokenizer)
+    stages = [s for s in (pruner, quantizer, lowrank) if s is not None]
+    allocation = allocation if allocation is not None else stage_default(stages)
+    before = {}  # without an allocation, the engine's `levels` are the caller's (e.g. set from a saved file)
+    if allocation is not None:  # per-layer levels, which the engine gives each layer's stages
+        if not stages:
+            raise ValueError("an allocation sets levels of the pruner, quantizer or low-rank stage: pass one")
+        allocation.check(stages)
+        t0 = time.perf_counter()
+        engine.levels = allocation.levels(model, ids, stages, engine, allocation_dir)
+        before = {"time/allocation_s": time.perf_counter() - t0, **allocation.report}
+        if peak_rss_since_reset_gb() is not None:
+            before["memory/allocation_peak_rss_gb"] = peak_rss_since_reset_gb()
+            reset_peak_rss()  # memory/compress_peak_rss_gb stays the compression's own
     result = engine.run(model, ids, [pruner, quantizer, lowrank], recovery, source=source, sink=sink)
     _finish_model(recovery, model, ids, result, engine)
     if sink is not None:
@@ -80,6 +99,7 @@ def compress(model, tokenizer=None, *, pruner=None, quantizer=None, lowrank=None
     metrics = {**summary, "time/compress_s": result["time/compress_s"], "memory/peak_rss_gb": peak,
                "memory/compress_peak_rss_gb": peak if since is None else since}  # the first: a run's final peak
     metrics.update(_plan_metrics(result.get("plan"), engine))
+    metrics.update(before)
     moe, experts = experts_summary(layers)
     metrics.update(moe)
     metrics.update(result.get("ranks", {}))  # dist/world_size, dist/rank<r>/compute_s, comm_s, comm_gb

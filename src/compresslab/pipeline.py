@@ -29,8 +29,9 @@ class Pipeline:
         self.pruner, self.quantizer, self.lowrank, self.recovery = pruner, quantizer, lowrank, recovery
         self.evaluator, self.logger = eval, logger
         if self.allocation is None:  # a stage may bring its own (SVD-LLM V2's ratios); allocation=... replaces it
-            self.allocation = next((a for s in self.stages if hasattr(s, "default_allocation")
-                                    for a in [s.default_allocation()] if a is not None), None)
+            from .allocation.base import stage_default
+
+            self.allocation = stage_default(self.stages)
         self.engine = engine or SequentialEngine(device=str(getattr(model, "device", "auto")))
         self.seed = seed
         self.save = dict(save or {})
@@ -186,13 +187,7 @@ class Pipeline:
             calib = self.data(tok) if self.uses_calibration else None
             if self.rotation is not None:  # exact: the rotated dense model computes the same logits
                 metrics.update(self.rotation.apply(model, calib, output_dir))
-            self.engine.levels = {}  # (an engine used before keeps no earlier run's levels)
-            if self.allocation is not None:  # per-layer levels, which the engine gives each layer's stages
-                t0 = time.perf_counter()
-                self.engine.levels = self.allocation.levels(model, calib, self.stages, self.engine, output_dir)
-                metrics["time/allocation_s"] = time.perf_counter() - t0
-                metrics.update(self.allocation.report)
-            self._log_curves()
+            self.engine.levels = {}  # (an engine used before keeps no earlier run's levels; compress() sets them)
             sink = None
             if source is not None:  # streamed: each final block is summarised (and written) before it is freed
                 from .checkpoint.io import CheckpointWriter
@@ -204,9 +199,10 @@ class Pipeline:
                 sink = BlockSink(writer, adapter_for(model))
             reset_peak_rss()  # memory/compress_peak_rss_gb: the compression's own peak, not loading's
             report = compress(model, tok, pruner=self.pruner, quantizer=self.quantizer, lowrank=self.lowrank,
-                              recovery=self.recovery, calibration=calib, engine=self.engine,
-                              source=source, sink=sink)
+                              recovery=self.recovery, calibration=calib, allocation=self.allocation,
+                              allocation_dir=output_dir, engine=self.engine, source=source, sink=sink)
             metrics.update(report.metrics)
+            self._log_curves()
             record["layers"], record["recovery"] = report.layers, report.recovery
             for row in report.layers:  # what the allocation gave each layer
                 for k, v in (self.engine.levels.get(row.get("name")) or {}).items():

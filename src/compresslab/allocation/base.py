@@ -158,6 +158,13 @@ class Allocator:
         return {k.split("/", 1)[1]: v for k, v in self.report.items() if k.startswith("allocation/")}
 
 
+def stage_default(stages):
+    """The allocation a stage brings when none is given (`default_allocation()`, e.g. SVD-LLM V2's
+    heterogeneous ranks), or None."""
+    return next((a for s in stages if s is not None and hasattr(s, "default_allocation")
+                 for a in [s.default_allocation()] if a is not None), None)
+
+
 def _linears(model: nn.Module):
     from ..models.adapters import adapter_for
 
