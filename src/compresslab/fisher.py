@@ -42,9 +42,11 @@ def fisher_diagonal(model: nn.Module, ids: torch.Tensor, linears: list[tuple[str
             for s in tqdm(range(ids.shape[0]), desc="fisher", disable=not progress):
                 x = ids[s:s + 1].to(device)
                 loss = model(input_ids=x, labels=x, use_cache=False).loss
-                grads = torch.autograd.grad(loss, weights)
+                # allow_unused: an MoE expert the window's tokens never reach has no gradient (F += 0)
+                grads = torch.autograd.grad(loss, weights, allow_unused=True)
                 for a, g in zip(acc, grads):
-                    a.addcmul_(g.float(), g.float())
+                    if g is not None:
+                        a.addcmul_(g.float(), g.float())
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)

@@ -633,3 +633,26 @@ def test_a_group_the_forward_never_calls_is_an_error_not_a_dense_layer(chunk):
     with pytest.raises(RuntimeError, match=r"block 0: the forward never called .*mlp\.gate_proj"):
         SequentialEngine("cpu", chunk_size=chunk, max_memory=None, progress=False).run(
             model, IDS[:4], [GPTQ(bits=4, group_size=32)])
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_fisher_pass_gives_zero_to_experts_no_token_reaches(family):
+    """A short window leaves some experts without a token (no gradient at all): their Fisher is exactly
+    0, and every reached expert's equals a pass over the reached Linears alone (where none is unused)."""
+    from compresslab.fisher import fisher_diagonal
+
+    model = tiny(family)
+    ids = torch.randint(0, 256, (1, 3), generator=torch.Generator().manual_seed(1))
+    linears = list(adapter_for(model).named_linears(model))
+    called = set()
+    hooks = [lin.register_forward_hook(lambda m, a, o, n=n: called.add(n) if a[0].shape[0] else None)
+             for n, lin in linears]
+    fisher, n = fisher_diagonal(model, ids, linears)
+    for h in hooks:
+        h.remove()
+    unused = [name for name, _ in linears if name not in called]
+    assert n == 1 and unused  # the case under test happened
+    assert all(not fisher[name].any() for name in unused)
+    reached, _ = fisher_diagonal(model, ids, [(name, lin) for name, lin in linears if name in called])
+    for name in reached:
+        torch.testing.assert_close(fisher[name], reached[name], rtol=1e-6, atol=0)
