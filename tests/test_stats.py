@@ -22,6 +22,7 @@ def test_symmetric_gram_equals_the_full_product(d, block):
 def test_layer_stats_hessian_is_symmetric_and_exact():
     torch.manual_seed(1)
     st = LayerStats({"hessian"}, 576)
+    acc_ptr = st._xtx.data_ptr()
     xs = [torch.randn(2, 64, 576), torch.randn(3, 64, 576)]
     for x in xs:
         st.add_batch(x)
@@ -29,7 +30,8 @@ def test_layer_stats_hessian_is_symmetric_and_exact():
     H = st.hessian
     torch.testing.assert_close(H.double(), 2 / X.shape[0] * X.T @ X, rtol=1e-5, atol=1e-5)
     assert torch.equal(H, H.T)
-    assert st.hessian is H  # built once, in the accumulator's memory
+    assert st.hessian is H  # built once
+    assert H.data_ptr() == acc_ptr  # in the accumulator's memory: no second (d, d) matrix
     with pytest.raises(RuntimeError, match="after the Hessian was read"):  # the sum is gone: no silent mix
         st.add_batch(torch.randn(1, 64, 576))
 
@@ -75,7 +77,9 @@ def test_no_stage_modifies_the_shared_hessian():
         torch.manual_seed(0)
         lin = torch.nn.Linear(64, 48, bias=False)
         st = LayerStats(set(stage.needs), 64)
-        st.add_batch(torch.randn(4, 32, 64) @ torch.randn(64, 64))
+        x = torch.randn(4, 32, 64) @ torch.randn(64, 64)
+        x[..., 5] = 0  # a dead input column: the sweep patches its diagonal in its own copy, never in H
+        st.add_batch(x)
         before = st.hessian.clone()
         stage.compress("layer", lin, st)
         assert torch.equal(st.hessian, before), name

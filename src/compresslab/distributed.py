@@ -243,6 +243,8 @@ class Distributed(Ranks):
         sums travel in fp32 as they were accumulated; the counts as int64."""
         if stats is None:
             return
+        if stats._hessian is not None:  # the accumulator became H (stats.py): summing it now would be wrong
+            raise RuntimeError("Ranks.reduce after the Hessian was read: reduce the statistics first")
         sums = [t for t in (stats._xtx, stats._sq, stats._abs, stats._jsq_sq) if t is not None]
         if stats._jsq:  # (T, d): every rank saw sequences of the same length
             if stats._jsq_seq is None:
@@ -253,7 +255,6 @@ class Distributed(Ranks):
         counts = torch.tensor([stats.n, stats.samples], dtype=torch.float64, device=self._coll_device())
         self.all_reduce_(counts)
         stats.n, stats.samples = int(counts[0]), int(counts[1])
-        stats._hessian = None
         if stats._sample is not None:  # SliM-LLM's input sample: every rank's rows, in rank order
             rows = self.gather([t.cpu() for t in stats._sample])
             stats._sample = [t.to(self.device) for part in rows for t in part]

@@ -11,9 +11,13 @@ stages ask for it with `needs={"fisher"}` and read `stats.fisher_of(name)` for t
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 from tqdm import tqdm
+
+log = logging.getLogger(__name__)
 
 
 def fisher_diagonal(model: nn.Module, ids: torch.Tensor, linears: list[tuple[str, nn.Module]],
@@ -30,6 +34,7 @@ def fisher_diagonal(model: nn.Module, ids: torch.Tensor, linears: list[tuple[str
                              "Fisher pass needs one gradient per Linear")
     device = weights[0].device if weights else torch.device("cpu")
     acc = [torch.zeros(w.shape, dtype=torch.float32, device=device) for w in weights]
+    reached = [0] * len(weights)  # windows whose loss depends on each weight
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     model.eval()  # no dropout: the gradients of the model as it will be used
@@ -44,13 +49,18 @@ def fisher_diagonal(model: nn.Module, ids: torch.Tensor, linears: list[tuple[str
                 loss = model(input_ids=x, labels=x, use_cache=False).loss
                 # allow_unused: an MoE expert the window's tokens never reach has no gradient (F += 0)
                 grads = torch.autograd.grad(loss, weights, allow_unused=True)
-                for a, g in zip(acc, grads):
+                for k, (a, g) in enumerate(zip(acc, grads)):
                     if g is not None:
                         a.addcmul_(g.float(), g.float())
+                        reached[k] += 1
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(was_training)
+    never = [name for (name, _), r in zip(linears, reached) if not r]
+    if never:  # legitimate for an MoE expert no calibration token reaches; anything else is worth a look
+        log.warning("fisher: %d Linears never reached by a calibration window (Fisher 0), e.g. %s", len(never),
+                    never[:3])
     n = torch.tensor(float(ids.shape[0]), device=device)
     if reduce is not None:
         acc = [reduce(a) for a in acc]

@@ -78,6 +78,8 @@ class QuantizedWeight:
 
     def encode(self, W: torch.Tensor) -> "QuantizedWeight":
         """Codes of a weight that lies on this grid (e.g. after the codes were dropped)."""
+        if tuple(W.shape) != tuple(self.shape):
+            raise ValueError(f"encode: W has shape {tuple(W.shape)}, the grid is for {tuple(self.shape)}")
         s, z = self._per_group(self.scales.float()), self._per_group(self.zeros.float())
         out, inp = self.shape
         # (out, C, g) views and one float buffer: a weight-sized temporary, not one per operation
