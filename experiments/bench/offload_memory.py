@@ -21,7 +21,21 @@ from _common import ROOT, emit, run_dir_for, run_table
 
 
 def build(folder: Path, hidden: int, layers: int, intermediate: int, heads: int) -> float:
-    """Save the random model (once; reused when config.json is there). Returns its safetensors GB."""
+    """Save the random model (once; reused when config.json is there), in a process of its own: Linux
+    carries a process's peak RSS into the children it forks (ru_maxrss survives fork + exec), so a
+    benchmark process that had held the 5.7 GB model would report that peak for every run.py after it.
+    Returns its safetensors GB."""
+    if not (folder / "config.json").is_file():
+        import subprocess
+        import sys
+
+        subprocess.run([sys.executable, __file__, "--build-only", "--out", str(folder.parent), "--hidden", str(hidden),
+                        "--layers", str(layers), "--intermediate", str(intermediate), "--heads", str(heads)],
+                       check=True)
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9
+
+
+def _build(folder: Path, hidden: int, layers: int, intermediate: int, heads: int) -> None:
     if not (folder / "config.json").is_file():
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
@@ -40,8 +54,6 @@ def build(folder: Path, hidden: int, layers: int, intermediate: int, heads: int)
         model.save_pretrained(folder, max_shard_size="1GB")
         tok.save_pretrained(folder)
         print(f"built and saved {folder} in {time.perf_counter() - t0:.0f}s", flush=True)
-        del model
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9
 
 
 def main():
@@ -53,9 +65,12 @@ def main():
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--collect", action="store_true", help="run nothing: tabulate the runs already in --out")
     ap.add_argument("--out", default=str(ROOT / "outputs" / "bench_offload"))
+    ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     out = Path(args.out)
     folder = out / f"random_llama_h{args.hidden}_l{args.layers}"
+    if args.build_only:
+        return _build(folder, args.hidden, args.layers, args.intermediate, args.heads)
     size_gb = build(folder, args.hidden, args.layers, args.intermediate, args.heads)
     q = ["quantizer.bits=4", "quantizer.group_size=128"]
     methods = {
@@ -63,8 +78,8 @@ def main():
                                              "model.offload=disk"],
         "gptq W4 (offload)": ["quantizer=gptq", *q, "model.offload=disk"],
         # the memory plan's budget on top of streaming: chunks instead of one pass through each block
-        "gptq W4 (offload, engine.max_memory=1GB)": ["quantizer=gptq", *q, "model.offload=disk",
-                                                     "engine.max_memory=1GB"],
+        "gptq W4 (offload, engine.max_memory=1.5GB)": ["quantizer=gptq", *q, "model.offload=disk",
+                                                       "engine.max_memory=1.5GB"],
         "magnitude 2:4 + rtn W4 (in memory)": ["pruner=magnitude", "pruner.pattern=2:4", "quantizer=rtn", *q],
     }
     methods = {m: [*o, f"save.path={run_dir_for(out, m) / 'ckpt'}"] for m, o in methods.items()}
