@@ -13,7 +13,7 @@ GRAM_BLOCK = 256  # block rows of the symmetric Gram accumulation
 def gram_upper_(acc: torch.Tensor, x: torch.Tensor, block: int = GRAM_BLOCK) -> None:
     """acc += xᵀx (x (n, d)) on the blocks on and above the diagonal only: block row i gets
     x[:, i:i+b]ᵀ · x[:, i:], so k block rows cost (k + 1)/2k of the full product's FLOPs (0.58 at
-    d = 1536); the blocks below the diagonal stay as they were. `gram_full` mirrors the result."""
+    d = 1536); the blocks below the diagonal stay as they were. `mirror_upper_` mirrors the result."""
     d = x.shape[1]
     if d <= block:
         acc.addmm_(x.T, x)
@@ -34,11 +34,6 @@ def mirror_upper_(acc: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
         if e < d:
             acc[e:, i:e] = acc[i:e, e:].T
     return acc
-
-
-def gram_full(acc: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose upper triangle `gram_upper_` accumulated (a new tensor)."""
-    return mirror_upper_(acc.clone())
 
 
 def clip_top(x: torch.Tensor, frac: float) -> torch.Tensor:
