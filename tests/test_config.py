@@ -1,5 +1,6 @@
 """Every file in conf/ composes and instantiates; bad options fail with Hydra's list."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -93,5 +94,17 @@ def test_cli_bad_option_and_help():
     assert help_.returncode == 0
     for line in ("pruner: jsq, magnitude, mask, null, sparsegpt, wanda",
                  "quantizer: absmax, awq, gptq, null, rtn, slim_llm, slim_llm_plus, slim_quant, spqr, squeezellm",
-                 "lowrank: asvd, eora, fwsvd, l2qer, naive, null, slim, svd_llm, svd_llm_v2", "recovery: beam, finetune, null", "eval: full, ppl, zeroshot", "logger: none, wandb", "data: calibration"):
+                 "lowrank: asvd, eora, fwsvd, l2qer, naive, null, slim, svd_llm, svd_llm_v2", "recovery: beam, finetune, null", "eval: full, null, ppl, zeroshot", "logger: none, wandb", "data: calibration"):
         assert line in help_.stdout, line
+
+
+def test_cli_eval_null_skips_the_evaluation(tmp_path):
+    """`eval=null` (the README's "null skips a stage", for the one group whose default is not null):
+    the run compresses and writes metrics.json with the compression's figures and no evaluation."""
+    out = subprocess.run([sys.executable, "run.py", "model=tiny_llama", "quantizer=rtn", "quantizer.group_size=32",
+                          "eval=null", "logger=none", "engine.progress=false", f"hydra.run.dir={tmp_path}"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rec = json.loads((tmp_path / "metrics.json").read_text())
+    assert rec["status"] == "ok" and rec["metrics"]["avg_bits"] > 4
+    assert not any(k.startswith(("ppl/", "dense/", "acc")) for k in rec["metrics"])

@@ -151,7 +151,7 @@ def test_engine_chunks_under_a_small_budget_with_the_one_pass_result():
 
 
 @pytest.mark.parametrize("stage", ["gptq", "sparsegpt+gptq"])
-@pytest.mark.parametrize("inter", [256, 96])
+@pytest.mark.parametrize("inter", [256, 96, 1024])  # 1024: down_proj (d = 1024) is the widest, its 3 d² term decides
 def test_sweep_estimate_bounds_the_bytes_a_group_holds(stage, inter):
     """The cost model's statistics term against the bytes counted through torch's dispatcher while the
     engine compresses each group of a block (the group's H held, the dense originals, the stacked and

@@ -75,6 +75,46 @@ def test_streamed_model_matches_the_loaded_one(build, tmp_path, monkeypatch):
     assert all(p.is_meta for p in blocks.parameters())  # every block freed again
 
 
+def _resident_kb(path: Path) -> int:
+    """kB of `path`'s pages this process has resident (Linux /proc/self/smaps)."""
+    total, here = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if len(head) >= 5 and "-" in head[0] and ":" in head[3]:  # a mapping's header line: range perms offset dev
+            here = line.endswith(str(path))
+        elif here and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="Linux /proc/self/smaps")
+@pytest.mark.parametrize("tied", [False, True])
+def test_reread_outside_drops_the_pages_the_writer_touched(tmp_path, tied):
+    """After something reads the whole embedding and head (the packed checkpoint's writer does), a
+    re-read gives the same values from fresh mappings with (almost) none of the shard resident; the
+    head stays tied and the blocks stay on the meta device."""
+    from compresslab.stream import reread_outside
+
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    folder = tmp_path / "m"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)  # one shard; the embedding is 2 MB
+    shard = folder / "model.safetensors"
+    sm, source = streamed_model(folder, AutoModelForCausalLM.from_config(cfg).config, torch.float32)
+    outside = {k: v.clone() for k, v in sm.state_dict().items() if not v.is_meta}
+    emb = sm.get_input_embeddings().weight
+    float(emb.sum()), float(sm.get_output_embeddings().weight.sum())  # every page touched
+    assert _resident_kb(shard) >= 2048 * (1 if tied else 2) * 0.9
+    del emb  # (a reference kept elsewhere would keep its mapping, and its pages, alive)
+    reread_outside(sm, source)
+    assert _resident_kb(shard) < 256
+    got = {k: v for k, v in sm.state_dict().items() if not v.is_meta}
+    assert got.keys() == outside.keys() and all(torch.equal(got[k], outside[k]) for k in got)
+    assert (sm.get_output_embeddings().weight is sm.get_input_embeddings().weight) == tied
+    assert all(p.is_meta for p in source.adapter.block_list(sm).parameters())
+
+
 def _run(args, out: Path):
     r = subprocess.run([sys.executable, str(ROOT / "run.py"), *args, f"hydra.run.dir={out}"], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)

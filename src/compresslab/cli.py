@@ -35,7 +35,7 @@ def register_hydra_plugins(root: str | Path) -> None:
     Plugins.instance().register(ExperimentPresets)
 
 
-STAGE_GROUPS = ("rotation", "allocation", "pruner", "quantizer", "lowrank", "recovery")  # groups with a conf/<group>/null.yaml
+STAGE_GROUPS = ("rotation", "allocation", "pruner", "quantizer", "lowrank", "recovery", "eval")  # groups with a conf/<group>/null.yaml
 
 
 def rank_overrides(environ=None) -> list[str]:

@@ -216,6 +216,9 @@ class Pipeline:
                 t0 = time.perf_counter()
                 if writer is not None:  # streamed: the blocks are written; the rest and the manifest now
                     manifest = writer.finish(model, tok, extra={"metrics": dict(metrics)})
+                    from .stream import reread_outside
+
+                    reread_outside(model, source)  # the writer paged in the whole embedding and head
                 else:
                     manifest = save_compressed(model, self.save["path"], tok, self.save.get("max_shard_size"),
                                                extra={"metrics": dict(metrics)})

@@ -239,20 +239,57 @@ def streamed_model(folder: str | Path, config, dtype: torch.dtype) -> tuple[nn.M
                           "(model.offload=null)")
     tensors.bind(model)
     adapter = adapter_for(model)
-    blocks = adapter.block_list(model)
-    parent, _, child = adapter.blocks.rpartition(".")
-    owner = model.get_submodule(parent)
-    setattr(owner, child, nn.ModuleList())  # outside the blocks only
-    try:
+    _fill_outside(model, tensors, adapter)
+    return model.eval(), DiskBlocks(model, tensors, adapter)
+
+
+def _outside(model: nn.Module, adapter: Adapter):
+    """Context: `model` with its blocks detached (what runs outside them only), put back after."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def ctx():
+        blocks = adapter.block_list(model)
+        parent, _, child = adapter.blocks.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, child, nn.ModuleList())
+        try:
+            yield model
+        finally:
+            setattr(owner, child, blocks)
+
+    return ctx()
+
+
+def _fill_outside(model: nn.Module, tensors: ShardedTensors, adapter: Adapter) -> None:
+    """Materialise everything outside the blocks from the shards; a tied head is tied after."""
+    with _outside(model, adapter):
         head = _tied_head_key(model)
         _fill(model, "", tensors, model._init_weights, skip=(head,) if head else ())
-    finally:
-        setattr(owner, child, blocks)
-    if getattr(config, "tie_word_embeddings", False):
+    if getattr(model.config, "tie_word_embeddings", False):
         out, inp = model.get_output_embeddings(), model.get_input_embeddings()
         if out is not None and inp is not None:
             out.weight = inp.weight
-    return model.eval(), DiskBlocks(model, tensors, adapter)
+
+
+def reread_outside(model: nn.Module, source: DiskBlocks) -> None:
+    """Read what lies outside the blocks (embeddings, final norm, head) from the shards again. The
+    shards are memory-mapped, and what touched every page of them (the packed checkpoint's writer
+    reads the whole embedding and head) left those pages counted in the process's RSS; fresh
+    mappings start with none resident, so the evaluation afterwards pages in only the embedding rows
+    of its tokens (and the head it reads whole). Same values: the same bytes are read."""
+    with _outside(model, source.adapter):
+        persistent = set(model.state_dict(keep_vars=True))
+        for mname, m in model.named_modules():
+            for store in (m._parameters, m._buffers):
+                for n, t in list(store.items()):
+                    key = f"{mname}.{n}" if mname else n
+                    if t is not None and key in persistent and not t.is_meta:
+                        meta = torch.empty_like(t, device="meta")
+                        store[n] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
+                            else meta
+    _fill_outside(model, source.tensors, source.adapter)
+    release_freed_memory()
 
 
 def _tied_head_key(model: nn.Module) -> str | None:

@@ -60,6 +60,19 @@ def test_cholesky_retry_and_fallback(caplog):
     assert "falling back" in caplog.text
 
 
+@pytest.mark.parametrize("where", [None, (0, 0), (255, 7), (256, 3), (599, 599)])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_all_finite_by_row_slices_is_isfinite_all(where, bad):
+    """The factorization's finiteness check, a slice of rows at a time, answers what
+    torch.isfinite(A).all() answers, whichever slice (first, last, a boundary) holds the bad value."""
+    from compresslab.obs import _all_finite
+
+    A = torch.randn(600, 600)
+    if where is not None:
+        A[where] = bad
+    assert _all_finite(A) == bool(torch.isfinite(A).all()) == (where is None)
+
+
 def test_fallback_and_damping_reach_the_layer_table():
     """A Linear whose Hessian cannot be factorized is reported (`fallback`, `damp`) in its row and
     counted in `fallbacks`; one that needed more damping counts in `damp_raised`."""
