@@ -78,8 +78,8 @@ def main():
                                              "model.offload=disk"],
         "gptq W4 (offload)": ["quantizer=gptq", *q, "model.offload=disk"],
         # the memory plan's budget on top of streaming: chunks instead of one pass through each block
-        "gptq W4 (offload, engine.max_memory=1.5GB)": ["quantizer=gptq", *q, "model.offload=disk",
-                                                       "engine.max_memory=1.5GB"],
+        "gptq W4 (offload, engine.max_memory=1.2GB)": ["quantizer=gptq", *q, "model.offload=disk",
+                                                       "engine.max_memory=1.2GB"],
         "magnitude 2:4 + rtn W4 (in memory)": ["pruner=magnitude", "pruner.pattern=2:4", "quantizer=rtn", *q],
     }
     methods = {m: [*o, f"save.path={run_dir_for(out, m) / 'ckpt'}"] for m, o in methods.items()}
