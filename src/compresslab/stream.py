@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -243,22 +244,17 @@ def streamed_model(folder: str | Path, config, dtype: torch.dtype) -> tuple[nn.M
     return model.eval(), DiskBlocks(model, tensors, adapter)
 
 
+@contextmanager
 def _outside(model: nn.Module, adapter: Adapter):
-    """Context: `model` with its blocks detached (what runs outside them only), put back after."""
-    from contextlib import contextmanager
-
-    @contextmanager
-    def ctx():
-        blocks = adapter.block_list(model)
-        parent, _, child = adapter.blocks.rpartition(".")
-        owner = model.get_submodule(parent)
-        setattr(owner, child, nn.ModuleList())
-        try:
-            yield model
-        finally:
-            setattr(owner, child, blocks)
-
-    return ctx()
+    """`model` with its blocks detached (what runs outside them only), put back after."""
+    blocks = adapter.block_list(model)
+    parent, _, child = adapter.blocks.rpartition(".")
+    owner = model.get_submodule(parent)
+    setattr(owner, child, nn.ModuleList())
+    try:
+        yield model
+    finally:
+        setattr(owner, child, blocks)
 
 
 def _fill_outside(model: nn.Module, tensors: ShardedTensors, adapter: Adapter) -> None:
