@@ -35,7 +35,8 @@ def register_hydra_plugins(root: str | Path) -> None:
     Plugins.instance().register(ExperimentPresets)
 
 
-STAGE_GROUPS = ("rotation", "allocation", "pruner", "quantizer", "lowrank", "recovery", "eval")  # groups with a conf/<group>/null.yaml
+STAGE_GROUPS = ("rotation", "allocation", "pruner", "quantizer", "lowrank", "recovery")  # the method's groups
+NULL_GROUPS = (*STAGE_GROUPS, "eval")  # groups with a conf/<group>/null.yaml
 
 
 def rank_overrides(environ=None) -> list[str]:
@@ -84,7 +85,7 @@ def sweep_overrides(args: list[str]) -> list[str]:
         if o.is_sweep_override():
             swept.add(o.key_or_group)
         value = o.value()
-        if o.key_or_group in STAGE_GROUPS and not o.is_add() and not o.is_force_add():
+        if o.key_or_group in NULL_GROUPS and not o.is_add() and not o.is_force_add():
             if value is None:
                 out[i] = f"{o.key_or_group}='null'"
             elif isinstance(value, ChoiceSweep) and None in value.list:

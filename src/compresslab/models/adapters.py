@@ -102,7 +102,8 @@ class Adapter:
         two (tokens, intermediate) tensors instead of three; when nothing hooks `up`, up(x) goes in row
         slices of LEAN_ROWS tokens, so the peak is one. Elementwise ops on the same values, and a
         Linear on row slices (the same dot products: bitwise equal on this CPU for slices of >= 512
-        rows); hooks see what the family's forward gives them. Forwards with grad run unchanged."""
+        rows; the activation in slices of whole 64-element runs, so that its scalar tail is the family
+        forward's); hooks see what the family's forward gives them. Forwards with grad run unchanged."""
         mlp = get_module(block, self.gated_mlp[0]) if self.gated_mlp else None
         if mlp is None or "forward" in vars(mlp):
             yield
@@ -201,8 +202,12 @@ def _lean_gated_forward(gate: str, up: str, down: str, act: str, plain):
         h = getattr(mlp, gate)(x)  # (..., I)
         fn, upm = getattr(mlp, act), getattr(mlp, up)
         flat = h.view(-1, h.shape[-1])
-        for i in range(0, flat.shape[0], LEAN_ROWS):
-            flat[i:i + LEAN_ROWS] = fn(flat[i:i + LEAN_ROWS])
+        # the activation on slices of whole 64-element runs: a vectorized elementwise kernel computes the
+        # last len % 16 (or % 32) elements of a call on its scalar path, which for e.g. tanh-GELU differs
+        # from the vector path in the last bit, so slices of whole rows would move those tails
+        elems, step = h.view(-1), max(64, LEAN_ROWS * h.shape[-1] // 64 * 64)
+        for i in range(0, elems.numel(), step):
+            elems[i:i + step] = fn(elems[i:i + step])
         if _hooked(upm) or flat.shape[0] <= LEAN_ROWS:  # a hook sees up's whole input, as the family calls it
             h.mul_(upm(x))
         else:  # up row slice by row slice into h: one (tokens, I) tensor instead of two
