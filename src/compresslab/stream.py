@@ -275,15 +275,7 @@ def reread_outside(model: nn.Module, source: DiskBlocks) -> None:
     mappings start with none resident, so the evaluation afterwards pages in only the embedding rows
     of its tokens (and the head it reads whole). Same values: the same bytes are read."""
     with _outside(model, source.adapter):
-        persistent = set(model.state_dict(keep_vars=True))
-        for mname, m in model.named_modules():
-            for store in (m._parameters, m._buffers):
-                for n, t in list(store.items()):
-                    key = f"{mname}.{n}" if mname else n
-                    if t is not None and key in persistent and not t.is_meta:
-                        meta = torch.empty_like(t, device="meta")
-                        store[n] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
-                            else meta
+        model.to("meta")  # as DiskBlocks.free returns a block; computed buffers (rotary) are computed again
     _fill_outside(model, source.tensors, source.adapter)
     release_freed_memory()
 
