@@ -1,9 +1,11 @@
 import importlib.util
 import os
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,3 +91,22 @@ def small_data_dir(dest: Path, docs: int = 4) -> Path:
     with bz2.open(dest / "hellaswag/hellaswag_val_full.txt.bz2", "wt", encoding="utf-8") as f:
         f.write("".join(lines))
     return dest
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensors alive at once that ops created inside the mode (unique storages)."""
+
+    def __init__(self, *held):
+        super().__init__()
+        self.live = [weakref.ref(t) for t in held]
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.live.append(weakref.ref(t))
+        self.live = [r for r in self.live if r() is not None]
+        storages = {r().untyped_storage().data_ptr(): r().untyped_storage().nbytes() for r in self.live}
+        self.peak = max(self.peak, sum(storages.values()))
+        return out

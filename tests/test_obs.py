@@ -77,3 +77,71 @@ def test_stacked_sweep_equals_separate_sweeps(case):
             assert torch.equal(sb.quant.encode(b.weight.data).codes, sa.quant.encode(a.weight.data).codes), name
         torch.testing.assert_close(b.weight.data, a.weight.data, rtol=1e-5, atol=1e-6)
         assert [n.damp for n in sb.numerics] == [n.damp for n in sa.numerics]
+
+
+def _upper_reference(H, damp, dead=None):
+    """U with UᵀU = (H + λI)⁻¹, λ = damp·mean(diag), dead columns' diagonal 1: the plain calls, each into a
+    new tensor (what the sweep computed before it factorized in place)."""
+    A = H.clone()
+    if dead is not None:
+        A.diagonal().masked_fill_(dead, 1.0)
+    A.diagonal().add_(damp * A.diagonal().mean())
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(A)), upper=True)
+
+
+@pytest.mark.parametrize("dead_cols", [(), (3, 70)])
+def test_factorization_in_place_is_the_plain_factorization_and_holds_one_matrix(dead_cols, monkeypatch):
+    """inverse_hessian_upper overwrites one clone of H through its three LAPACK steps: bitwise the U of the
+    plain calls, H untouched, and one (d, d) matrix of its own alive beside H (the plain calls hold two).
+    The finiteness check's row-slice temporaries are left out of the count (tested on their own above)."""
+    from compresslab import obs
+    from compresslab.obs import inverse_hessian_upper
+    from tests.conftest import LiveBytes, hessian_of
+
+    d = 192
+    H = hessian_of(correlated_inputs(1024, d))
+    dead = torch.zeros(d, dtype=torch.bool)
+    for j in dead_cols:  # inputs that were always 0
+        H[j, :] = 0
+        H[:, j] = 0
+        dead[j] = True
+    before = H.clone()
+    monkeypatch.setattr(obs, "_all_finite", lambda U: True)
+    with LiveBytes(H) as counted:
+        U = inverse_hessian_upper(H, 0.01, dead=dead if dead_cols else None)
+    ref = _upper_reference(H, 0.01, dead if dead_cols else None)
+    assert torch.equal(U, ref)
+    assert torch.equal(H, before)
+    assert counted.peak - H.nbytes < 1.1 * H.nbytes
+
+
+def test_factorization_retry_after_a_failed_in_place_step_starts_from_h():
+    """A failed Cholesky leaves the working matrix half overwritten; the next damping starts from H again."""
+    from compresslab.obs import inverse_hessian_upper
+
+    x = torch.randn(1, 16, dtype=torch.float64).float()
+    H = x.T @ x + 1e-9 * torch.eye(16)  # rank 1: the undamped factorization fails, 1e-4 of mean diag does not
+    numerics = []
+    U = inverse_hessian_upper(H, 0.0, numerics=numerics)
+    assert numerics[0].retries >= 1 and not numerics[0].fallback
+    assert torch.equal(U, _upper_reference(H, numerics[0].damp))
+
+
+@pytest.mark.parametrize("prune", [False, True])
+def test_overwrite_works_in_the_callers_weight_with_the_same_result(prune):
+    """obs_compress(..., overwrite=True) (what a stacked sweep asks for: its W is a fresh copy) returns W_hat
+    in W's own storage, with the codes and mask of the copying call."""
+    from compresslab.obs import GridSpec, PruneSpec, obs_compress
+    from tests.conftest import hessian_of
+
+    X = correlated_inputs(512, 64)
+    H = hessian_of(X)
+    W = torch.randn(48, 64)
+    kw = dict(quant=GridSpec(4, 32, "asym", False), prune=PruneSpec(0.5, (2, 4)) if prune else None, blocksize=32)
+    ref, qref, kref = obs_compress(W, H, **kw)
+    mine = W.clone()
+    W_hat, qw, keep = obs_compress(mine, H, overwrite=True, **kw)
+    assert W_hat.data_ptr() == mine.data_ptr()
+    assert torch.equal(W_hat, ref) and torch.equal(keep, kref) and torch.equal(qw.codes, qref.codes)
+    W_copy, _, _ = obs_compress(W, H, **kw)
+    assert W_copy.data_ptr() != W.data_ptr() and not torch.equal(W, ref)  # the default leaves W as it was

@@ -1,17 +1,14 @@
 """The memory plan: sizes, the chunk choice, the cost model against counted bytes, the engine's wiring."""
 
-import weakref
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from compresslab.engine import SequentialEngine
 from compresslab.errors import ConfigError
 from compresslab.models.adapters import adapter_for
 from compresslab.plan import Shape, estimate, make_plan, parse_memory
-from conftest import Recorder
+from conftest import LiveBytes, Recorder
 
 
 def llama(**kw):
@@ -95,25 +92,6 @@ def test_explicit_chunk_size_is_kept_and_estimated():
     cfg = llama().config
     assert make_plan(cfg, 64, 128, budget=1, chunk_size=8).chunk_size == 8
     assert make_plan(cfg, 64, 128, budget=1, chunk_size=None).chunk_size is None
-
-
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of the tensors alive at once that ops created inside the mode (unique storages)."""
-
-    def __init__(self, *held):
-        super().__init__()
-        self.live = [weakref.ref(t) for t in held]
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor):
-                self.live.append(weakref.ref(t))
-        self.live = [r for r in self.live if r() is not None]
-        storages = {r().untyped_storage().data_ptr(): r().untyped_storage().nbytes() for r in self.live}
-        self.peak = max(self.peak, sum(storages.values()))
-        return out
 
 
 @pytest.mark.parametrize("kv_heads,lean,inter", [(2, True, 160), (4, True, 160), (2, False, 160), (2, True, 512),

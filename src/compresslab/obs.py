@@ -72,9 +72,11 @@ class Numerics:
     retries: int = 0
 
 
-def _all_finite(A: torch.Tensor, rows: int = 256) -> bool:
-    """torch.isfinite(A).all() a slice of rows at a time: the one-shot form holds |A| and three bool
-    masks of A's size at once (1.75 (d, d) fp32 matrices at the factorization's widest moment)."""
+def _all_finite(A: torch.Tensor, rows: int | None = None) -> bool:
+    """torch.isfinite(A).all() a slice of rows at a time (default: about 2¹⁶ elements, so the slices'
+    temporaries are negligible): the one-shot form holds |A| and three bool masks of A's size at once
+    (1.75 (d, d) fp32 matrices at the factorization's widest moment)."""
+    rows = rows or max(1, (1 << 16) // max(1, A.shape[-1]))
     return all(bool(torch.isfinite(A[i:i + rows]).all()) for i in range(0, A.shape[0], rows))
 
 
@@ -89,19 +91,21 @@ def inverse_hessian_upper(H: torch.Tensor, percdamp: float, retries: int = 3, na
     diag = torch.diag(H) if dead is None else torch.diag(H).masked_fill(dead, 1.0)
     mean_diag = torch.mean(diag).clamp_min(1e-12)
     damp = percdamp
+    info = torch.zeros((), dtype=torch.int32, device=H.device)
     for attempt in range(retries + 1):
-        # two (d, d) matrices of ours live at once beside H (d = 11008: 0.5 GB each in fp32)
-        A = H.clone()
+        # ONE (d, d) matrix of ours beside H (d = 11008: 0.5 GB in fp32): every LAPACK step overwrites it.
+        # F is the clone's column-major view (LAPACK's layout, so `out=` is written in place, no temporary;
+        # its values are the clone's, H being symmetric): the same calls on the same values as
+        # cholesky -> cholesky_inverse -> cholesky(upper) into new tensors, bitwise (tests/test_obs.py)
+        F = H.clone().mT
         if dead is not None:
-            A.diagonal().masked_fill_(dead, 1.0)
-        A.diagonal().add_(damp * mean_diag)  # H + λI
-        L, info = torch.linalg.cholesky_ex(A)
-        del A
+            F.diagonal().masked_fill_(dead, 1.0)
+        F.diagonal().add_(damp * mean_diag)  # H + λI
+        torch.linalg.cholesky_ex(F, out=(F, info))  # lower triangle: L, L Lᵀ = H + λI
         if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            del Hinv
+            torch.cholesky_inverse(F, out=F)  # (H + λI)⁻¹, both triangles
+            torch.linalg.cholesky_ex(F, upper=True, out=(F, info))  # U, UᵀU = (H + λI)⁻¹
+            U = F
             if info == 0 and _all_finite(U):
                 if attempt:
                     log.warning("%s: Cholesky succeeded with percdamp=%g after %d retries", name, damp, attempt)
@@ -198,7 +202,8 @@ def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = N
                  act_order: bool = False, percdamp: float = 0.01, blocksize: int = 128,
                  name: str = "", numerics: list | None = None, latent: list | None = None,
                  segments: list[int] | None = None, outlier_threshold: float | None = None,
-                 outliers: list | None = None) -> tuple[torch.Tensor, QuantizedWeight | None, torch.Tensor]:
+                 outliers: list | None = None, overwrite: bool = False
+                 ) -> tuple[torch.Tensor, QuantizedWeight | None, torch.Tensor]:
     """Prune and/or quantize W (out, in) against the input Hessian H (in, in).
 
     Args:
@@ -218,10 +223,14 @@ def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = N
             value (fp16) and passes no error on; group ranges are fit without likely outliers
             (`grid.loo_qparams`). Needs dynamic groups (no act_order). The (out, in) bool mask of the
             weights kept so is appended to `outliers`.
+        overwrite: W is the caller's to overwrite (e.g. a stacked copy of several Linears): when it is
+            float32 already, the sweep works in it and returns it as W_hat, instead of a copy.
     Returns:
         (W_hat (out, in) float32, QuantizedWeight or None, keep-mask (out, in) bool).
     """
-    W = W.detach().float().clone()  # (out, in)
+    W = W.detach().float()
+    if not overwrite:
+        W = W.clone()  # (out, in), the working copy that becomes W_hat
     H = H.detach().float()  # (in, in), read only: dead columns' diagonal is set to 1 in the factorization's copy
     dead = torch.diag(H) == 0
     out, d = W.shape
@@ -383,6 +392,7 @@ def obs_compress(W: torch.Tensor, H: torch.Tensor, *, quant: GridSpec | None = N
         if i2 < d:
             W[:, i2:].addmm_(Et.T, U[i1:i2, i2:], alpha=-1.0)
 
+    del U, U1, dU  # the factor's storage (U1 is a view of it), before the codes' buffer is allocated
     if fused is not None:
         scales, zeros = St.T.contiguous(), Zt.T.contiguous()
     if act_order:

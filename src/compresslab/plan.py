@@ -25,8 +25,8 @@ The estimate is per token of the block's widest moment, in units the reader can 
 
 plus the lean MLP's two row-slice temporaries (2 x LEAN_ROWS x I b), and, per plan: the hidden states in and out (2 N T C b, or only the first on the host),
 down_proj's kept input (N T I b, chunks with `keep_mlp_input`), the
-statistics of the widest group, fp32: 3 d² (H and the factorization's two live (d, d) matrices: each
-LAPACK step writes a new one) + 9 rows x d (the dense originals, the stacked weight, the sweep's
+statistics of the widest group, fp32: 2 d² (H and the factorization's one (d, d) matrix, which each
+LAPACK step overwrites) + 9 rows x d (the dense originals, the stacked weight, the sweep's
 working copy, masks as floats, the codes' float buffer), over the groups q/k/v, o, gate/up, down; a dense copy of
 the block when a recovery or block-level stage needs one, and a block-wise recovery's training set
 (its batch through the block with autograd, and Adam's two states per parameter).
@@ -139,7 +139,7 @@ def estimate(shape: Shape, n: int, t: int, chunk: int | None, *, act_bytes: int 
         total += 2 * min(tokens, adapters.LEAN_ROWS) * shape.intermediate * b
     if hessian:  # the widest group's statistics and sweep (rows = its stacked outputs, d = its inputs)
         groups = ((shape.q + 2 * shape.kv, c), (c, shape.q), (2 * shape.intermediate, c), (c, shape.intermediate))
-        total += 4 * max(3 * d * d + 9 * rows * d for rows, d in groups)
+        total += 4 * max(2 * d * d + 9 * rows * d for rows, d in groups)
     block = shape.block_params * param_bytes
     total += block * (int(dense_copy) + int(block_on_device))
     if train_batch:  # autograd keeps ~every intermediate of its batch; Adam two states per parameter

@@ -149,7 +149,8 @@ def stack_rows(items: list[tuple[str, nn.Module]]) -> tuple[torch.Tensor, torch.
 def sweep_stacked(items: list[tuple[str, nn.Module]], sweep, write) -> None:
     """Linears that share one input (q/k/v, gate/up) through ONE sweep over their stacked rows.
 
-    sweep(W (Σout, in), keep or None, name, sizes, numerics) -> result runs the method's maths once;
+    sweep(W (Σout, in), keep or None, name, sizes, numerics) -> result runs the method's maths once
+    (W is a fresh stacked copy: the sweep may overwrite it, e.g. obs_compress(..., overwrite=True));
     write(lin, rows, result) then stores each Linear's row range, and every Linear's state records
     the sweep's factorization numerics (damping retries, fallbacks). Rows never interact in an OBS
     sweep, so this equals separate sweeps when the method keeps per-Linear choices per segment."""

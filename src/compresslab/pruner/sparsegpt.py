@@ -23,11 +23,14 @@ log = logging.getLogger(__name__)
 
 def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None,
                     percdamp: float = 0.01, blocksize: int = 128, quant: GridSpec | None = None,
-                    name: str = "", numerics: list | None = None, segments: list[int] | None = None):
+                    name: str = "", numerics: list | None = None, segments: list[int] | None = None,
+                    overwrite: bool = False):
     """Prune W (out, in) to `sparsity` (or N:M) given H = 2/n·XᵀX. Returns (W_hat, keep, qw or None).
-    `segments`: row counts of Linears stacked in W (one sweep, each keeps its own sparsity)."""
+    `segments`: row counts of Linears stacked in W (one sweep, each keeps its own sparsity);
+    `overwrite`: W may become the result (obs_compress)."""
     W_hat, qw, keep = obs_compress(W, H, quant=quant, prune=PruneSpec(sparsity, nm), percdamp=percdamp,
-                                   blocksize=blocksize, name=name, numerics=numerics, segments=segments)
+                                   blocksize=blocksize, name=name, numerics=numerics, segments=segments,
+                                   overwrite=overwrite)
     return W_hat, keep, qw
 
 
@@ -64,7 +67,7 @@ class SparseGPT(Pruner):
         threshold is each Linear's own), as separate sweeps would."""
         def sweep(W, _keep, name, sizes, numerics):
             return sparsegpt_prune(W, stats.hessian, self.sparsity, self.nm, self.percdamp, self.blocksize,
-                                   name=name, numerics=numerics, segments=sizes)
+                                   name=name, numerics=numerics, segments=sizes, overwrite=True)
 
         def write(lin, r, out):
             W_hat, keep, _ = out
@@ -129,7 +132,7 @@ class JointSparseGPTQ:
         spec = GridSpec(q.bits, q.group_size, q.grid, q.static_groups)
         def sweep(W, _keep, name, sizes, numerics):
             return sparsegpt_prune(W, stats.hessian, p.sparsity, p.nm, p.percdamp, p.blocksize, quant=spec,
-                                   name=name, numerics=numerics, segments=sizes)
+                                   name=name, numerics=numerics, segments=sizes, overwrite=True)
 
         def write(lin, r, out):
             W_hat, keep, qw = out

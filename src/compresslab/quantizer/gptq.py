@@ -22,11 +22,13 @@ log = logging.getLogger(__name__)
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1, grid: str = "asym",
                   act_order: bool = False, static_groups: bool = False, percdamp: float = 0.01,
                   blocksize: int = 128, keep: torch.Tensor | None = None,
-                  name: str = "", numerics: list | None = None) -> tuple[torch.Tensor, QuantizedWeight]:
-    """Quantize W (out, in) given H = 2/n·XᵀX (in, in); `keep` holds an existing sparsity mask."""
+                  name: str = "", numerics: list | None = None, overwrite: bool = False
+                  ) -> tuple[torch.Tensor, QuantizedWeight]:
+    """Quantize W (out, in) given H = 2/n·XᵀX (in, in); `keep` holds an existing sparsity mask;
+    `overwrite`: W may become the result (obs_compress)."""
     spec = GridSpec(bits, group_size, grid, static_groups)
     W_hat, qw, _ = obs_compress(W, H, quant=spec, keep=keep, act_order=act_order, percdamp=percdamp,
-                                blocksize=blocksize, name=name, numerics=numerics)
+                                blocksize=blocksize, name=name, numerics=numerics, overwrite=overwrite)
     return W_hat, qw
 
 
@@ -70,10 +72,10 @@ class GPTQ(WeightQuantizer):
         rows may be compressed apart (distributed.py) with the result of the whole."""
         return self.act is None
 
-    def quantize(self, name, W, stats, keep=None, numerics=None):
+    def quantize(self, name, W, stats, keep=None, numerics=None, overwrite=False):
         return gptq_quantize(W, stats.hessian, self.bits, self.group_size, self.grid, self.act_order,
                              self.static_groups, self.percdamp, self.blocksize, keep=keep, name=name,
-                             numerics=numerics)
+                             numerics=numerics, overwrite=overwrite)
 
     @torch.no_grad()
     def compress(self, name, layer, stats=None):
@@ -86,7 +88,8 @@ class GPTQ(WeightQuantizer):
     def compress_group(self, items, stats):
         """The Linears that share this input (q/k/v, gate/up) in ONE sweep: same H, damping, Cholesky
         and column order, and rows never interact, so the result is that of separate sweeps."""
-        sweep_stacked(items, lambda W, keep, name, sizes, numerics: self.quantize(name, W, stats, keep, numerics),
+        sweep_stacked(items, lambda W, keep, name, sizes, numerics: self.quantize(name, W, stats, keep, numerics,
+                                                                                  overwrite=True),
                       lambda lin, r, out: self.finish(lin, out[0][r], out[1].rows(r.start, r.stop)))
 
     def __repr__(self):

@@ -128,9 +128,10 @@ class SliMLLM(WeightQuantizer):
         ks = sorted({min(C // 2, round(f * C)) for f in self.sba_grid})
         return [(k, sba_bit_map(sal, self.bits, k)) for k in ks]
 
-    def quantize_with(self, name, W, H, bit_map, keep=None, numerics=None, latent=None):
+    def quantize_with(self, name, W, H, bit_map, keep=None, numerics=None, latent=None, overwrite=False):
         W_hat, qw, _ = obs_compress(W, H, quant=self._spec(bit_map), keep=keep, percdamp=self.percdamp,
-                                    blocksize=self.blocksize, name=name, numerics=numerics, latent=latent)
+                                    blocksize=self.blocksize, name=name, numerics=numerics, latent=latent,
+                                    overwrite=overwrite)
         return W_hat, qw
 
     def pick(self, name, W, stats, keep=None, numerics=None):
@@ -174,7 +175,7 @@ class SliMLLM(WeightQuantizer):
             bit_map = torch.cat([m.reshape(1, -1).expand(lin.out_features, -1) for m, (_, lin) in zip(maps, items)])
 
         def sweep(W, keep, name, sizes, numerics):
-            return self.quantize_with(name, W, stats.hessian, bit_map, keep, numerics)
+            return self.quantize_with(name, W, stats.hessian, bit_map, keep, numerics, overwrite=True)
 
         sweep_stacked(items, sweep, lambda lin, r, out: self.finish(lin, out[0][r], out[1].rows(r.start, r.stop)))
 
