@@ -18,13 +18,14 @@ if not os.environ.get("COMPRESSLAB_DATA_DIR"):
 
 
 def emit(name: str, rows: list[dict], meta: dict, merge: bool = False) -> None:
-    """Print JSON and write experiments/results/<name>.{json,md}. With `merge`, rows replace the
-    same-method rows of the existing file and the others are kept (for `--only` reruns)."""
+    """Print JSON and write experiments/results/<name>.{json,md}. With `merge`, rows replace the rows of the
+    existing file with the same identity (`_row_key`: model, shape, method) and the others are kept (for
+    `--only` reruns)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     if merge and (RESULTS / f"{name}.json").is_file():
         old = json.loads((RESULTS / f"{name}.json").read_text())["rows"]
-        new = {r["method"]: r for r in rows}
-        rows = [new.pop(r["method"], r) for r in old] + list(new.values())
+        new = {_row_key(r): r for r in rows}
+        rows = [new.pop(_row_key(r), r) for r in old] + list(new.values())
     payload = {"benchmark": name, "meta": meta, "rows": rows}
     text = json.dumps(payload, indent=2, default=str)
     print(text)
@@ -36,6 +37,11 @@ def emit(name: str, rows: list[dict], meta: dict, merge: bool = False) -> None:
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def _row_key(row: dict) -> tuple:
+    """What names a row: its model and shape (where the table has them) and its method."""
+    return tuple(row.get(k) for k in ("model", "shape", "method"))
 
 
 def _fmt(v):
