@@ -157,3 +157,20 @@ def test_sweep_estimate_bounds_the_bytes_a_group_holds(stage, inter):
         peak = max(peak, counted.peak)
     est = estimate(Shape.of(model.config), 4, 32, None) - estimate(Shape.of(model.config), 4, 32, None, hessian=False)
     assert peak <= est <= 2 * peak
+
+
+@pytest.mark.parametrize("device, max_memory, streamed, budget, est, expected", [
+    ("cpu", "auto", False, 10 * 2**30, 2**30, True),
+    ("cpu", None, False, None, 2**30, True),
+    ("cpu", "auto", False, 3 * 2**29, 2**30, False),  # the budget does not hold the estimate twice
+    ("cpu", "8GB", False, 8 * 10**9, 2**30, False),  # a byte budget the user set: memory first
+    ("cpu", "auto", True, 10 * 2**30, 2**30, False),  # streamed from disk
+    ("cuda", "auto", False, 10 * 2**30, 2**30, False),  # the forward's temporaries are on the device
+])
+def test_reuse_freed_only_where_memory_is_plentiful(device, max_memory, streamed, budget, est, expected):
+    from compresslab.plan import Plan, with_reuse
+
+    plan = with_reuse(Plan(None, est, budget), torch.device(device), max_memory, streamed)
+    assert plan.reuse_freed is expected
+    assert ("freed memory reused" in plan.describe()) is expected
+    assert (plan.chunk_size, plan.est_bytes, plan.budget) == (None, est, budget)

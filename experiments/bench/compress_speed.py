@@ -109,6 +109,12 @@ def flops(model, N, T):
     return fwd, hess, sweep
 
 
+def _status_gb(key: str) -> float:
+    """A /proc/self/status field (kB) in GiB."""
+    line = next(x for x in open("/proc/self/status") if x.startswith(key))
+    return int(line.split()[1]) / 2**20
+
+
 def child(args) -> dict:
     from compresslab.engine import SequentialEngine
 
@@ -131,9 +137,14 @@ def child(args) -> dict:
     fwd_f, hess_f, sweep_f = flops(model, *ids.shape)
     timers = instrument()
     rate0 = matmul_gflops()
+    with open("/proc/self/clear_refs", "w") as f:  # the peak RSS from here (Linux)
+        f.write("5")
+    rss0 = _status_gb("VmRSS:")
+    engine = SequentialEngine("cpu", progress=False)
     t0 = time.perf_counter()
-    SequentialEngine("cpu", progress=False).run(model, ids, stages(args.method))
+    engine.run(model, ids, stages(args.method))
     total = time.perf_counter() - t0
+    peak = _status_gb("VmHWM:") - rss0
     rate = (rate0 + matmul_gflops()) / 2
     forward = timers["forward_with_hooks"] - timers["compress_group"] - timers["statistics"]
     sweep = timers["obs"] - timers["factorization"]
@@ -142,7 +153,9 @@ def child(args) -> dict:
     parts["other"] = total - sum(parts.values())
     row = {"compress_s": round(total, 1), **{f"{k}_s": round(v, 1) for k, v in parts.items()},
            "forward_rate": round(fwd_f / forward / 1e9 / rate, 3), "statistics_rate": round(hess_f / parts["statistics"] / 1e9 / rate, 3),
-           "sweep_gflops": round(sweep_f / sweep / 1e9, 1), "matmul_gflops": round(rate, 1)}
+           "sweep_gflops": round(sweep_f / sweep / 1e9, 1), "matmul_gflops": round(rate, 1),
+           "rss_before_gb": round(rss0, 3), "compress_peak_above_gb": round(peak, 3),
+           "reuse_freed": bool(getattr(engine.plan, "reuse_freed", False))}
     if args.model == "smollm2":
         from compresslab.eval.ppl import Perplexity
 
@@ -215,6 +228,8 @@ def main():
         "baseline": f"{args.baseline} (run in the same invocation, one run after the other)" if args.baseline else None,
         "rates": "forward_rate and statistics_rate are useful GFLOP/s over the matmul rate measured in the same "
                  "process; the statistics count the full Gram (2·N·d²) whatever the code computes",
+        "memory": "compress_peak_above_gb: peak RSS during the engine's run above the RSS before it (GiB; VmHWM after "
+                  "resetting it); reuse_freed: the plan kept freed host memory for reuse (hostmem.py)",
     })
 
 

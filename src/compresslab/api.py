@@ -57,6 +57,7 @@ def _plan_metrics(plan, engine: SequentialEngine) -> dict[str, float]:
         if plan.budget is not None:
             out["memory/budget_gb"] = plan.budget / 1e9
         out["engine/chunk_size"] = float(plan.chunk_size or 0)  # 0: one pass
+        out["engine/reuse_freed"] = float(plan.reuse_freed)  # 1: the host allocator kept freed blocks (hostmem.py)
     if engine.device.type == "cuda":
         out["memory/peak_device_gb"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
     return out

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from .layer_error import ErrorMeter, hessian_rel_error
 from .models.adapters import Adapter, adapter_for
-from .plan import Plan, make_plan, parse_memory, resolve_budget
+from .hostmem import Heap, reuse_freed_memory
+from .plan import Plan, make_plan, parse_memory, resolve_budget, with_reuse
 from .stages import effective_weight, fuse_stages, layer_state, with_levels
 from .errors import ConfigError
 from .stats import SAMPLE_MAX, LayerStats
@@ -194,6 +195,7 @@ class SequentialEngine:
         self._keep_dense = False  # set per run: an end-to-end recovery measures errors after the loop
         self._lean = lambda block: contextlib.nullcontext()  # set per run: the adapter's `lean`
         self._source = self._sink = None  # set per run: a streamed model's block source and sink
+        self._heap = Heap()  # set per run: the host allocator's policy (hostmem.py)
         self._fisher: dict | None = None  # set per run: the diagonal Fisher by Linear name (needs "fisher")
 
     # -- public -------------------------------------------------------------------------------
@@ -272,9 +274,17 @@ class SequentialEngine:
         self._keep_dense = hasattr(recovery, "finish_model") and bool(stages) and dense_model is None
         self._source, self._sink = source, sink
         self._fisher = self._fisher_pass(model, adapter, calibration) if "fisher" in needs else None
+        self.plan = None
+        if uses_data and calibration is not None:
+            param = next(model.parameters())
+            self.plan = self._make_plan(model.config, adapter, *calibration.shape, stages, needs, block_recovery,
+                                        bool(finishers), param.device, param.dtype)
+            result["plan"] = self.plan
+            self._chunk = self.plan.chunk_size
         try:
-            self._loop(model, adapter, blocks, calibration, stages, needs, uses_data, finishers, block_recovery,
-                       keep_outputs, dense_model, result)
+            with reuse_freed_memory(self.plan is not None and self.plan.reuse_freed) as self._heap:
+                self._loop(model, adapter, blocks, calibration, stages, needs, uses_data, finishers,
+                           block_recovery, keep_outputs, dense_model, result)
         finally:
             self._source = self._sink = self._fisher = None
         if self.device.type == "cuda":
@@ -313,11 +323,6 @@ class SequentialEngine:
         else:
             if calibration is None:
                 raise ValueError("these stages need calibration data; pass calibration=(N, T) token ids")
-            param = next(model.parameters())
-            self.plan = self._make_plan(model.config, adapter, *calibration.shape, stages, needs, block_recovery,
-                                        bool(finishers), param.device, param.dtype)
-            result["plan"] = self.plan
-            self._chunk = self.plan.chunk_size
             hidden, kws = self._capture(model, adapter, calibration)
             for s in [*finishers, block_recovery]:
                 if s is not None and hasattr(s, "begin"):
@@ -325,6 +330,7 @@ class SequentialEngine:
             held: list[_Held] = []  # blocks of a recovery group not yet trained (on the device)
             group_in = None  # the hidden states entering the first of them
             for i, block in enumerate(tqdm(blocks, desc="compress", disable=not self.progress)):
+                self._heap.tidy(keep=self.plan.est_bytes)  # the last block's freed memory beyond the plan goes back
                 kwargs = kws[i]
                 self._load(i, block)
                 home = next(block.parameters()).device
@@ -471,6 +477,7 @@ class SequentialEngine:
                          block_on_device=home != self.device, train_batch=getattr(recovery, "batch_size", 0) or 0)
         if quiet:
             return plan
+        plan = with_reuse(plan, self.device, self.max_memory, streamed=self._source is not None)
         if budget is not None and plan.est_bytes > budget:
             log.warning("%s exceeds engine.max_memory: set engine.chunk_size=auto to let the plan chunk",
                         plan.describe())

@@ -34,6 +34,7 @@ the block when a recovery or block-level stage needs one, and a block-wise recov
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -112,11 +113,13 @@ class Plan:
     budget: int | None
     hidden_on_host: bool = False
     keep_mlp_input: bool = False  # chunks: down_proj's input kept for all samples (gate/up run once)
+    reuse_freed: bool = False  # the host allocator keeps freed blocks for the next op (hostmem.py)
 
     def describe(self) -> str:
         how = "one pass" if self.chunk_size is None else f"chunks of {self.chunk_size}"
         host = ", hidden states on the host" if self.hidden_on_host else ""
         host += ", the MLP's down input kept" if self.keep_mlp_input else ""
+        host += ", freed memory reused" if self.reuse_freed else ""
         budget = f" (budget {human(self.budget)})" if self.budget else ""
         return f"plan: {how}{host}, est. {human(self.est_bytes)}{budget}"
 
@@ -176,6 +179,17 @@ def make_plan(config, n: int, t: int, *, budget: int | None, chunk_size: int | N
     raise ConfigError(
         f"engine.max_memory={human(budget)} is less than one calibration sample needs beside the hidden "
         f"states ({human(need)} for {n}x{t}): raise engine.max_memory, or lower data.nsamples / data.seqlen")
+
+
+def with_reuse(plan: Plan, device: torch.device, max_memory, streamed: bool) -> Plan:
+    """`plan` with `reuse_freed` decided: the host allocator keeps freed blocks (hostmem.py: a CPU forward
+    over the calibration batch then stops faulting in fresh pages for every op) when the compute device is
+    the CPU, the model is not streamed from disk (a run whose point is a small footprint), the user set no
+    byte budget (engine.max_memory auto or null: a number means memory comes first), and the budget holds
+    the estimate twice over (room for the blocks kept and the heap's fragmentation)."""
+    reuse = (device.type == "cpu" and not streamed and parse_memory(max_memory) in ("auto", None)
+             and (plan.budget is None or 2 * plan.est_bytes <= plan.budget))
+    return dataclasses.replace(plan, reuse_freed=reuse)
 
 
 def resolve_budget(max_memory, device: torch.device) -> int | None:
