@@ -155,7 +155,7 @@ def child(args) -> dict:
            "forward_rate": round(fwd_f / forward / 1e9 / rate, 3), "statistics_rate": round(hess_f / parts["statistics"] / 1e9 / rate, 3),
            "sweep_gflops": round(sweep_f / sweep / 1e9, 1), "matmul_gflops": round(rate, 1),
            "rss_before_gb": round(rss0, 3), "compress_peak_above_gb": round(peak, 3),
-           "reuse_freed": bool(getattr(engine.plan, "reuse_freed", False))}
+           "reuse_freed": bool(getattr(getattr(engine, "plan", None), "reuse_freed", False))}
     if args.model == "smollm2":
         from compresslab.eval.ppl import Perplexity
 

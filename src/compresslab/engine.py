@@ -287,6 +287,7 @@ class SequentialEngine:
                            block_recovery, keep_outputs, dense_model, result)
         finally:
             self._source = self._sink = self._fisher = None
+            self._heap = Heap()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         result["time/compress_s"] = time.perf_counter() - t0

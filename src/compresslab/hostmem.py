@@ -3,22 +3,23 @@
 A CPU forward over the whole calibration batch allocates and frees tensors of hundreds of MB per op
 (SmolLM2 at 128x512 tokens: 151 MB per (tokens, hidden) tensor, 403 MB per (tokens, intermediate)).
 glibc serves blocks above its mmap threshold (32 MiB at most) with fresh mappings and unmaps them on
-free, so every op's output is page-faulted and zeroed by the kernel again: one SmolLM2 block forward
-at 128x512 takes ~14,000 page faults (with PyTorch's huge pages; many more without) and 4.5-6.3 s,
-against 0 faults and 3.5-4.0 s when freed blocks are reused (2 cores, `experiments/results/
-compress_speed.md`). PyTorch's CPU performance tuning guide makes the same point and recommends a
-caching allocator (jemalloc, tcmalloc); `reuse_freed_memory` gets it from glibc itself: no mmaps
-(M_MMAP_MAX = 0: every block comes from the heap) and a high trim threshold (freed blocks stay there).
+free, so every op's output is page-faulted and zeroed by the kernel again: one SmolLM2 block forward at
+128x512 takes ~780,000 page faults and 5.7 s (31,000 and 5.4 s with PyTorch's huge pages), against
+~37,000 and 4.0 s when freed blocks are reused (0 and 4.4 s with huge pages too); 2 cores,
+`experiments/results/host_alloc.md`. PyTorch's CPU performance tuning guide makes the same point and
+recommends a caching allocator (jemalloc, tcmalloc); `reuse_freed_memory` gets it from glibc itself: no
+mmaps (M_MMAP_MAX = 0: every block comes from the heap) and a high trim threshold (freed blocks stay
+there).
 
 The price is memory: freed blocks are kept and the heap fragments (a large block freed and a small one
-carved from it leaves a hole the next large one does not fit), so the peak RSS grows: a block forward's
-1.5 GiB became 2.0 GiB in the same probe, and 12 rounds of one 64 MB tensor grew the heap to ~0.75 GB
-before it settled. So the engine calls `Heap.tidy` between blocks (the free chunks' pages go back to the
-system once they hold more than the plan's estimate), and the memory plan turns the policy on only where
-memory is plentiful (plan.with_reuse); on exit glibc's mmap behaviour is restored and the free memory is
-returned (malloc_trim). A no-op where the C library is not glibc. The setting is the
-process's: runs in one process one after another each set and restore it; nested ones restore at the
-first exit (slower afterwards, never wrong).
+carved from it leaves a hole the next large one does not fit), so the peak RSS grows: that block
+forward's process peaked at 2.27 GiB instead of 1.43 (1.82 with huge pages), and 12 rounds of one 64 MB
+tensor grew the heap to ~0.75 GB before it settled. So the engine calls `Heap.tidy` between blocks (the
+free chunks' pages go back to the system once they hold more than the plan's estimate), and the memory
+plan turns the policy on only where memory is plentiful (plan.with_reuse); on exit glibc's mmap
+behaviour is restored and the free memory is returned (malloc_trim). A no-op where the C library is not
+glibc. The setting is the process's: runs in one process one after another each set and restore it;
+nested ones restore at the first exit (slower afterwards, never wrong).
 """
 
 from __future__ import annotations
