@@ -110,7 +110,8 @@ def flops(model, N, T):
 
 
 def _status_gb(key: str) -> float:
-    """A /proc/self/status field (kB) in GiB."""
+    """A /proc/self/status field (kB) in GiB. Not compresslab.metrics' peak-RSS helpers: the child runs older
+    checkouts too (--baseline), which lack them."""
     line = next(x for x in open("/proc/self/status") if x.startswith(key))
     return int(line.split()[1]) / 2**20
 

@@ -58,8 +58,11 @@ class Heap:
     """The policy in force (`active`), and `tidy` to call between blocks."""
 
     def __init__(self, libc=None):
-        self.libc = libc
-        self.active = libc is not None
+        self.libc = libc  # None: glibc's own behaviour is in force
+
+    @property
+    def active(self) -> bool:
+        return self.libc is not None
 
     def free_bytes(self) -> int | None:
         """Bytes in the heap's free chunks (glibc >= 2.33), else None."""
@@ -82,13 +85,12 @@ def reuse_freed_memory(enabled: bool = True):
     """Within this context large freed blocks are kept and reused instead of unmapped (see the module doc).
     Yields a Heap (inactive where disabled or not glibc)."""
     libc = _glibc() if enabled else None
-    if libc is None or not (libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREED) == 1):
+    if libc is None:
         yield Heap()
-        if libc is not None:
-            libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
         return
+    set_ = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREED) == 1
     try:
-        yield Heap(libc)
+        yield Heap(libc if set_ else None)
     finally:
         libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
         libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
