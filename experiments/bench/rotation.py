@@ -7,7 +7,9 @@ Each cell runs three times (`run.py` processes, 128x512 wikitext2 calibration, p
 `--windows` 2048-token test windows). SpinQuant learns one rotation per training setting (weight bits,
 group, activation bits) in the first cell that needs it (its `iters` scaled by --spin-iters for CPU time);
 the other cells with the same setting reuse the saved matrices (`rotation.path=`), as a user would.
-Writes experiments/results/rotation.{json,md} (one row per cell) and rotation_runs.json (every run).
+Writes experiments/results/rotation.{json,md} (one row per cell) and rotation_runs.json (every run) at the
+issue's protocol (128x512, 16 windows, 20 SpinQuant steps); other settings write rotation_<N>x<T>_w<W>.*
+(e.g. the reduced rotation_32x512_w8.*), so a reduced run never overwrites the full table.
 Runs whose folder under --out already holds an ok metrics.json are kept, not rerun (delete one to redo it).
 """
 
@@ -75,6 +77,12 @@ def main():
     collect(out, args)
 
 
+def output_name(args) -> str:
+    """`rotation` at the issue's protocol, else a name that says the reduced one."""
+    full = (args.nsamples, args.calib_seqlen, args.windows, args.spin_iters) == (128, 512, 16, 20)
+    return "rotation" if full else f"rotation_{args.nsamples}x{args.calib_seqlen}_w{args.windows}"
+
+
 def collect(out: Path, args) -> None:
     """One row per cell from every run directory present (also runs of earlier invocations)."""
     runs, rows, dense = [], [], None
@@ -100,8 +108,9 @@ def collect(out: Path, args) -> None:
             if rot == "null":
                 row["compress_s"] = r["compress_s"]
         rows.append(row)
-    (RESULTS / "rotation_runs.json").write_text(json.dumps(runs, indent=2, default=str) + "\n")
-    emit("rotation", rows, {
+    name = output_name(args)
+    (RESULTS / f"{name.replace('rotation', 'rotation_runs', 1)}.json").write_text(json.dumps(runs, indent=2, default=str) + "\n")
+    emit(name, rows, {
         "model": "SmolLM2-135M-Instruct (dense weights dequantized from GGUF Q4_1), fp32, CPU",
         "calibration": f"wikitext2 valid, {args.nsamples}x{args.calib_seqlen}",
         "eval": f"wikitext2 test, seqlen 2048, first {args.windows} windows",
