@@ -45,6 +45,7 @@ def main():
         return
     common = ["eval=ppl", *table_overrides(args)]
     cells = [c for c in CELLS if not args.only or c in args.only]
+    kept = committed_runs(args)
     trained: dict[tuple, Path] = {}  # SpinQuant setting -> the file its first run saved
     for setting_cell in CELLS:  # rotations learned by an earlier invocation are reused
         f = run_dir_for(out, f"{setting_cell} | spinquant") / "spinquant.safetensors"
@@ -63,8 +64,8 @@ def main():
                 if setting in trained:
                     extra.append(f"rotation.path={trained[setting]}")
             done = run_dir_for(out, name) / "metrics.json"
-            if done.is_file() and json.loads(done.read_text()).get("status") == "ok":  # an earlier invocation's
-                first = False
+            if done.is_file() and json.loads(done.read_text()).get("status") == "ok" or name in kept:
+                first = False  # an earlier invocation's run, here or in the committed runs file
                 continue
             if first:
                 extra.append("eval.dense_baseline=true")
@@ -83,28 +84,41 @@ def output_name(args) -> str:
     return "rotation" if full else f"rotation_{args.nsamples}x{args.calib_seqlen}_w{args.windows}"
 
 
+def committed_runs(args) -> dict[str, dict]:
+    """The ok runs of the committed runs file for this protocol, by method: a later session (whose --out
+    folders are gone) keeps them instead of running them again; delete a run from the file to redo it."""
+    f = RESULTS / f"{output_name(args).replace('rotation', 'rotation_runs', 1)}.json"
+    runs = json.loads(f.read_text()) if f.is_file() else []
+    return {r["method"]: r for r in runs if r.get("status") == "ok"}
+
+
 def collect(out: Path, args) -> None:
-    """One row per cell from every run directory present (also runs of earlier invocations)."""
+    """One row per cell from every run directory present (also runs of earlier invocations) and, for the
+    runs with no folder here, the committed runs file's record."""
+    kept = committed_runs(args)
     runs, rows, dense = [], [], None
     for cell in CELLS:
         row = {"method": cell}
         for rot in ROTATIONS:
             d = run_dir_for(out, f"{cell} | {rot}")
-            if not (d / "metrics.json").is_file():
+            if (d / "metrics.json").is_file():
+                r = row_from_run(f"{cell} | {rot}", d)
+                rec = json.loads((d / "metrics.json").read_text())
+                m = rec.get("metrics", {})
+                r.update({k: m.get(k) for k in ("time/rotation_s", "rotation/loss_first", "rotation/loss_last")})
+                r["rotation_path"] = (rec.get("config") or {}).get("rotation", {}) and rec["config"]["rotation"].get("path")
+                r["dense_ppl"] = m.get("dense/ppl/wikitext2")
+            elif f"{cell} | {rot}" in kept:
+                r = kept[f"{cell} | {rot}"]
+            else:
                 continue
-            r = row_from_run(f"{cell} | {rot}", d)
-            rec = json.loads((d / "metrics.json").read_text())
-            m = rec.get("metrics", {})
-            r.update({k: m.get(k) for k in ("time/rotation_s", "rotation/loss_first", "rotation/loss_last")})
-            r["rotation_path"] = (rec.get("config") or {}).get("rotation", {}) and rec["config"]["rotation"].get("path")
             runs.append(r)
-            dense = m.get("dense/ppl/wikitext2", dense)
+            dense = r.get("dense_ppl") or dense
             row[f"ppl {rot}"] = r["ppl/wikitext2"] if r["status"] == "ok" else r["status"]
-            if rot != "null" and m.get("time/rotation_s") is not None:
-                learned = rot == "spinquant" and not r["rotation_path"]
-                row[f"{rot} s"] = round(m["time/rotation_s"], 1)
+            if rot != "null" and r.get("time/rotation_s") is not None:
+                row[f"{rot} s"] = round(r["time/rotation_s"], 1)
                 if rot == "spinquant":
-                    row["spinquant"] = "learned here" if learned else "reused"
+                    row["spinquant"] = "reused" if r.get("rotation_path") else "learned here"
             if rot == "null":
                 row["compress_s"] = r["compress_s"]
         rows.append(row)
