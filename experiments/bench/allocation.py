@@ -6,14 +6,16 @@ Cells: Wanda and SparseGPT at 70% unstructured (uniform | owl | dp | evopress, l
 GPTQ g64 at 3 bits on average (uniform W3 | dp | evopress over {2, 3, 4}; the budget is the packed
 avg_bits of uniform W3, scales included), and SLiM-LoRA adapters on sparsegpt 2:4 + gptq W4 at the
 stored parameters of rank_ratio 0.1 (uniform | dp | evopress over ranks {16, 32, 57, 96, 128}). Each run is a `run.py` process; `time/allocation_s` is the
-search, `compress_s` the compression after it. Runs whose folder holds an ok metrics.json are kept.
+search, `compress_s` the compression after it. Runs whose folder holds an ok metrics.json are kept, and so
+are the ok rows of the committed allocation.json (a later session, whose folders are gone, completes the
+table; delete a row there to redo it).
 Writes experiments/results/allocation.{json,md}.
 """
 
 import json
 from pathlib import Path
 
-from _common import ROOT, emit, row_from_run, run_dir_for, run_table, table_args, table_overrides
+from _common import RESULTS, ROOT, emit, row_from_run, run_dir_for, run_table, table_args, table_overrides
 
 SPARSE = "allocation.levels=[0.5,0.6,0.7,0.8,0.9]"
 BITS = ["allocation.budget=avg_bits", "allocation.levels=[2,3,4]"]
@@ -46,12 +48,16 @@ def main():
     out = Path(args.out)
     common = ["eval=ppl", *table_overrides(args)]
     cells = [c for c in CELLS if not args.only or c in args.only]
+    committed = RESULTS / "allocation.json"
+    old = json.loads(committed.read_text()) if committed.is_file() else {"rows": [], "meta": {}}
+    kept = {r["method"]: r for r in old["rows"] if r.get("status") == "ok"}
+    notes = {k: v for k, v in old["meta"].items() if k.startswith("note")}  # written by hand: kept
     if not args.collect:
         for cell in cells:
             for alloc, extra in allocations(cell, args.generations).items():
                 name = f"{cell} | {alloc}"
                 done = run_dir_for(out, name) / "metrics.json"
-                if done.is_file() and json.loads(done.read_text()).get("status") == "ok":
+                if done.is_file() and json.loads(done.read_text()).get("status") == "ok" or name in kept:
                     continue
                 run_table("allocation", {name: [*CELLS[cell], *extra]}, common, out)
     rows = []
@@ -59,6 +65,8 @@ def main():
         for alloc in allocations(cell, args.generations):
             d = run_dir_for(out, f"{cell} | {alloc}")
             if not (d / "metrics.json").is_file():
+                if f"{cell} | {alloc}" in kept:
+                    rows.append(kept[f"{cell} | {alloc}"])
                 continue
             r = row_from_run(f"{cell} | {alloc}", d)
             m = json.loads((d / "metrics.json").read_text()).get("metrics", {})
@@ -73,6 +81,7 @@ def main():
                   f"from dp's choice, {args.generations} generations x 8 offspring, KL on 4 calibration windows",
         "columns": "search_s: the allocation's time (measuring pass + search); compress_s: the compression after it; "
                    "met: mean sparsity or packed avg_bits the allocation met",
+        **notes,
     })
 
 
