@@ -123,6 +123,10 @@ def collect(out: Path, args) -> None:
                 row["compress_s"] = r["compress_s"]
         rows.append(row)
     name = output_name(args)
+    table = RESULTS / f"{name}.json"
+    meta = json.loads(table.read_text())["meta"] if table.is_file() else {}
+    notes = {k: v for k, v in meta.items() if k.startswith("note")}  # written by hand: kept
+    dense = dense or meta.get("dense ppl")  # runs recorded before their records carried it
     (RESULTS / f"{name.replace('rotation', 'rotation_runs', 1)}.json").write_text(json.dumps(runs, indent=2, default=str) + "\n")
     emit(name, rows, {
         "model": "SmolLM2-135M-Instruct (dense weights dequantized from GGUF Q4_1), fp32, CPU",
@@ -136,6 +140,7 @@ def collect(out: Path, args) -> None:
                      "learned once per setting and reused (rotation.path) by the other cells",
         "columns": "ppl per rotation; '<rotation> s': seconds the rotation added (learning included where "
                    "'learned here'); compress_s: the engine's time without rotation",
+        **notes,
     })
 
 
