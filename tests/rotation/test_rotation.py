@@ -47,7 +47,7 @@ def test_hadamard_is_orthogonal_with_entries_plus_minus_one_over_sqrt_n(n):
     assert torch.allclose((H * n ** 0.5).abs(), torch.ones(n, n, dtype=torch.float64), atol=1e-12)
 
 
-@pytest.mark.parametrize("n,k", [(64, 1), (576, 36), (1536, 12), (96, 12), (40, 20)])
+@pytest.mark.parametrize("n,k", [(64, 1), (576, 36), (1536, 12), (96, 12), (40, 20), (1024, 1), (3072, 12)])  # 2^m > 128: GEMM + butterflies
 def test_fast_transform_equals_the_dense_kronecker_product(n, k):
     """x @ (H_K ⊗ H_S)/√n, the dense product built here from the base matrix and Sylvester's doubling."""
     assert base_order(n) == k

@@ -6,8 +6,10 @@ n = K · 2^m with K a "base" order:
 - Sylvester: H_2m = [[H_m, H_m], [H_m, −H_m]] (K = 1);
 - Paley I (Paley 1933): q prime, q ≡ 3 (mod 4): order q + 1 (12 from q = 11, 20 from 19, 24, 32, 44, 48, 60, …);
 - Paley II: q prime, q ≡ 1 (mod 4): order 2(q + 1) (12 from 5, 28 from 13, 36 from 17, 60, 76, …).
-H_K ⊗ H_{2^m} is then applied as a fast transform: log2(2^m) butterfly passes over the last dimension
-and one (K × K) product, O(n (log n + K)) per vector instead of O(n²). SmolLM2: 576 = 36 · 16,
+H_K ⊗ H_{2^m} is then applied as a fast transform, O(n (b + log n + K)) per vector instead of O(n²): the
+innermost Sylvester factor H_b (b = min(2^m, 128)) as one GEMM with the ±1 matrix (on a CPU the butterfly
+passes are memory-bound: 7 passes for 2^m = 128 took ~5x the GEMM's time), butterfly passes for the
+rest of 2^m, and one (K × K) product. SmolLM2: 576 = 36 · 16,
 1536 = 12 · 128, head 64 = 2^6. QuaRot (Ashkboos et al. 2024) and SpinQuant (Liu et al. 2024) use
 the same Kronecker construction for widths that are not powers of two.
 """
@@ -20,6 +22,7 @@ import math
 import torch
 
 MAX_BASE = 256  # largest base order K searched (the dense K x K factor of the fast transform)
+SYLVESTER_GEMM = 128  # the innermost power-of-two factor up to this order goes through one GEMM
 
 
 def _is_prime(q: int) -> bool:
@@ -77,6 +80,15 @@ def _base_matrix(k: int) -> torch.Tensor:
     return H
 
 
+@functools.lru_cache(maxsize=None)
+def _sylvester(b: int) -> torch.Tensor:
+    """Sylvester's H_b (b a power of two), float64, built by doubling."""
+    H = torch.ones(1, 1, dtype=torch.float64)
+    while H.shape[0] < b:
+        H = torch.cat((torch.cat((H, H), 1), torch.cat((H, -H), 1)), 0)
+    return H
+
+
 def hadamard_transform(x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     """x @ H along the last dimension (n = K · 2^m), H = H_K ⊗ H_{2^m}, divided by √n when `normalize`
     (then orthogonal). Computed in x's dtype, without forming H."""
@@ -86,16 +98,17 @@ def hadamard_transform(x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         raise ValueError(f"no Hadamard matrix of order {n} is known here; use a random orthogonal matrix")
     s = n // k
     lead = x.shape[:-1]
-    y = x.reshape(-1, k, s)
-    h = 1
+    b = min(s, SYLVESTER_GEMM)  # x @ (I ⊗ H_b) on the last b entries: one GEMM
+    y = (x.reshape(-1, b) @ _sylvester(b).to(x.dtype).to(x.device)).reshape(-1, k, s) if b > 1 else x.reshape(-1, k, s)
+    h = b
     while h < s:  # Sylvester butterflies: y ← y H_{2h} on consecutive pairs of halves of length h
         y = y.reshape(-1, k, s // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        y = torch.stack((a + b, a - b), dim=-2)
+        a, c = y[..., 0, :], y[..., 1, :]
+        y = torch.stack((a + c, a - c), dim=-2)
         h *= 2
     y = y.reshape(-1, k, s)
     if k > 1:  # x @ (A ⊗ B) = Aᵀ X B for X = x as (K, S)
-        y = torch.einsum("bks,kj->bjs", y, _base_matrix(k).to(y.dtype).to(y.device))
+        y = torch.matmul(_base_matrix(k).T.to(y.dtype).to(y.device), y)  # (K, K) @ (rows, K, S)
     y = y.reshape(*lead, n)
     return y / math.sqrt(n) if normalize else y
 
