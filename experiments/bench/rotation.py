@@ -117,6 +117,7 @@ def collect(out: Path, args) -> None:
             row[f"ppl {rot}"] = r["ppl/wikitext2"] if r["status"] == "ok" else r["status"]
             if rot != "null" and r.get("time/rotation_s") is not None:
                 row[f"{rot} s"] = round(r["time/rotation_s"], 1)
+                row[f"{rot} compress_s"] = r["compress_s"]  # R4's online transform runs in every forward
                 if rot == "spinquant":
                     row["spinquant"] = "reused" if r.get("rotation_path") else "learned here"
             if rot == "null":
@@ -138,8 +139,9 @@ def collect(out: Path, args) -> None:
                      f"({args.spin_iters} steps, lr 1.5, 1 window of {args.calib_seqlen} tokens per step), weights "
                      "RTN at the cell's bits/group and per-token activations at its act_bits during training, "
                      "learned once per setting and reused (rotation.path) by the other cells",
-        "columns": "ppl per rotation; '<rotation> s': seconds the rotation added (learning included where "
-                   "'learned here'); compress_s: the engine's time without rotation",
+        "columns": "ppl per rotation; '<rotation> s': seconds the rotation step took (learning included where "
+                   "'learned here'); compress_s: the engine's time without rotation, '<rotation> compress_s' with it "
+                   "(the online Hadamard on down_proj's input runs in every block forward)",
         **notes,
     })
 
