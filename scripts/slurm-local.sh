@@ -117,9 +117,15 @@ PartitionName=local Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
+any_alive() { while read -r _ pid; do kill -0 "$pid" 2>/dev/null && return 0; done < "$PIDS"; return 1; }
+
 up() {
     mkdir -p "$STATE"
-    if [[ -s $PIDS ]]; then log "already up ($PIDS exists); run down first"; status; return; fi
+    if [[ -s $PIDS ]]; then
+        if any_alive; then log "already up ($PIDS exists); run down first"; status; return; fi
+        log "stale $PIDS (none of its daemons is running, e.g. after a reboot): starting afresh"
+        rm -rf "$PIDS" "$STATE/ctld" "$STATE/d"  # the dead controller's saved jobs would hold the node
+    fi
     local t0=$SECONDS
     install
     : > "$PIDS"
