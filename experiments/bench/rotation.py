@@ -84,10 +84,15 @@ def output_name(args) -> str:
     return "rotation" if full else f"rotation_{args.nsamples}x{args.calib_seqlen}_w{args.windows}"
 
 
+def runs_file(args) -> Path:
+    """Every run's record for this protocol (rotation_runs*.json beside the table)."""
+    return RESULTS / f"{output_name(args).replace('rotation', 'rotation_runs', 1)}.json"
+
+
 def committed_runs(args) -> dict[str, dict]:
     """The ok runs of the committed runs file for this protocol, by method: a later session (whose --out
     folders are gone) keeps them instead of running them again; delete a run from the file to redo it."""
-    f = RESULTS / f"{output_name(args).replace('rotation', 'rotation_runs', 1)}.json"
+    f = runs_file(args)
     runs = json.loads(f.read_text()) if f.is_file() else []
     return {r["method"]: r for r in runs if r.get("status") == "ok"}
 
@@ -128,7 +133,7 @@ def collect(out: Path, args) -> None:
     meta = json.loads(table.read_text())["meta"] if table.is_file() else {}
     notes = {k: v for k, v in meta.items() if k.startswith("note")}  # written by hand: kept
     dense = dense or meta.get("dense ppl")  # runs recorded before their records carried it
-    (RESULTS / f"{name.replace('rotation', 'rotation_runs', 1)}.json").write_text(json.dumps(runs, indent=2, default=str) + "\n")
+    runs_file(args).write_text(json.dumps(runs, indent=2, default=str) + "\n")
     emit(name, rows, {
         "model": "SmolLM2-135M-Instruct (dense weights dequantized from GGUF Q4_1), fp32, CPU",
         "calibration": f"wikitext2 valid, {args.nsamples}x{args.calib_seqlen}",
