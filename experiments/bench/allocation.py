@@ -1,6 +1,6 @@
 """Uniform vs allocated per-layer levels on SmolLM2 at one budget: OWL, DP and EvoPress.
 
-    python experiments/bench/allocation.py [--nsamples 128] [--windows 16] [--generations 50] [--only CELL ...]
+    python experiments/bench/allocation.py [--nsamples 128] [--windows 16] [--generations 50] [--only CELL ...] [--allocs uniform dp ...]
 
 Cells: Wanda and SparseGPT at 70% unstructured (uniform | owl | dp | evopress, levels 0.5..0.9), and
 GPTQ g64 at 3 bits on average (uniform W3 | dp | evopress over {2, 3, 4}; the budget is the packed
@@ -42,6 +42,7 @@ def allocations(cell: str, generations: int) -> dict[str, list[str]]:
 def main():
     ap = table_args("allocation")
     ap.add_argument("--generations", type=int, default=50)
+    ap.add_argument("--allocs", nargs="*", help="allocations to run in each cell (default: all), e.g. uniform dp")
     args = ap.parse_args()
     if args.out == ap.get_default("out"):
         args.out = str(ROOT / "outputs" / "bench_allocation")
@@ -55,6 +56,8 @@ def main():
     if not args.collect:
         for cell in cells:
             for alloc, extra in allocations(cell, args.generations).items():
+                if args.allocs and alloc not in args.allocs:
+                    continue
                 name = f"{cell} | {alloc}"
                 done = run_dir_for(out, name) / "metrics.json"
                 if done.is_file() and json.loads(done.read_text()).get("status") == "ok" or name in kept:
