@@ -204,7 +204,10 @@ def with_levels(stage, levels: dict | None):
     out = copy.copy(stage)
     for key, value in levels.items():
         if hasattr(out, key) and not callable(getattr(out, key)):
-            setattr(out, key, value)
+            if hasattr(out, "set_level"):  # a stage whose options move together (a pruner's pattern)
+                out.set_level(key, value)
+            else:
+                setattr(out, key, value)
     for attr, value in list(vars(out).items()):
         if is_stage(value):
             setattr(out, attr, with_levels(value, levels))

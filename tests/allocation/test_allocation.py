@@ -153,6 +153,47 @@ def test_dp_bits_inside_the_fused_sparsegpt_gptq_pass_and_the_packed_size_is_the
     assert report.metrics["avg_bits"] == pytest.approx(dp.report["allocation/met"], rel=1e-12)
 
 
+def test_a_pattern_level_moves_nm_and_sparsity_together_and_dense_leaves_the_layer_alone():
+    from compresslab.stages import with_levels
+
+    p = SparseGPT(pattern="2:4")
+    q = with_levels(p, {"pattern": "1:4"})
+    assert (q.nm, q.sparsity, q.pattern) == ((1, 4), 0.75, "1:4") and (p.nm, p.sparsity) == ((2, 4), 0.5)
+    m, ids = _model(), _ids()
+    lin = m.model.layers[0].mlp.up_proj
+    before = lin.weight.detach().clone()
+    H = torch.eye(64) + 0.1  # any positive definite Hessian: a dense level must not touch the weight
+    with_levels(p, {"pattern": "dense"}).compress("up", lin, type("S", (), {"hessian": H, "has_hessian": True})())
+    assert torch.equal(lin.weight, before) and layer_state(lin) is None
+
+
+def test_nm_vs_dense_per_layer_meets_the_sparsity_budget_inside_the_fused_pass(tmp_path):
+    """A sparsity budget over a 2:4 pruner: each Linear is 2:4 (a valid mask) or dense, and GPTQ
+    quantizes every one of them; the mean sparsity reaches the target, past it by less than one Linear's step."""
+    m, ids = _model(), _ids()
+    make = lambda: fuse_stages([SparseGPT(pattern="2:4"), GPTQ(bits=4, group_size=32)])  # noqa: E731
+    dp = DP(budget="sparsity", target=0.3, levels=["dense", "2:4"])
+    dp.check(make())
+    assert dp.key == "pattern"
+    eng = engine()
+    eng.levels = dp.levels(m, ids, make(), eng, tmp_path)
+    assert {v["pattern"] for v in eng.levels.values()} == {"dense", "2:4"}
+    report = compress(m, pruner=SparseGPT(pattern="2:4"), quantizer=GPTQ(bits=4, group_size=32), calibration=ids,
+                      engine=eng)
+    pruned = total = biggest = 0
+    for row in report.layers:
+        numel = row["shape"][0] * row["shape"][1]
+        if eng.levels[row["name"]]["pattern"] == "dense":
+            assert row["sparsity"] == 0 and row["pattern"] is None
+        else:
+            assert row["pattern"] == "2:4" and row["nm_valid"] and row["sparsity"] == 0.5
+        assert row["bits"] == 4
+        pruned, total, biggest = pruned + row["sparsity"] * numel, total + numel, max(biggest, numel)
+    assert 0.3 * total - 1e-9 <= pruned <= 0.3 * total + 0.5 * biggest  # the budget (kept weights), over by < one step
+    assert pruned / total == pytest.approx(dp.report["allocation/met"], abs=1e-12)
+    assert "pattern: dense" in (tmp_path / "allocation.yaml").read_text()
+
+
 def test_a_saved_allocation_reproduces_the_same_compressed_model(tmp_path):
     ids = _ids()
     weights = []
@@ -200,7 +241,7 @@ TINY = ["model=tiny_llama", "data.nsamples=4", "data.seqlen=64", "eval.seqlen=64
 def test_readme_allocation_commands_run_as_printed(tmp_path):
     lines = [ln.strip() for ln in (ROOT / "README.md").read_text().splitlines()
              if ln.startswith(".venv/bin/python run.py") and "allocation=" in ln]
-    assert len(lines) == 3, lines
+    assert len(lines) == 4, lines
     recs = []
     for k, line in enumerate(lines):
         out_dir = tmp_path / f"cmd{k}"
@@ -209,7 +250,7 @@ def test_readme_allocation_commands_run_as_printed(tmp_path):
         out = run(args)
         assert out.returncode == 0, out.stderr[-3000:]
         recs += [(p.parent, json.loads(p.read_text())) for p in out_dir.rglob("metrics.json")]
-    assert len(recs) >= 3
+    assert len(recs) >= 4
     for d, r in recs:
         assert r["status"] == "ok", r.get("error")
         if r["choices"]["allocation"]:

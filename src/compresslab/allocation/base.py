@@ -99,10 +99,14 @@ class Allocator:
             load_levels(path)  # a missing or unreadable file fails now
         self.budget, self.target, self.path = budget, target, path
         self.report: dict = {}
+        self._key = BUDGETS[budget]
+
+    takes_patterns = False  # a sparsity budget over an N:M pruner: each layer N:M or dense (set in `check`)
 
     @property
     def key(self) -> str:
-        return BUDGETS[self.budget]
+        """The stage option each layer's level sets: sparsity, pattern (N:M vs dense), bits or rank."""
+        return self._key
 
     @property
     def needs_calibration(self) -> bool:
@@ -110,6 +114,7 @@ class Allocator:
 
     def check(self, stages) -> None:
         """Before loading: some stage must take the budgeted option."""
+        self._key = BUDGETS[self.budget]
         if not holders(stages, self.key):
             kind = {"sparsity": "pruner", "bits": "quantizer", "rank": "lowrank stage"}[self.key]
             raise ConfigError(f"allocation.budget={self.budget} sets each layer's `{self.key}`, which none of the "
@@ -118,10 +123,13 @@ class Allocator:
             if hasattr(s, "finish_block") and holders([s], self.key):
                 raise ConfigError(f"{type(s).__name__} trains each block with one `{self.key}` for all its layers, "
                                   f"so per-layer levels of it cannot be allocated; use its one-shot variant")
-            nm = getattr(s, "nm", None) or getattr(getattr(s, "pruner", None), "nm", None)
-            if self.key == "sparsity" and nm is not None:
-                raise ConfigError("allocation by sparsity needs an unstructured pruner (pruner.pattern=unstructured); "
-                                  "N:M patterns have one sparsity")
+        nm = any(getattr(s, "nm", None) is not None for s in holders(stages, "nm"))
+        if self.budget == "sparsity" and nm:
+            if not self.takes_patterns:
+                raise ConfigError(f"allocation={type(self).__name__.lower()} gives per-layer sparsities, which needs "
+                                  "an unstructured pruner (pruner.pattern=unstructured); for N:M vs dense per layer "
+                                  "use allocation=dp or evopress")
+            self._key = "pattern"
         self.check_levels(stages)
 
     def check_levels(self, stages) -> None:

@@ -12,6 +12,7 @@ budget (in integer cost units; large budgets in `resolution` bins, the slack the
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import torch
@@ -21,6 +22,8 @@ from ..errors import ConfigError
 from ..layer_error import hessian_rel_error
 from ..metrics import layer_params, layer_storage_bits
 from ..models.adapters import adapter_for
+from ..pruner.base import DENSE
+from ..pruner.masks import parse_pattern
 from ..stages import effective_weight, fuse_stages, layer_state, with_levels
 from .base import Allocator, block_of, check_values, clear_states, stage_value
 
@@ -132,12 +135,16 @@ class DP(Allocator):
     """Args:
         budget: sparsity (the mean over all block Linears' weights) | avg_bits (packed bits per weight) |
             params (stored parameters per weight, low-rank adapters included: the adapters' ranks).
+            With an N:M pruner, a sparsity budget chooses each layer's pattern: N:M or dense.
         target: its value (null: the uniform setting's, i.e. the stages' own sparsity / bits).
-        levels: the choices (sparsities, or bit widths); null: around the stage's own value.
+        levels: the choices (sparsities, patterns such as ['dense', '2:4'], or bit widths); null: around
+            the stage's own value (patterns: dense and the pruner's own).
         granularity: layer (each Linear its level) | block (one level per block).
         resolution: budget bins when the budget is too large to solve in integer units.
         path: a saved allocation.yaml to reuse.
     """
+
+    takes_patterns = True
 
     def __init__(self, budget: str = "sparsity", target: float | None = None, levels: list | None = None,
                  granularity: str = "layer", resolution: int = 1 << 16, path: str | None = None):
@@ -150,19 +157,24 @@ class DP(Allocator):
             levels = list(levels)
             if not levels or len(levels) > 64:
                 raise ConfigError("allocation.levels must list 1 to 64 choices, or be null")
-            for v in levels:
-                ok = {"sparsity": lambda: 0 <= v < 1, "bits": lambda: isinstance(v, int) and 2 <= v <= 8,
-                      "rank": lambda: isinstance(v, int) and v >= 1}[self.key]
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok():
-                    raise ConfigError(f"allocation.levels has {v!r}: sparsities must be in [0, 1), bit widths ints "
-                                      "in 2..8, ranks ints >= 1")
+            _check_level_values(self.key, levels)
         self.levels_, self.granularity, self.resolution = levels, granularity, resolution
 
     def check_levels(self, stages) -> None:
         own = stage_value(stages, self.key)
+        patterns = self.levels_ is not None and all(isinstance(v, str) for v in self.levels_)
+        if self.levels_ is not None and patterns != (self.key == "pattern"):
+            raise ConfigError(
+                f"allocation.levels={self.levels_} with pruner.pattern={own}: an N:M pruner takes a pattern per layer, "
+                "e.g. allocation.levels=[dense,2:4]" if self.key == "pattern" else
+                f"allocation.levels={self.levels_} are patterns, which an N:M pruner takes (e.g. pruner.pattern=2:4); "
+                "an unstructured pruner takes sparsities, e.g. allocation.levels=[0.5,0.6,0.7]")
         levels = self._levels(own)
         check_values(stages, self.key, levels)
         if self.target is not None:  # an impossible budget fails now, not after the measuring pass
+            if self.key == "pattern" and self.target > max(map(_pattern_sparsity, levels)) + 1e-9:
+                raise ConfigError(f"allocation.target={self.target} is above the sparsest pattern's "
+                                  f"{max(map(_pattern_sparsity, levels)):g}: add sparser patterns to allocation.levels")
             if self.key == "sparsity" and self.target > max(levels):
                 raise ConfigError(f"allocation.target={self.target} is above the largest level {max(levels)}: add "
                                   "higher sparsities to allocation.levels")
@@ -176,6 +188,8 @@ class DP(Allocator):
                 raise ConfigError("allocation.budget=params with a lowrank stage set by rank_ratio: list the ranks to "
                                   "choose from, allocation.levels=[8,16,32,64]")
             return sorted(set(self.levels_)) + [None]
+        if self.key == "pattern":  # N:M vs dense per layer, in order of sparsity
+            return sorted(set(self.levels_ or [DENSE]) | {own}, key=lambda v: (_pattern_sparsity(v), str(v)))
         if self.levels_ is not None:
             return sorted(set(self.levels_) | {own})
         if self.key == "rank":
@@ -189,8 +203,8 @@ class DP(Allocator):
         stage's own level, the probe)."""
         own = stage_value(stages, self.key)
         levels = self._levels(own)
-        probe = LevelProbe(stages, self.key, levels, {"sparsity": "kept", "bits": "bits", "rank": "params"}[self.key],
-                           keep)
+        probe = LevelProbe(stages, self.key, levels, {"sparsity": "kept", "avg_bits": "bits", "params": "params"}[
+                           self.budget], keep)
         engine.levels = {}  # the measuring pass runs every stage at each level itself
         engine.run(model, calibration, [probe])
         clear_states(model)
@@ -199,9 +213,9 @@ class DP(Allocator):
         errs = np.array([probe.table[n][0] for n in names])
         costs = np.array([probe.table[n][1] for n in names])
         k_own = levels.index(own)
-        if self.key == "sparsity" and self.target is not None:
+        if self.budget == "sparsity" and self.target is not None:
             target, budget = self.target, (1 - self.target) * total  # kept weights
-        elif self.key == "sparsity":  # the uniform setting's kept weights (its per-row rounding included)
+        elif self.budget == "sparsity":  # the uniform setting's kept weights (its per-row rounding included)
             budget = costs[:, k_own].sum()
             target = 1 - budget / total
         else:  # packed bits, or stored parameters, per weight
@@ -223,7 +237,7 @@ class DP(Allocator):
     def record(self, model, names, levels, errs, costs, choice, target, k_own) -> dict[str, dict]:
         total = sum(lin.weight.numel() for _, lin in adapter_for(model).named_linears(model))
         spent = costs[np.arange(len(names)), choice].sum()
-        met = 1 - spent / total if self.key == "sparsity" else spent / total
+        met = 1 - spent / total if self.budget == "sparsity" else spent / total
         self.report = {"allocation/target": float(target), "allocation/met": float(met),
                        "allocation/error_sum": float(errs[np.arange(len(names)), choice].sum()),
                        "allocation/error_sum_uniform": float(errs[:, k_own].sum())}
@@ -235,7 +249,30 @@ class DP(Allocator):
         return self.record(model, names, levels, errs, costs, choice, target, k_own)
 
 
+def _check_level_values(key: str, levels: list) -> None:
+    """Sparsities in [0, 1) or patterns ('dense', 'N:M'; for an N:M pruner), bit widths 2..8, ranks >= 1."""
+    if key == "sparsity" and any(isinstance(v, str) for v in levels):  # patterns: N:M vs dense per layer
+        for v in levels:
+            m = re.fullmatch(r"(\d+):(\d+)", v) if isinstance(v, str) else None
+            if v != DENSE and not (m and 0 < int(m.group(1)) < int(m.group(2))):
+                raise ConfigError(f"allocation.levels has {v!r}: list sparsities (an unstructured pruner) or patterns, "
+                                  "'dense' or 'N:M' with 0 < N < M (an N:M pruner), not both")
+        return
+    ok = {"sparsity": lambda v: 0 <= v < 1, "bits": lambda v: isinstance(v, int) and 2 <= v <= 8,
+          "rank": lambda v: isinstance(v, int) and v >= 1}[key]
+    for v in levels:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+            raise ConfigError(f"allocation.levels has {v!r}: sparsities must be in [0, 1), patterns 'dense' or "
+                              "'N:M', bit widths ints in 2..8, ranks ints >= 1")
+
+
+def _pattern_sparsity(pattern: str) -> float:
+    """'dense' -> 0; 'N:M' -> 1 - N/M."""
+    nm = None if pattern == DENSE else parse_pattern(pattern)
+    return 0.0 if nm is None else 1 - nm[0] / nm[1]
+
+
 def _plain(v):
-    if v is None:
-        return None
+    if v is None or isinstance(v, str):
+        return v
     return int(v) if isinstance(v, (int, np.integer)) else float(v)

@@ -8,6 +8,8 @@ from torch import nn
 from ..stages import layer_state
 from .masks import check_sparsity, check_width, keep_mask, parse_pattern
 
+DENSE = "dense"  # an allocation's per-layer pattern level: the layer stays unpruned (N:M vs dense per layer)
+
 
 class Pruner:
     """Base of `pruner=...` stages. Subclasses implement `scores(name, W, stats)` (higher = keep),
@@ -27,9 +29,26 @@ class Pruner:
         check_width(name, layer.in_features, self.nm)
 
     def check_level(self, key: str, value) -> None:
-        """An allocation's per-layer `sparsity` (allocation/): the range __init__ enforces."""
+        """An allocation's per-layer `sparsity` or `pattern` (allocation/): the range __init__ enforces."""
         if key == "sparsity":
             check_sparsity(value, self.nm)
+        elif key == "pattern" and value != DENSE:
+            parse_pattern(value)
+
+    def set_level(self, key: str, value) -> None:
+        """Take an allocation's level (stages.with_levels, on a copy): a `pattern` level ('N:M' or 'dense')
+        sets the pattern, its N:M and its sparsity together."""
+        if key == "pattern":
+            self.nm = None if value == DENSE else parse_pattern(value)
+            self.sparsity = 0.0 if self.nm is None else 1 - self.nm[0] / self.nm[1]
+            self.pattern = DENSE if self.nm is None else f"{self.nm[0]}:{self.nm[1]}"
+        else:
+            setattr(self, key, value)
+
+    @property
+    def dense(self) -> bool:
+        """This layer's level leaves it unpruned (allocation: N:M vs dense)."""
+        return self.pattern == DENSE
 
     def scores(self, name: str, W: torch.Tensor, stats) -> torch.Tensor:
         raise NotImplementedError
@@ -41,6 +60,8 @@ class Pruner:
 
     @torch.no_grad()
     def compress(self, name: str, layer: nn.Linear, stats=None) -> None:
+        if self.dense:
+            return
         state = layer_state(layer, create=True)
         W_hat, keep = self.prune(name, layer.weight.data.float(), stats, state.numerics)
         layer.weight.data.copy_(W_hat.to(layer.weight.dtype))

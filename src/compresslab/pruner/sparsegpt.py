@@ -65,6 +65,8 @@ class SparseGPT(Pruner):
     def compress_group(self, items, stats):
         """The Linears that share this input in ONE sweep (rows are independent; the unstructured
         threshold is each Linear's own), as separate sweeps would."""
+        if self.dense:
+            return
         def sweep(W, _keep, name, sizes, numerics):
             return sparsegpt_prune(W, stats.hessian, self.sparsity, self.nm, self.percdamp, self.blocksize,
                                    name=name, numerics=numerics, segments=sizes, overwrite=True)
@@ -118,6 +120,8 @@ class JointSparseGPTQ:
     @torch.no_grad()
     def compress(self, name, layer, stats=None):
         p, q = self.pruner, self.quantizer
+        if p.dense:  # an allocation left this layer unpruned: GPTQ alone
+            return q.compress(name, layer, stats)
         spec = GridSpec(q.bits, q.group_size, q.grid, q.static_groups)
         state = layer_state(layer, create=True)
         W_hat, keep, qw = sparsegpt_prune(layer.weight.data, stats.hessian, p.sparsity, p.nm, p.percdamp,
@@ -129,6 +133,8 @@ class JointSparseGPTQ:
     def compress_group(self, items, stats):
         """Prune and quantize the Linears that share this input in ONE sweep."""
         p, q = self.pruner, self.quantizer
+        if p.dense:
+            return q.compress_group(items, stats)
         spec = GridSpec(q.bits, q.group_size, q.grid, q.static_groups)
         def sweep(W, _keep, name, sizes, numerics):
             return sparsegpt_prune(W, stats.hessian, p.sparsity, p.nm, p.percdamp, p.blocksize, quant=spec,
