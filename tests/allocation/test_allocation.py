@@ -312,8 +312,31 @@ def test_evopress_improves_on_its_dp_start_within_the_same_budget():
     assert len(levels) == 14
 
 
+def test_evopress_levels_on_disk_give_the_same_search_as_in_memory_and_are_removed(tmp_path, monkeypatch):
+    """The disk cache (one memory-mapped file per Linear and level) must stitch the very same candidates:
+    same curve, same choice; its temporary directory is gone afterwards. The 2:4-vs-dense levels run here."""
+    import shutil
+    import tempfile
+
+    from compresslab.allocation.evopress import EvoPress
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    files, rmtree = [], shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda d, **k: (files.append(len(list(Path(d).iterdir()))), rmtree(d, **k)))
+    ids = _ids(n=4, t=32)
+    got = []
+    for cache in ("memory", "disk"):
+        ev = EvoPress(target=0.25, levels=["dense", "2:4"], generations=4, offspring=3, windows=2, cache=cache)
+        stages = [SparseGPT(pattern="2:4")]
+        ev.check(stages)
+        got.append((ev.allocate(_model(layers=2), ids, stages, engine()), ev.curve))
+    assert got[0][0] == got[1][0] and got[0][1] == got[1][1]
+    assert len(set(got[0][1])) > 1  # the search moved (else the caches were never read past the start)
+    assert files == [2 * 14] and not list(tmp_path.glob("compresslab-evopress-*"))  # a file per Linear and level, then removed
+
+
 @pytest.mark.parametrize("kw", [{"generations": -1}, {"offspring": 0}, {"windows": 0}, {"max_switches": 0},
-                                {"seed": "x"}])
+                                {"seed": "x"}, {"cache": "ssd"}])
 def test_bad_evopress_options_fail_at_once(kw):
     from compresslab.allocation.evopress import EvoPress
 

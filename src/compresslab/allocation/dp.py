@@ -88,11 +88,10 @@ class LevelProbe:
     the level set), its relative squared output error through the Hessian and its cost recorded. The
     layer itself stays dense."""
 
-    def __init__(self, stages, key: str, levels: list, cost: str, keep: bool = False):
+    def __init__(self, stages, key: str, levels: list, cost: str, keep=None):
         self.stages = fuse_stages([s for s in stages if s is not None])
         self.key, self.levels, self.cost = key, list(levels), cost
-        self.keep = keep  # also keep each level's effective weight (CPU): EvoPress stitches models from them
-        self.weights: dict[str, list[torch.Tensor]] = {}
+        self.keep = keep  # a LevelCache (evopress.py) for each level's effective weight: EvoPress stitches from them
         self.needs = frozenset({"hessian"}).union(*(s.needs for s in self.stages))
         self.uses_original = True
         self.table: dict[str, tuple[list[float], list[float]]] = {}
@@ -118,9 +117,8 @@ class LevelProbe:
                 with_levels(s, {self.key: lv}).compress(name, tmp, stats)
             W_hat = effective_weight(tmp)
             errs.append(hessian_rel_error(W, W_hat, H) ** 2)
-            if self.keep:  # fp16 for an fp32 model (the fitness only), else the model's own dtype
-                dt = torch.float16 if layer.weight.dtype == torch.float32 else layer.weight.dtype
-                self.weights.setdefault(name, []).append(W_hat.to("cpu", dt))
+            if self.keep is not None:
+                self.keep.put(name, len(errs) - 1, W_hat)
             if self.cost == "kept":
                 keep = layer_state(tmp).keep_mask()
                 costs.append(float(keep.sum()) if keep is not None else float(W.numel()))
@@ -198,9 +196,9 @@ class DP(Allocator):
             return sorted({round(min(max(own + d, 0.0), 0.95), 4) for d in (-0.2, -0.1, 0.1, 0.2)} | {own})
         return sorted({b for b in (own - 1, own + 1) if 2 <= b <= 8} | {own})
 
-    def measure(self, model, calibration, stages, engine, keep: bool = False):
+    def measure(self, model, calibration, stages, engine, keep=None):
         """The measuring pass: (names, levels, errors (L, K), costs (L, K), budget, target, index of the
-        stage's own level, the probe)."""
+        stage's own level, the probe). `keep`: a LevelCache to hold every level's weight."""
         own = stage_value(stages, self.key)
         levels = self._levels(own)
         probe = LevelProbe(stages, self.key, levels, {"sparsity": "kept", "avg_bits": "bits", "params": "params"}[
