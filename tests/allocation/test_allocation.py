@@ -398,6 +398,44 @@ def test_dp_adapter_ranks_under_a_parameter_budget():
         DP(budget="params").levels(_model(), ids, stages, engine())
 
 
+def test_the_measuring_pass_runs_stages_before_the_level_once_with_the_same_table():
+    """Under a rank budget the pruner and quantizer do not depend on the level: the probe runs them once and
+    the adapters per level on copies. Its table must be what compressing from scratch at every level (written
+    here) gives."""
+    from compresslab.allocation.dp import LevelProbe
+    from compresslab.layer_error import hessian_rel_error
+    from compresslab.lowrank.slim import SLiMLoRA
+    from compresslab.metrics import layer_params
+    from compresslab.stages import effective_weight, with_levels
+
+    class FromScratch(LevelProbe):
+        def compress(self, name, layer, stats):
+            W, errs, costs = layer.weight.detach().float(), [], []
+            for lv in self.levels:
+                tmp = torch.nn.Linear(layer.in_features, layer.out_features, bias=False)
+                tmp.weight.data.copy_(W)
+                layer_state(tmp, create=True).original = W
+                for s in self.stages:
+                    with_levels(s, {self.key: lv}).compress(name, tmp, stats)
+                errs.append(hessian_rel_error(W, effective_weight(tmp), stats.hessian) ** 2)
+                costs.append(float(layer_params(tmp)))
+            self.table[name] = (errs, costs)
+
+    ids = _ids()
+    stages = lambda: [SparseGPT(pattern="2:4"), GPTQ(bits=4, group_size=32), SLiMLoRA(rank_ratio=0.25)]  # noqa: E731
+    tables = []
+    for cls in (LevelProbe, FromScratch):
+        probe = cls(stages(), "rank", [4, 8, None], "params")
+        assert len(probe.stages) == 2  # SparseGPT+GPTQ fused, then the adapters
+        engine().run(_model(), ids, [probe])
+        tables.append(probe.table)
+    assert tables[0].keys() == tables[1].keys() and len(tables[0]) == 21
+    for n in tables[0]:
+        assert tables[0][n][1] == tables[1][n][1]
+        assert tables[0][n][0] == pytest.approx(tables[1][n][0], rel=1e-6, abs=1e-12)
+    assert len({round(e, 9) for e in tables[0][n][0]}) == 3  # the levels differ (else nothing was compared)
+
+
 def test_block_trained_quantizers_are_refused():
     from compresslab.quantizer.slim_llm_plus import SliMLLMPlus
 

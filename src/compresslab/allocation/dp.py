@@ -11,6 +11,7 @@ budget (in integer cost units; large budgets in `resolution` bins, the slack the
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -24,8 +25,8 @@ from ..metrics import layer_params, layer_storage_bits
 from ..models.adapters import adapter_for
 from ..pruner.base import DENSE
 from ..pruner.masks import parse_pattern
-from ..stages import effective_weight, fuse_stages, layer_state, with_levels
-from .base import Allocator, block_of, check_values, clear_states, stage_value
+from ..stages import STATE_ATTR, effective_weight, fuse_stages, layer_state, with_levels
+from .base import Allocator, block_of, check_values, clear_states, holders, stage_value
 
 MAX_EXACT_UNITS = 1 << 20  # integer budgets up to this many units are solved without binning
 
@@ -106,14 +107,16 @@ class LevelProbe:
         W = layer.weight.detach().float()
         H = stats.hessian
         errs, costs = [], []
+        # the leading stages that do not hold the level (e.g. the pruner and quantizer under an adapter
+        # rank budget) run once; the copy they leave goes through the rest at each level
+        first = next((i for i, s in enumerate(self.stages) if holders([s], self.key)), len(self.stages))
+        base = _fresh_linear(layer)
+        layer_state(base, create=True).original = W
+        for s in self.stages[:first]:
+            s.compress(name, base, stats)
         for lv in self.levels:
-            tmp = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                            device=W.device, dtype=layer.weight.dtype)
-            tmp.weight.data.copy_(layer.weight.data)
-            if layer.bias is not None:
-                tmp.bias.data.copy_(layer.bias.data)
-            layer_state(tmp, create=True).original = W
-            for s in self.stages:
+            tmp = _copy_linear(base, W)
+            for s in self.stages[first:]:
                 with_levels(s, {self.key: lv}).compress(name, tmp, stats)
             W_hat = effective_weight(tmp)
             errs.append(hessian_rel_error(W, W_hat, H) ** 2)
@@ -245,6 +248,26 @@ class DP(Allocator):
         names, levels, errs, costs, budget, target, k_own, _ = self.measure(model, calibration, stages, engine)
         choice = self.choose(model, names, errs, costs, budget)
         return self.record(model, names, levels, errs, costs, choice, target, k_own)
+
+
+def _fresh_linear(layer: nn.Linear) -> nn.Linear:
+    """A new Linear with `layer`'s weight and bias, and no stage record."""
+    out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                    device=layer.weight.device, dtype=layer.weight.dtype)
+    out.weight.data.copy_(layer.weight.data)
+    if layer.bias is not None:
+        out.bias.data.copy_(layer.bias.data)
+    return out
+
+
+def _copy_linear(layer: nn.Linear, original: torch.Tensor) -> nn.Linear:
+    """`layer` with its stage record deep-copied (the dense `original` shared: read only)."""
+    out, state = _fresh_linear(layer), layer_state(layer)
+    state.original = None
+    copied = copy.deepcopy(state)
+    state.original = copied.original = original
+    out.__dict__[STATE_ATTR] = copied
+    return out
 
 
 def _check_level_values(key: str, levels: list) -> None:
