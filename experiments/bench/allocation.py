@@ -5,7 +5,8 @@
 Cells: Wanda and SparseGPT at 70% unstructured (uniform | owl | dp | evopress, levels 0.5..0.9), and
 GPTQ g64 at 3 bits on average (uniform W3 | dp | evopress over {2, 3, 4}; the budget is the packed
 avg_bits of uniform W3, scales included), and SLiM-LoRA adapters on sparsegpt 2:4 + gptq W4 at the
-stored parameters of rank_ratio 0.1 (uniform | dp | evopress over ranks {16, 32, 57, 96, 128}). Each run is a `run.py` process; `time/allocation_s` is the
+stored parameters of rank_ratio 0.1 (uniform | dp | evopress over ranks {16, 32, 57, 96, 128}; the issue asks
+uniform vs dp, `--allocs uniform dp`). Each run is a `run.py` process; `time/allocation_s` is the
 search, `compress_s` the compression after it. Runs whose folder holds an ok metrics.json are kept, and so
 are the ok rows of the committed allocation.json (a later session, whose folders are gone, completes the
 table; delete a row there to redo it).
@@ -81,7 +82,8 @@ def main():
         "calibration": f"wikitext2 valid, {args.nsamples}x{args.calib_seqlen}",
         "eval": f"wikitext2 test, seqlen 2048, first {args.windows} windows",
         "search": f"owl M=5 lam=0.08; dp: relative Hessian output error per layer and level, exact DP; evopress: "
-                  f"from dp's choice, {args.generations} generations x 8 offspring, KL on 4 calibration windows",
+                  f"from the fitter of dp's choice and uniform, {args.generations} generations x 8 offspring, KL on 4 "
+                  "calibration windows",
         "columns": "search_s: the allocation's time (measuring pass + search); compress_s: the compression after it; "
                    "met: mean sparsity or packed avg_bits the allocation met",
         **notes,
