@@ -312,27 +312,6 @@ def test_evopress_improves_on_its_dp_start_within_the_same_budget():
     assert len(levels) == 14
 
 
-def test_evopress_starts_from_the_uniform_setting_when_it_is_fitter_than_the_dps_choice(monkeypatch):
-    """A DP choice that is far off (forced here: every Linear of a class at its extremes, same budget)
-    must not be the start when the uniform setting fits the budget with a lower KL."""
-    from compresslab.allocation.evopress import EvoPress
-
-    def lopsided(self, model, names, errs, costs, budget):  # half the same-shape Linears at 0.4, half at 0.8
-        choice = np.full(len(names), 2)
-        for suffix in ("q_proj", "up_proj"):
-            idx = [i for i, n in enumerate(names) if n.endswith(suffix)]
-            choice[idx[0]], choice[idx[1]] = 4, 0
-        return choice
-
-    monkeypatch.setattr(EvoPress, "choose", lopsided)
-    m, ids = _model(layers=2), _ids(n=4, t=32)
-    ev = EvoPress(levels=[0.4, 0.5, 0.6, 0.7, 0.8], generations=0, windows=2)  # budget: the uniform setting's
-    levels = ev.allocate(m, ids, [Wanda(sparsity=0.6)], engine())
-    assert ev.report["allocation/kl_uniform"] < ev.report["allocation/kl_dp"]
-    assert ev.report["allocation/kl_start"] == ev.report["allocation/kl_uniform"]
-    assert {v["sparsity"] for v in levels.values()} == {0.6}
-
-
 def test_evopress_levels_on_disk_give_the_same_search_as_in_memory_and_are_removed(tmp_path, monkeypatch):
     """The disk cache (one memory-mapped file per Linear and level) must stitch the very same candidates:
     same curve, same choice; its temporary directory is gone afterwards. The 2:4-vs-dense levels run here."""

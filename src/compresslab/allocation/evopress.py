@@ -8,8 +8,7 @@ free host memory). A candidate rewrites only the Linears whose level differs fro
 The model runs where it is (the whole model at once); the dense log-probabilities are kept in bf16. A candidate is one level per Linear; its
 fitness is the KL divergence of the stitched model's next-token distribution from the dense model's,
 on the first `windows` calibration windows (a forward per candidate, no compression). The search is
-(1 + λ): from the parent (the DP's choice, which meets the budget, or the uniform setting when it fits the
-budget and its KL is lower), `offspring` children each switch
+(1 + λ): from the parent (the DP's choice, which meets the budget), `offspring` children each switch
 1..`max_switches` pairs of Linears of the same shape, one a level up and one a level down (same-shape
 Linears cost the same at a level, so with evenly spaced level costs the total stays the same; a child
 over the budget is drawn again); the best child replaces the parent when its fitness is lower. The paper selects in several stages on growing token counts; here one
@@ -147,16 +146,10 @@ class EvoPress(DP):
         ids = calibration[: self.windows]
         dense = {n: linears[n].weight.detach().to("cpu", copy=True) for n in names}
         rng = np.random.default_rng(self.seed)
-        kl_dp = kl_uniform = None
         self._installed = None  # the level each Linear holds now (None: the dense weights)
         try:
             ref = self._logprobs(model, ids, engine)
             parent, best = choice, self._fitness(model, names, linears, cache, choice, ids, ref)
-            kl_dp, uniform = best, np.full(len(names), k_own)
-            if costs[np.arange(len(names)), uniform].sum() <= budget and not np.array_equal(uniform, choice):
-                kl_uniform = self._fitness(model, names, linears, cache, uniform, ids, ref)
-                if kl_uniform < best:  # the uniform setting fits the budget and is fitter: start there
-                    parent, best = uniform, kl_uniform
             self.curve = [best]
             done = 0
             for _ in tqdm(range(self.generations), desc="evopress", disable=not engine.progress):
@@ -181,10 +174,8 @@ class EvoPress(DP):
                 for n in names:  # the compression pass starts from the dense weights
                     linears[n].weight.copy_(dense[n])
         out = self.record(model, names, levels, errs, costs, parent, target, k_own)
-        self.report.update({"allocation/kl_start": self.curve[0], "allocation/kl": best, "allocation/kl_dp": kl_dp,
+        self.report.update({"allocation/kl_start": self.curve[0], "allocation/kl": best,
                             "allocation/generations": float(done)})
-        if kl_uniform is not None:
-            self.report["allocation/kl_uniform"] = kl_uniform
         return out
 
     @torch.no_grad()
