@@ -82,8 +82,7 @@ def main():
         "calibration": f"wikitext2 valid, {args.nsamples}x{args.calib_seqlen}",
         "eval": f"wikitext2 test, seqlen 2048, first {args.windows} windows",
         "search": f"owl M=5 lam=0.08; dp: relative Hessian output error per layer and level, exact DP; evopress: "
-                  f"from the fitter of dp's choice and uniform, {args.generations} generations x 8 offspring, KL on 4 "
-                  "calibration windows",
+                  f"from dp's choice, {args.generations} generations x 8 offspring, KL on 4 calibration windows",
         "columns": "search_s: the allocation's time (measuring pass + search); compress_s: the compression after it; "
                    "met: mean sparsity or packed avg_bits the allocation met",
         **notes,
