@@ -262,11 +262,8 @@ def _fresh_linear(layer: nn.Linear) -> nn.Linear:
 
 def _copy_linear(layer: nn.Linear, original: torch.Tensor) -> nn.Linear:
     """`layer` with its stage record deep-copied (the dense `original` shared: read only)."""
-    out, state = _fresh_linear(layer), layer_state(layer)
-    state.original = None
-    copied = copy.deepcopy(state)
-    state.original = copied.original = original
-    out.__dict__[STATE_ATTR] = copied
+    out = _fresh_linear(layer)
+    out.__dict__[STATE_ATTR] = copy.deepcopy(layer_state(layer), {id(original): original})
     return out
 
 
